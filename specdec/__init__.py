@@ -1,0 +1,35 @@
+"""specdec: lossless speculative decoding for Hugging Face causal LMs.
+
+A drafter proposes a tree of tokens, the target verifies all of them in one
+forward pass, and an acceptance rule keeps the output exactly the target's
+(Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
+Chen et al. 2023, "Accelerating LLM Decoding with Speculative Sampling";
+Miao et al. 2024, "SpecInfer").
+"""
+
+from specdec.drafters import DecodeState, Drafter, DraftModel, PromptLookup
+from specdec.generate import SpecDecodeOutput, generate, speculative
+from specdec.models import DEFAULT_MODEL, load_model
+from specdec.sampling import Sampling
+from specdec.stats import SpecStats
+from specdec.tree import DraftTree
+from specdec.verify import Acceptance, accept_greedy, accept_sampling
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Acceptance",
+    "DecodeState",
+    "DraftModel",
+    "DraftTree",
+    "Drafter",
+    "PromptLookup",
+    "Sampling",
+    "SpecDecodeOutput",
+    "SpecStats",
+    "accept_greedy",
+    "accept_sampling",
+    "generate",
+    "load_model",
+    "speculative",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""The drafter protocol and the per-row decoding state every drafter reads."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from specdec.sampling import Sampling
+from specdec.tree import DraftTree
+from specdec.verify import Acceptance
+
+
+@dataclass
+class DecodeState:
+    """One row being decoded.
+
+    Attributes:
+        tokens: ``(1, n)`` prompt and output so far; the last token is the root of the
+            next draft (chosen, not yet in the target's cache).
+        prompt_len: length of the prompt inside ``tokens``.
+        max_new_tokens: output budget of the row.
+        sampling: how p and q are made from logits.
+        generator: random generator for every draw (``None`` = torch's global one).
+    """
+
+    tokens: Tensor
+    prompt_len: int
+    max_new_tokens: int
+    sampling: Sampling
+    generator: torch.Generator | None = None
+
+    @property
+    def n_generated(self) -> int:
+        """New tokens already in the output."""
+        return self.tokens.shape[1] - self.prompt_len
+
+    @property
+    def budget(self) -> int:
+        """Most drafts worth verifying now: the step adds one more token of its own."""
+        return max(0, self.max_new_tokens - self.n_generated - 1)
+
+
+class Drafter(ABC):
+    """Proposes a :class:`DraftTree` each step (``propose``), sees the prompt once
+    (``prefill``) and the outcome of each step (``commit``, after ``state.tokens``
+    has grown), to keep its own caches in step with the target."""
+
+    def check(self, target: torch.nn.Module) -> None:  # noqa: B027 - optional hook
+        """Raise ``ValueError`` if this drafter cannot serve ``target``."""
+
+    def prefill(self, state: DecodeState) -> None:  # noqa: B027 - optional hook
+        """See the prompt before the first step."""
+
+    @abstractmethod
+    def propose(self, state: DecodeState) -> DraftTree:
+        """Draft at most ``state.budget`` tokens below the root ``state.tokens[0, -1]``."""
+
+    def commit(self, state: DecodeState, result: Acceptance) -> None:  # noqa: B027 - optional hook
+        """Learn the step's outcome; ``state.tokens`` already holds its tokens."""

@@ -1,0 +1,236 @@
+"""Drop-in ``generate()``: the arguments of ``model.generate`` in, what it returns out.
+
+``specdec.generate(model, input_ids, drafter=..., **kwargs)`` resolves its settings
+exactly as transformers does (the model's ``generation_config``, then a
+``generation_config`` argument, then keyword arguments), refuses what speculative
+decoding cannot honour with a ``ValueError`` naming the argument, and returns the
+same tensor (or, with ``return_dict_in_generate=True``, the same output class plus
+``stats``). :func:`speculative` makes one model instance's own ``.generate()`` do this.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from specdec.drafters.base import Drafter
+from specdec.engine import NO_DRAFT, decode
+from specdec.sampling import Sampling
+from specdec.stats import SpecStats
+
+# generation settings with no speculative equivalent, and the value that means "off"
+_UNSUPPORTED = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "num_return_sequences": 1,
+    "penalty_alpha": None,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "force_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "min_p": None,
+    "top_h": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "diversity_penalty": 0.0,
+    "length_penalty": 1.0,
+    "exponential_decay_length_penalty": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "stop_strings": None,
+    "output_scores": False,
+    "output_logits": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "prompt_lookup_num_tokens": None,
+    "assistant_early_exit": None,
+    "use_cache": True,
+    "cache_implementation": None,
+}
+_DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is set
+
+
+@dataclass
+class SpecDecodeOutput(GenerateDecoderOnlyOutput):
+    """``model.generate``'s dict output plus ``stats``, the run's :class:`~specdec.stats.SpecStats`."""
+
+    stats: SpecStats | None = None
+
+
+def _resolve_config(model: PreTrainedModel, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    unused = config.update(**kwargs)
+    if unused:
+        names = ", ".join(sorted(unused))
+        raise ValueError(
+            f"generate() argument(s) {names} are not supported by specdec.generate: "
+            "pass generation settings only (see GenerationConfig) or call model.generate without specdec"
+        )
+    for name, off in _UNSUPPORTED.items():
+        value = getattr(config, name, None)
+        if value is not None and value != off:
+            raise ValueError(
+                f"{name}={value!r} is not supported by speculative decoding: leave it at {off!r} "
+                "or call model.generate without specdec"
+            )
+    return config
+
+
+def _sampling(config: GenerationConfig) -> Sampling:
+    eos = config.eos_token_id
+    eos = () if eos is None else tuple([eos] if isinstance(eos, int) else eos)
+    return Sampling(
+        do_sample=bool(config.do_sample),
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        eos_token_ids=eos,
+        min_new_tokens=config.min_new_tokens or 0,
+    )
+
+
+def _rows(input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
+    """Each row without its left padding, as ``(1, n_row)``."""
+    if attention_mask is None:
+        return [row[None] for row in input_ids]
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
+        )
+    rows = []
+    for i, (row, mask) in enumerate(zip(input_ids, attention_mask.bool())):
+        n = int(mask.sum())
+        if n == 0 or not mask[-n:].all():
+            raise ValueError(
+                f"row {i} of attention_mask is not left-padded (or is all zeros): pad prompts on the left, "
+                "e.g. tokenizer.padding_side = 'left'"
+            )
+        rows.append(row[-n:][None])
+    return rows
+
+
+def generate(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    drafter: Drafter | None = None,
+    *,
+    attention_mask: Tensor | None = None,
+    generation_config: GenerationConfig | None = None,
+    streamer=None,
+    generator: torch.Generator | None = None,
+    **kwargs,
+) -> Tensor | SpecDecodeOutput:
+    """Speculative ``model.generate``: identical output, fewer target forwards.
+
+    Greedy output equals ``model.generate(do_sample=False)`` token for token; sampled
+    output has exactly the target's distribution.
+
+    Args:
+        model: the target causal LM.
+        input_ids: ``(B, n)`` prompt ids; rows of a batch are left-padded.
+        drafter: a :class:`~specdec.drafters.base.Drafter`; ``None`` decodes plainly
+            through the same engine (a baseline).
+        attention_mask: ``(B, n)``, 0 on left padding.
+        generation_config: as for ``model.generate``; keyword arguments override it.
+        streamer: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``);
+            batch size 1 only, as in transformers.
+        generator: random generator for sampling (default: torch's global one, so
+            ``torch.manual_seed`` works as with ``model.generate``).
+        **kwargs: ``max_new_tokens``, ``max_length``, ``min_new_tokens``, ``eos_token_id``,
+            ``pad_token_id``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+            ``return_dict_in_generate``; anything else raises ``ValueError``.
+
+    Returns:
+        ``(B, n + new)`` token ids, finished rows padded with ``pad_token_id``; with
+        ``return_dict_in_generate=True`` a :class:`SpecDecodeOutput` whose ``stats``
+        hold drafted / accepted counts, acceptance rate, tau, per-position acceptance
+        and time in prefill / draft / verify.
+    """
+    config = _resolve_config(model, generation_config, kwargs)
+    drafter = NO_DRAFT if drafter is None else drafter
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids of shape {tuple(input_ids.shape)} is empty or not (batch, length): "
+            "give at least one prompt token (e.g. the BOS token)"
+        )
+    rows = _rows(input_ids, attention_mask)
+    if streamer is not None and len(rows) > 1:
+        raise ValueError(f"streamer needs batch size 1, got {len(rows)} rows")
+    longest = max(row.shape[1] for row in rows)
+    max_new = config.max_new_tokens
+    if max_new is None:
+        max_new = config.max_length - input_ids.shape[1] if config.max_length is not None else _DEFAULT_NEW_TOKENS
+    if max_new <= 0:
+        raise ValueError(f"max_new_tokens={max_new} must be >= 1 (or max_length must exceed the prompt length)")
+    window = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if window is not None and longest + max_new > window:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new} exceeds the model's context window "
+            f"of {window} positions: shorten the prompt or lower max_new_tokens"
+        )
+    drafter.check(model)
+    sampling = _sampling(config)
+    pad = config.pad_token_id
+    if pad is None:
+        pad = sampling.eos_token_ids[0] if sampling.eos_token_ids else 0
+
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    outputs, stats = [], SpecStats()
+    for row in rows:
+        new, row_stats = decode(model, row, drafter, sampling, max_new, generator, streamer)
+        outputs.append(new)
+        stats += row_stats
+    if streamer is not None:
+        streamer.end()
+
+    width = max(len(new) for new in outputs)
+    padded = torch.full((len(outputs), width), pad, dtype=input_ids.dtype)
+    for i, new in enumerate(outputs):
+        padded[i, : len(new)] = torch.tensor(new, dtype=input_ids.dtype)
+    sequences = torch.cat([input_ids, padded.to(input_ids.device)], dim=1)
+    if config.return_dict_in_generate:
+        return SpecDecodeOutput(sequences=sequences, stats=stats)
+    return sequences
+
+
+@contextmanager
+def speculative(model: PreTrainedModel, drafter: Drafter):
+    """Make ``model.generate`` speculative on this instance, for the ``with`` block.
+
+    >>> with speculative(model, PromptLookup()):
+    ...     out = model.generate(input_ids, max_new_tokens=64)
+
+    Only this instance changes (an attribute that shadows the class's method), and
+    it is restored on exit; transformers itself is never patched.
+    """
+    drafter.check(model)
+    had_own = "generate" in vars(model)
+    previous = vars(model).get("generate")
+
+    def _generate(input_ids=None, **kwargs):
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs")
+        return generate(model, input_ids, drafter, **kwargs)
+
+    model.generate = _generate
+    try:
+        yield model
+    finally:
+        if had_own:
+            model.generate = previous
+        else:
+            del model.generate

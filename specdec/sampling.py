@@ -1,0 +1,88 @@
+"""From logits to the distributions the acceptance rule compares: p (target) and q (draft).
+
+The same :class:`Sampling` object turns target logits into p and draft logits into q,
+so temperature, top-k and top-p act identically on both, in the order and with
+the exact arithmetic of ``model.generate`` (it reuses transformers' own warpers).
+``min_new_tokens`` is applied per position: EOS gets probability zero at every
+position that would end the output too early, as transformers'
+``MinNewTokensLengthLogitsProcessor`` does one token at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one token is chosen from logits.
+
+    Attributes:
+        do_sample: sample (True) or take the argmax (False).
+        temperature, top_k, top_p: as in ``GenerationConfig``; ``None`` = off.
+        eos_token_ids: tokens that end a row.
+        min_new_tokens: EOS is forbidden before this many new tokens.
+    """
+
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
+    _warpers: LogitsProcessorList = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 (use do_sample=False for greedy)")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 or None turns it off)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        warpers = LogitsProcessorList()
+        if self.do_sample:  # the order of GenerationMixin._get_logits_processor
+            if self.temperature is not None and self.temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k:
+                warpers.append(TopKLogitsWarper(top_k=self.top_k))
+            if self.top_p is not None and self.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(top_p=self.top_p))
+        object.__setattr__(self, "_warpers", warpers)
+
+    def process(self, logits: Tensor, n_generated: Tensor | int) -> Tensor:
+        """Apply min-new-tokens and the warpers.
+
+        Args:
+            logits: ``(T, V)`` raw logits, one row per position.
+            n_generated: ``(T,)`` or scalar: new tokens already in the output before each row's token.
+
+        Returns:
+            ``(T, V)`` float32 processed logits (``-inf`` where a token is ruled out).
+        """
+        scores = logits.float()
+        if self.min_new_tokens > 0 and self.eos_token_ids:
+            early = torch.as_tensor(n_generated, device=scores.device).expand(scores.shape[0]) < self.min_new_tokens
+            if early.any():
+                eos = torch.tensor(self.eos_token_ids, device=scores.device)
+                scores = scores.clone()
+                scores[early.nonzero()[:, :1], eos] = -float("inf")
+        if self._warpers:
+            dummy_ids = torch.zeros(scores.shape[0], 1, dtype=torch.long, device=scores.device)
+            scores = self._warpers(dummy_ids, scores)
+        return scores
+
+    def probs(self, logits: Tensor, n_generated: Tensor | int) -> Tensor:
+        """``(T, V)`` logits -> ``(T, V)`` probabilities after :meth:`process`."""
+        return torch.softmax(self.process(logits, n_generated), dim=-1)
+
+    def choose(self, logits: Tensor, n_generated: Tensor | int, generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+        """Pick one token per row: ``(T,)`` tokens and ``(T, V)`` probabilities (``None`` when greedy)."""
+        scores = self.process(logits, n_generated)
+        if not self.do_sample:
+            return scores.argmax(dim=-1), None
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs

@@ -1,0 +1,89 @@
+"""SpecStats: what a speculative run did, step by step, in Spec-Bench's terms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpecStats:
+    """Counters of one or more speculative generations (rows add up with ``+=``).
+
+    Attributes:
+        steps: decoding steps (target verification forwards), prefill excluded.
+        drafted: draft tokens proposed.
+        accepted: draft tokens accepted by the rule.
+        new_tokens: tokens added to the output (accepted + one per step, less any cut
+            by EOS or ``max_new_tokens``).
+        drafted_at: ``drafted_at[d]`` = steps whose draft reached depth ``d + 1``.
+        accepted_at: ``accepted_at[d]`` = steps whose accepted path reached depth ``d + 1``.
+        prefill_time, draft_time, verify_time: seconds in each phase (verify includes
+            acceptance and cache commit).
+    """
+
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    new_tokens: int = 0
+    drafted_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+    prefill_time: float = 0.0
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+
+    def record(self, depth_drafted: int, n_drafted: int, n_accepted: int, n_new: int) -> None:
+        """Add one step: deepest drafted depth, nodes drafted, drafts accepted, tokens added."""
+        self.steps += 1
+        self.drafted += n_drafted
+        self.accepted += n_accepted
+        self.new_tokens += n_new
+        _bump(self.drafted_at, depth_drafted)
+        _bump(self.accepted_at, n_accepted)
+
+    def __iadd__(self, other: SpecStats) -> SpecStats:
+        for name in ("steps", "drafted", "accepted", "new_tokens", "prefill_time", "draft_time", "verify_time"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("drafted_at", "accepted_at"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            mine.extend([0] * (len(theirs) - len(mine)))
+            for d, count in enumerate(theirs):
+                mine[d] += count
+        return self
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts / drafted tokens (0 when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean accepted tokens: tokens added per decoding step (Spec-Bench's tau)."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def position_acceptance(self) -> list[float]:
+        """Per depth d: steps accepting a token at depth d / steps drafting depth d."""
+        accepted = self.accepted_at + [0] * (len(self.drafted_at) - len(self.accepted_at))
+        return [a / d for a, d in zip(accepted, self.drafted_at)]
+
+    def as_dict(self) -> dict:
+        """Plain numbers for logging."""
+        return {
+            "steps": self.steps,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "new_tokens": self.new_tokens,
+            "acceptance_rate": self.acceptance_rate,
+            "tau": self.tau,
+            "position_acceptance": self.position_acceptance,
+            "prefill_time": self.prefill_time,
+            "draft_time": self.draft_time,
+            "verify_time": self.verify_time,
+        }
+
+
+def _bump(counts: list[int], depth: int) -> None:
+    """Count one step at every depth 1..depth."""
+    counts.extend([0] * (depth - len(counts)))
+    for d in range(depth):
+        counts[d] += 1

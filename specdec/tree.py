@@ -1,0 +1,116 @@
+"""Draft trees: the tokens a drafter proposes in one step, and the buffers derived from their shape.
+
+A tree hangs below the *root*, the last committed token (already chosen, not yet
+in the target's KV cache). Node ``i`` holds ``tokens[i]`` and its parent index
+``parents[i]``: ``-1`` for a child of the root, else an earlier node (``parents[i] < i``,
+so nodes are in topological order). A chain of ``k`` drafts is the tree with
+``parents = [-1, 0, 1, ..., k-2]``.
+
+``q[i]`` is the draft distribution that ``tokens[i]`` was drawn from (a row over the
+vocabulary, the same row for siblings drawn from one distribution); ``q=None``
+means every node is a point mass (deterministic drafters: prompt lookup, top-k
+branching). Everything derived from the shape (depths, ancestor mask, paths) is
+computed once per tree with tensor ops, never per node per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class DraftTree:
+    """The tokens proposed for one row in one step.
+
+    Attributes:
+        tokens: ``(T,)`` int64 draft tokens.
+        parents: ``(T,)`` int64 parent node of each token, ``-1`` for the root.
+        q: ``(T, V)`` draft distribution each token was drawn from, or ``None``
+            when the drafter is deterministic (q is then a point mass on the token).
+    """
+
+    tokens: Tensor
+    parents: Tensor
+    q: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 1 or self.parents.shape != self.tokens.shape:
+            raise ValueError(
+                f"tree tokens {tuple(self.tokens.shape)} and parents {tuple(self.parents.shape)} "
+                "must both be 1-D of the same length"
+            )
+        if self.q is not None and (self.q.dim() != 2 or self.q.shape[0] != self.tokens.shape[0]):
+            raise ValueError(f"tree q {tuple(self.q.shape)} must be (T, V) with T = {self.tokens.shape[0]}")
+        order = torch.arange(len(self.parents), device=self.parents.device)
+        bad = (self.parents < -1) | (self.parents >= order)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(
+                f"tree node {i} has parent {int(self.parents[i])}: a parent must be -1 (the root) "
+                "or an earlier node, so parents come before their children and there are no cycles"
+            )
+
+    @classmethod
+    def chain(cls, tokens: Tensor, q: Tensor | None = None) -> DraftTree:
+        """A chain: each token's parent is the previous token. ``tokens: (T,)``, ``q: (T, V)``."""
+        tokens = tokens.reshape(-1).long()
+        parents = torch.arange(-1, len(tokens) - 1, device=tokens.device)
+        return cls(tokens, parents, q)
+
+    @classmethod
+    def empty(cls, device: torch.device | str = "cpu") -> DraftTree:
+        """No drafts: the step degrades to one plain decoding step."""
+        return cls.chain(torch.empty(0, dtype=torch.long, device=device))
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @cached_property
+    def ancestors(self) -> Tensor:
+        """``(T, T)`` bool: ``[i, j]`` is True when node ``j`` is node ``i`` or one of its ancestors."""
+        n = len(self)
+        idx = torch.arange(n, device=self.tokens.device)
+        step = torch.zeros(n, n, dtype=torch.bool, device=self.tokens.device)
+        has_parent = self.parents >= 0
+        step[idx[has_parent], self.parents[has_parent]] = True
+        reach = step | torch.eye(n, dtype=torch.bool, device=self.tokens.device)
+        # transitive closure by repeated squaring: log2(depth) boolean matmuls
+        while True:
+            wider = (reach.float() @ reach.float()) > 0
+            if torch.equal(wider, reach):
+                return reach
+            reach = wider
+
+    @cached_property
+    def depths(self) -> Tensor:
+        """``(T,)`` depth of each node: 1 for children of the root."""
+        return self.ancestors.sum(dim=1)
+
+    @cached_property
+    def is_chain(self) -> bool:
+        """True when the tree is a single path (plain causal attention verifies it)."""
+        expected = torch.arange(-1, len(self) - 1, device=self.parents.device)
+        return bool(torch.equal(self.parents, expected))
+
+    def positions(self, root_position: int) -> Tensor:
+        """``(T + 1,)`` position ids of the root and every node: ``root_position + depth``."""
+        zero = torch.zeros(1, dtype=torch.long, device=self.tokens.device)
+        return root_position + torch.cat([zero, self.depths])
+
+    @cached_property
+    def paths(self) -> list[Tensor]:
+        """Every root-to-leaf path as a ``(depth,)`` tensor of node indices, root side first."""
+        out = []
+        for leaf in self._leaves().nonzero().flatten().tolist():
+            nodes = self.ancestors[leaf].nonzero().flatten()
+            out.append(nodes[self.depths[nodes].argsort()])
+        return out
+
+    def _leaves(self) -> Tensor:
+        has_child = torch.zeros(len(self), dtype=torch.bool, device=self.tokens.device)
+        has_child[self.parents[self.parents >= 0]] = True
+        return ~has_child
