@@ -56,7 +56,67 @@ def _cut(tokens: list[int], eos: tuple[int, ...], room: int) -> tuple[list[int],
     return tokens[:room], len(tokens) >= room
 
 
-@torch.inference_mode()
+class SpeculativeDecoder:
+    """The loop's state for one row: target cache, decoding state, drafter, stats.
+
+    ``prefill`` once, then ``step`` until ``done``; :func:`decode` does both.
+
+    Args:
+        model: the target causal LM.
+        drafter: proposes the trees (``NO_DRAFT`` = plain decoding).
+        sampling: how p (and the drafter's q) are made from logits.
+        generator: random generator for every draw (``None``: torch's global one).
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, drafter: Drafter, sampling: Sampling, generator: torch.Generator | None = None
+    ) -> None:
+        self.model, self.drafter, self.sampling, self.generator = model, drafter, sampling, generator
+        self.stats = SpecStats()
+        self.cache = new_cache(model)
+        self.state: DecodeState | None = None
+        self.done = False
+
+    @torch.inference_mode()
+    def prefill(self, prompt: Tensor, max_new_tokens: int) -> None:
+        """Fill the cache with ``prompt: (1, n)`` less its last token, the first root."""
+        start = time.perf_counter()
+        prompt = prompt.to(self.model.device)
+        self.state = DecodeState(prompt, prompt.shape[1], max_new_tokens, self.sampling, self.generator)
+        if prompt.shape[1] > 1:
+            self.model(input_ids=prompt[:, :-1], cache=self.cache, use_cache=True)
+        self.drafter.prefill(self.state)
+        self.stats.prefill_time += time.perf_counter() - start
+
+    @torch.inference_mode()
+    def step(self) -> list[int]:
+        """One propose -> verify -> accept -> commit; returns the tokens it added."""
+        state, t0 = self.state, time.perf_counter()
+        # 1. propose
+        tree = self.drafter.propose(state)
+        if len(tree) > state.budget:
+            raise RuntimeError(f"drafter proposed {len(tree)} tokens, more than the budget {state.budget}")
+        t1 = time.perf_counter()
+        # 2. verify: p at the root and at every node, in one forward
+        n = state.tokens.shape[1]
+        logits = _verify_logits(self.model, self.cache, state.tokens[0, -1:], tree, n - 1)
+        zero = torch.zeros(1, dtype=torch.long, device=tree.depths.device)
+        n_before = state.n_generated + torch.cat([zero, tree.depths])  # (T + 1,) output length before each row
+        # 3. accept
+        acceptance = _accept(tree, logits, n_before, self.sampling, self.generator)
+        room = state.max_new_tokens - state.n_generated
+        new, self.done = _cut(acceptance.tokens(tree), self.sampling.eos_token_ids, room)
+        # 4. commit: the cache keeps the root's prefix and the accepted path
+        keep_path(self.cache, n, acceptance.path)
+        state.tokens = torch.cat([state.tokens, state.tokens.new_tensor([new])], dim=1)
+        self.drafter.commit(state, acceptance)
+        depth = int(tree.depths.max()) if len(tree) else 0
+        self.stats.record(depth, len(tree), len(acceptance.path), len(new))
+        self.stats.draft_time += t1 - t0
+        self.stats.verify_time += time.perf_counter() - t1
+        return new
+
+
 def decode(
     model: PreTrainedModel,
     prompt: Tensor,
@@ -80,44 +140,15 @@ def decode(
     Returns:
         The new tokens (EOS included when hit) and the run's statistics.
     """
-    stats = SpecStats()
-    start = time.perf_counter()
-    prompt = prompt.to(model.device)
-    state = DecodeState(prompt, prompt.shape[1], max_new_tokens, sampling, generator)
-    cache = new_cache(model)
-    if prompt.shape[1] > 1:  # the cache holds everything but the root
-        model(input_ids=prompt[:, :-1], cache=cache, use_cache=True)
-    drafter.prefill(state)
-    stats.prefill_time = time.perf_counter() - start
-
-    done = False
-    while not done:
-        t0 = time.perf_counter()
-        # 1. propose
-        tree = drafter.propose(state)
-        if len(tree) > state.budget:
-            raise RuntimeError(f"drafter proposed {len(tree)} tokens, more than the budget {state.budget}")
-        t1 = time.perf_counter()
-        # 2. verify
-        n = state.tokens.shape[1]
-        logits = _verify_logits(model, cache, state.tokens[0, -1:], tree, n - 1)
-        zero = torch.zeros(1, dtype=torch.long, device=tree.depths.device)
-        n_before = state.n_generated + torch.cat([zero, tree.depths])  # (T + 1,) output length before each row
-        # 3. accept
-        acceptance = _accept(tree, logits, n_before, sampling, generator)
-        new, done = _cut(acceptance.tokens(tree), sampling.eos_token_ids, max_new_tokens - state.n_generated)
-        # 4. commit
-        keep_path(cache, n, acceptance.path)
-        state.tokens = torch.cat([state.tokens, state.tokens.new_tensor([new])], dim=1)
-        drafter.commit(state, acceptance)
+    decoder = SpeculativeDecoder(model, drafter, sampling, generator)
+    decoder.prefill(prompt, max_new_tokens)
+    out: list[int] = []
+    while not decoder.done:
+        new = decoder.step()
+        out += new
         if streamer is not None:
             streamer.put(torch.tensor(new))
-        depth = int(tree.depths.max()) if len(tree) else 0
-        stats.record(depth, len(tree), len(acceptance.path), len(new))
-        t2 = time.perf_counter()
-        stats.draft_time += t1 - t0
-        stats.verify_time += t2 - t1
-    return state.tokens[0, prompt.shape[1] :].tolist(), stats
+    return out, decoder.stats
 
 
 def _accept(tree: DraftTree, logits: Tensor, n_before: Tensor, sampling: Sampling, generator) -> Acceptance:

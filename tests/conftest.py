@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models (fast) and the embedded default (marked slow)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+torch.set_num_threads(int(os.environ.get("SPECDEC_TEST_THREADS", "2")))
+
+
+def tiny_llama(vocab: int = 64, layers: int = 2, seed: int = 0, hidden: int = 32, scale: float = 1.0) -> LlamaForCausalLM:
+    """A random Llama small enough to run hundreds of generations a second.
+
+    ``scale`` multiplies the output head, making distributions peakier (scale > 1).
+    """
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+@pytest.fixture(scope="session")
+def target():
+    return tiny_llama(seed=0, layers=2)
+
+
+@pytest.fixture(scope="session")
+def draft():
+    return tiny_llama(seed=1, layers=1)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    from specdec import load_model
+
+    return load_model("smollm2-135m")

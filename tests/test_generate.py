@@ -1,0 +1,143 @@
+"""Greedy equality with model.generate, and the drop-in API's contract, on tiny models."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import GenerationConfig, TextIteratorStreamer
+
+import specdec
+from specdec import DraftModel, PromptLookup
+
+
+def reference(model, ids, **kwargs):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, **kwargs)
+
+
+def make_drafter(kind, k, draft):
+    return PromptLookup(k=k, max_ngram=3) if kind == "lookup" else DraftModel(draft, k=k)
+
+
+prompts = st.lists(st.integers(3, 63), min_size=1, max_size=24).map(lambda xs: torch.tensor([xs]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=prompts, kind=st.sampled_from(["lookup", "draft"]), k=st.integers(1, 8), max_new=st.integers(1, 40))
+def test_greedy_equals_generate(target, draft, ids, kind, k, max_new):
+    expected = reference(target, ids, max_new_tokens=max_new, eos_token_id=None)
+    got = specdec.generate(target, ids, make_drafter(kind, k, draft), max_new_tokens=max_new, eos_token_id=None)
+    assert torch.equal(got, expected)
+
+
+def test_draft_equal_to_target_accepts_everything(target):
+    ids = torch.tensor([[5, 9, 13, 7]])
+    out = specdec.generate(target, ids, DraftModel(target, k=4), max_new_tokens=30, eos_token_id=None,
+                           return_dict_in_generate=True)
+    assert torch.equal(out.sequences, reference(target, ids, max_new_tokens=30, eos_token_id=None))
+    assert out.stats.acceptance_rate == 1.0
+    assert out.stats.tau == pytest.approx(30 / out.stats.steps)
+    assert out.stats.steps == 6  # 5 tokens a step: 4 accepted + 1 bonus
+    assert out.stats.position_acceptance == [1.0] * 4
+
+
+@pytest.mark.parametrize("kind", ["lookup", "draft"])
+@pytest.mark.parametrize("k", [2, 5])
+def test_eos_inside_a_block_stops_exactly_there(target, draft, kind, k):
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    plain = reference(target, ids, max_new_tokens=40, eos_token_id=None)[0, ids.shape[1]:].tolist()
+    for eos in sorted(set(plain[3:20])):  # tokens the target really emits, mid-output
+        expected = reference(target, ids, max_new_tokens=40, eos_token_id=eos)
+        drafter = make_drafter(kind, k, target if kind == "draft" else None)  # target as draft: whole blocks accepted
+        got = specdec.generate(target, ids, drafter, max_new_tokens=40, eos_token_id=eos)
+        assert torch.equal(got, expected)
+        assert got[0, -1] == eos and got.shape[1] < ids.shape[1] + 40
+
+
+def test_eos_list_and_min_new_tokens(target):
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    plain = reference(target, ids, max_new_tokens=30, eos_token_id=None)[0, ids.shape[1]:].tolist()
+    eos = [plain[2], plain[5]]
+    for min_new in (0, 4, 12):
+        expected = reference(target, ids, max_new_tokens=30, eos_token_id=eos, min_new_tokens=min_new)
+        got = specdec.generate(target, ids, DraftModel(target, k=4), max_new_tokens=30, eos_token_id=eos,
+                               min_new_tokens=min_new)
+        assert torch.equal(got, expected)
+
+
+def test_max_length_and_generation_config(target, draft):
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    config = GenerationConfig(max_length=17, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = specdec.generate(target, ids, DraftModel(draft, k=3), generation_config=config)
+    assert torch.equal(got, target.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config))
+    assert got.shape[1] == 17
+
+
+def test_left_padded_batch_matches_each_row_alone(target, draft):
+    rows = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    eos = 7
+    got = specdec.generate(target, ids, PromptLookup(k=4), attention_mask=mask, max_new_tokens=20, eos_token_id=eos,
+                           pad_token_id=0)
+    assert got.shape[0] == 3
+    for i, row in enumerate(rows):
+        alone = reference(target, torch.tensor([row]), max_new_tokens=20, eos_token_id=eos)[0, len(row):].tolist()
+        produced = got[i, width:].tolist()
+        assert produced[: len(alone)] == alone
+        assert all(t == 0 for t in produced[len(alone):])
+
+
+def test_streamer_receives_exactly_the_new_tokens(target, draft):
+    class Recorder:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    ids = torch.tensor([[5, 9, 13, 7]])
+    rec = Recorder()
+    got = specdec.generate(target, ids, DraftModel(draft, k=3), max_new_tokens=25, eos_token_id=None, streamer=rec)
+    assert rec.chunks[0] == ids[0].tolist()  # the prompt first, as model.generate does
+    assert sum(rec.chunks[1:], []) == got[0, 4:].tolist()
+    assert rec.ended
+
+
+def test_text_iterator_streamer_works(smollm):
+    model, tokenizer = smollm
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    got = specdec.generate(model, ids, PromptLookup(), max_new_tokens=12, streamer=streamer)
+    assert "".join(streamer).strip() == tokenizer.decode(got[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+test_text_iterator_streamer_works = pytest.mark.slow(test_text_iterator_streamer_works)
+
+
+def test_speculative_wraps_only_this_instance(target, draft):
+    ids = torch.tensor([[5, 9, 13, 7]])
+    expected = reference(target, ids, max_new_tokens=20, eos_token_id=None)
+    with specdec.speculative(target, DraftModel(draft, k=3)) as model:
+        out = model.generate(ids, max_new_tokens=20, eos_token_id=None, return_dict_in_generate=True)
+        assert "generate" in vars(target)
+    assert isinstance(out, specdec.SpecDecodeOutput) and out.stats.steps > 0
+    assert torch.equal(out.sequences, expected)
+    assert "generate" not in vars(target)  # restored: the class's own generate again
+    assert torch.equal(reference(target, ids, max_new_tokens=20, eos_token_id=None), expected)
+
+
+def test_return_dict_carries_stats(target, draft):
+    ids = torch.tensor([[5, 9, 13, 7, 5, 9, 13]])
+    out = specdec.generate(target, ids, DraftModel(draft, k=3), max_new_tokens=20, eos_token_id=None,
+                           return_dict_in_generate=True)
+    stats = out.stats
+    assert stats.new_tokens == 20
+    assert stats.drafted >= stats.accepted >= 0
+    assert stats.new_tokens == stats.accepted + stats.steps  # no EOS: one extra token per step
+    assert 0 <= stats.acceptance_rate <= 1
+    assert stats.draft_time > 0 and stats.verify_time > 0
+    assert len(stats.position_acceptance) == 3

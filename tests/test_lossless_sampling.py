@@ -1,0 +1,98 @@
+"""Speculative sampling is lossless: the joint law of the first three sampled tokens is the
+target's, for a draft model and for prompt lookup, and a deliberately wrong rule fails
+the same test (so the test has the power to catch a broken rule).
+"""
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import specdec.engine
+from specdec.drafters import DraftModel, PromptLookup
+from specdec.engine import decode
+from specdec.sampling import Sampling
+from specdec.verify import Acceptance
+
+from conftest import tiny_llama
+
+V, N_TOKENS, N_SAMPLES = 6, 3, 3000
+PROMPT = torch.tensor([[1, 3, 4, 5, 3, 4, 5, 3, 4]])  # repeats, so lookup has matches to offer
+SAMPLING = Sampling(do_sample=True, temperature=0.9, top_k=5, eos_token_ids=())
+
+
+@pytest.fixture(scope="module")
+def small_target():
+    return tiny_llama(vocab=V, seed=10, scale=4.0)
+
+
+@pytest.fixture(scope="module")
+def small_draft():
+    return tiny_llama(vocab=V, seed=11, layers=1, scale=4.0)
+
+
+def exact_joint(model) -> torch.Tensor:
+    """``(V ** N_TOKENS,)`` the target's probability of every continuation, enumerated."""
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=N_TOKENS)))  # (V^3, 3)
+    ids = torch.cat([PROMPT.expand(len(seqs), -1), seqs], dim=1)
+    with torch.no_grad():
+        logits = model(ids).logits[:, PROMPT.shape[1] - 1 : -1]  # (V^3, 3, V)
+    probs = SAMPLING.probs(logits.reshape(-1, V), 0).reshape(len(seqs), N_TOKENS, V)
+    return probs.gather(-1, seqs[..., None]).squeeze(-1).prod(dim=-1)
+
+
+def sample_counts(model, drafter) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1234)
+    counts = torch.zeros(V**N_TOKENS)
+    for _ in range(N_SAMPLES):
+        tokens, _ = decode(model, PROMPT, drafter, SAMPLING, N_TOKENS, gen)
+        index = 0
+        for tok in tokens:
+            index = index * V + tok
+        counts[index] += 1
+    return counts
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square goodness of fit, cells with expected count < 5 pooled into one."""
+    counts, probs = counts.double(), probs.double()
+    expected = probs / probs.sum() * counts.sum()
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    if exp[-1] == 0:  # only impossible continuations pooled: seeing one fails outright
+        if obs[-1] > 0:
+            return 0.0
+        obs, exp = obs[:-1], exp[:-1]
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+def accept_every_draft(tree, p, generator=None):
+    """A wrong rule: keep every draft, then sample the bonus from p."""
+    path = tree.paths[0].tolist() if len(tree) else []
+    row = path[-1] + 1 if path else 0
+    return Acceptance(path, int(torch.multinomial(p[row], 1, generator=generator)))
+
+
+def drafters(small_draft):
+    return {"draft_model": DraftModel(small_draft, k=2), "lookup": PromptLookup(k=3, max_ngram=2)}
+
+
+@pytest.mark.parametrize("name", ["draft_model", "lookup"])
+def test_speculative_sampling_matches_target(small_target, small_draft, name):
+    counts = sample_counts(small_target, drafters(small_draft)[name])
+    assert chi2_pvalue(counts, exact_joint(small_target)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["draft_model", "lookup"])
+def test_wrong_rule_is_caught(small_target, small_draft, name, monkeypatch):
+    monkeypatch.setattr(specdec.engine, "accept_sampling", accept_every_draft)
+    counts = sample_counts(small_target, drafters(small_draft)[name])
+    assert chi2_pvalue(counts, exact_joint(small_target)) < 1e-6
+
+
+def test_plain_engine_sampling_matches_target(small_target):
+    """The engine with no drafter is plain ancestral sampling: same law."""
+    counts = sample_counts(small_target, specdec.engine.NO_DRAFT)
+    assert chi2_pvalue(counts, exact_joint(small_target)) > 1e-3
