@@ -1,0 +1,83 @@
+"""End-to-end on the embedded default (SmolLM2-135M-Instruct, float32): greedy output equals
+``model.generate(do_sample=False)`` for real prompts, both drafters, EOS inside an accepted
+block and ``max_new_tokens`` reached mid-block."""
+
+import copy
+
+import pytest
+import torch
+
+import specdec
+from specdec import DraftModel, PromptLookup
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Summarize in one sentence: The committee met on Tuesday to discuss the budget. After a long debate, "
+    "the members agreed to increase funding for the library and to cut spending on road repairs.",
+    "What is 17 * 23? Explain step by step.",
+    "Translate to French: The weather is nice today and I would like to go for a walk.",
+    "List three uses of Python in science.",
+]
+
+
+@pytest.fixture(scope="module")
+def chat_ids(smollm):
+    _, tokenizer = smollm
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        for p in PROMPTS
+    ]
+
+
+@pytest.fixture(scope="module")
+def references(smollm, chat_ids):
+    model, _ = smollm
+    return [model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False)
+            for ids in chat_ids]
+
+
+@pytest.fixture(scope="module")
+def truncated_draft(smollm):
+    """The target's first 6 layers: shares the vocabulary; a real second model with its own cache."""
+    model, _ = smollm
+    draft = copy.deepcopy(model)
+    draft.model.layers = draft.model.layers[:6]
+    draft.config.num_hidden_layers = 6
+    return draft
+
+
+@pytest.mark.parametrize("i", range(len(PROMPTS)))
+def test_prompt_lookup_greedy_equals_generate(smollm, chat_ids, references, i):
+    model, _ = smollm
+    out = specdec.generate(model, chat_ids[i], PromptLookup(k=8), max_new_tokens=64, do_sample=False)
+    assert torch.equal(out, references[i])
+
+
+@pytest.mark.parametrize("i", [0, 2])
+def test_draft_model_greedy_equals_generate(smollm, chat_ids, references, truncated_draft, i):
+    model, _ = smollm
+    out = specdec.generate(model, chat_ids[i], DraftModel(truncated_draft, k=3), max_new_tokens=64)
+    assert torch.equal(out, references[i])
+
+
+def test_eos_inside_accepted_block_and_max_new_mid_block(smollm, chat_ids):
+    model, _ = smollm
+    ids = chat_ids[0]
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
+    eos = int(plain[0, ids.shape[1] + 21])  # a token the model emits mid-output acts as EOS
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, eos_token_id=eos,
+                              do_sample=False)
+    # the target as its own draft: every block of 8 is accepted, so EOS lands inside one
+    out = specdec.generate(model, ids, DraftModel(model, k=8), max_new_tokens=40, eos_token_id=eos,
+                           return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    assert out.sequences[0, -1] == eos and out.stats.acceptance_rate == 1.0
+    assert out.stats.new_tokens % 9 != 0  # the last block was cut at EOS
+    # max_new_tokens=31 = 3 full blocks of 9 + 4: the budget caps the last draft
+    out = specdec.generate(model, ids, DraftModel(model, k=8), max_new_tokens=31, eos_token_id=None,
+                           return_dict_in_generate=True)
+    assert torch.equal(out.sequences, plain[:, : ids.shape[1] + 31])
+    assert out.stats.steps == 4
