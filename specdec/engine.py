@@ -84,7 +84,7 @@ class SpeculativeDecoder:
         prompt = prompt.to(self.model.device)
         self.state = DecodeState(prompt, prompt.shape[1], max_new_tokens, self.sampling, self.generator)
         if prompt.shape[1] > 1:
-            self.model(input_ids=prompt[:, :-1], cache=self.cache, use_cache=True)
+            self.model(input_ids=prompt[:, :-1], cache=self.cache, use_cache=True, logits_to_keep=1)
         self.drafter.prefill(self.state)
         self.stats.prefill_time += time.perf_counter() - start
 

@@ -58,7 +58,7 @@ class DraftModel(Drafter):
         tokens, qs = [], []
         for i in range(k):
             pos = torch.arange(n + i - x.shape[1], n + i, device=device)[None]  # (1, new)
-            logits = self.model(input_ids=x, position_ids=pos, cache=self.cache, use_cache=True).logits
+            logits = self.model(input_ids=x, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1).logits
             tok, q = state.sampling.choose(logits[0, -1:], state.n_generated + i, state.generator)
             tokens.append(tok)
             qs.append(q)

@@ -1,0 +1,150 @@
+"""Benchmark: methods and their baseline, interleaved in one process on the same prompts.
+
+Spec-Bench's definitions: a prompt's *tokens/s* is new tokens over wall time with
+prefill inside the timed region; a method's *speedup* on a set of prompts is its
+mean per-prompt tokens/s over that of the baseline (``model.generate``); *tau*
+(mean accepted tokens) is tokens added per decoding step. Every prompt runs every
+method back to back, in an order rotated per prompt, so slow drift of the machine
+hits all methods alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from specdec.data import Prompt
+from specdec.drafters.base import Drafter
+from specdec.generate import generate
+from specdec.stats import SpecStats
+
+BASELINE = "generate"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named way to decode: ``run(input_ids) -> (sequences, stats or None)``."""
+
+    name: str
+    run: Callable[[torch.Tensor], tuple[torch.Tensor, SpecStats | None]]
+
+
+def hf_generate(model: PreTrainedModel, max_new_tokens: int, name: str = BASELINE, **kwargs) -> Method:
+    """``model.generate`` greedy (with ``kwargs``, e.g. ``prompt_lookup_num_tokens=10``)."""
+
+    def run(ids):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, **kwargs)
+        return out, None
+
+    return Method(name, run)
+
+
+def specdec_generate(model: PreTrainedModel, drafter: Drafter | None, max_new_tokens: int, name: str) -> Method:
+    """``specdec.generate`` greedy with ``drafter`` (``None``: the engine alone)."""
+
+    def run(ids):
+        out = generate(model, ids, drafter, max_new_tokens=max_new_tokens, do_sample=False,
+                       return_dict_in_generate=True)
+        return out.sequences, out.stats
+
+    return Method(name, run)
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> torch.Tensor:
+    """``(1, n)`` ids of the prompt's first turn through the chat template (plain text without one)."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer(prompt.turns[0], return_tensors="pt").input_ids
+
+
+def run_benchmark(
+    methods: Sequence[Method], tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], progress: bool = True
+) -> list[dict]:
+    """Run every method on every prompt, interleaved; one result row per (prompt, method).
+
+    The first method is the baseline: every row records whether its new tokens equal the baseline's.
+    """
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names {names} must be distinct")
+    warm = encode(tokenizer, prompts[0])
+    for method in methods:  # first calls pay one-off costs (allocations, lazy init)
+        method.run(warm[:, :16])
+    rows = []
+    bar = tqdm(total=len(prompts) * len(methods), desc="benchmark", disable=not progress)
+    for i, prompt in enumerate(prompts):
+        ids = encode(tokenizer, prompt)
+        order = methods[i % len(methods):] + methods[: i % len(methods)]
+        outputs = {}
+        for method in order:
+            start = time.perf_counter()
+            sequences, stats = method.run(ids)
+            seconds = time.perf_counter() - start
+            new = sequences[0, ids.shape[1]:]
+            outputs[method.name] = new
+            rows.append({
+                "prompt_id": prompt.id, "task": prompt.task, "category": prompt.category, "method": method.name,
+                "prompt_tokens": ids.shape[1], "new_tokens": len(new), "seconds": seconds,
+                "tokens_per_s": len(new) / seconds,
+                "tau": stats.tau if stats else None,
+                "acceptance_rate": stats.acceptance_rate if stats else None,
+                "position_acceptance": stats.position_acceptance if stats else None,
+            })
+            bar.update()
+            bar.set_postfix(prompt=prompt.id, method=method.name)
+        base = outputs[methods[0].name]
+        for row in rows[-len(methods):]:
+            row["matches_baseline"] = bool(torch.equal(outputs[row["method"]], base))
+    bar.close()
+    return rows
+
+
+def summarize(rows: Sequence[dict], baseline: str = BASELINE) -> list[dict]:
+    """Per task (and ``overall``) and method: mean tokens/s, speedup over ``baseline``, tau, exactness."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows)) + ["overall"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    table = []
+    for task in tasks:
+        mine = [r for r in rows if task in ("overall", r["task"])]
+        base = statistics.mean(r["tokens_per_s"] for r in mine if r["method"] == baseline)
+        for method in methods:
+            sel = [r for r in mine if r["method"] == method]
+            speed = statistics.mean(r["tokens_per_s"] for r in sel)
+            steps_tau = [r["tau"] for r in sel if r["tau"] is not None]
+            table.append({
+                "task": task, "method": method, "prompts": len(sel), "tokens_per_s": speed,
+                "speedup": speed / base,
+                "tau": statistics.mean(steps_tau) if steps_tau else None,
+                "exact": sum(r["matches_baseline"] for r in sel) / len(sel),
+            })
+    return table
+
+
+def markdown_table(summary: Sequence[dict]) -> str:
+    """The summary as a Markdown table: tasks as rows, tok/s / speedup / tau per method."""
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    head = "| task | " + " | ".join(f"{m} tok/s | {m} speedup" + (f" | {m} tau" if m != BASELINE else "")
+                                    for m in methods) + " |"
+    cells = sum((3 if m != BASELINE else 2 for m in methods), 0)
+    lines = [head, "|---|" + "---|" * cells]
+    for task in dict.fromkeys(r["task"] for r in summary):
+        parts = []
+        for m in methods:
+            r = next(r for r in summary if r["task"] == task and r["method"] == m)
+            parts += [f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x"]
+            if m != BASELINE:
+                parts.append("-" if r["tau"] is None else f"{r['tau']:.2f}")
+        lines.append(f"| {task} | " + " | ".join(parts) + " |")
+    inexact = sorted({r["method"] for r in summary if r["exact"] < 1.0})
+    lines.append("")
+    lines.append("Greedy output identical to `model.generate` on every prompt: "
+                 + ("yes" if not inexact else "no, for " + ", ".join(inexact)))
+    return "\n".join(lines)
