@@ -10,7 +10,7 @@ steps) is exactly transformers' SDPA path with its usual mask.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from specdec_kernels.tree_attention import tree_attention
+from specdec_kernels.tree_attention.reference import dense_tree_mask
 
 TREE_ATTENTION = "specdec_tree"
 
@@ -38,6 +39,14 @@ class TreeMask:
     prefix_end: Tensor
     ancestors: Tensor
     backend: str = "auto"
+    _dense: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def dense(self, keys: int) -> Tensor:
+        """``(B, T, keys)`` dense boolean mask for the torch reference, built once per forward."""
+        if keys not in self._dense:
+            cached = keys - self.ancestors.shape[2]
+            self._dense[keys] = dense_tree_mask(self.prefix_start, self.prefix_end, self.ancestors, cached)
+        return self._dense[keys]
 
 
 def tree_attention_forward(
@@ -55,8 +64,10 @@ def tree_attention_forward(
     if tree is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    uses_reference = tree.backend == "reference" or (tree.backend == "auto" and not query.is_cuda)
+    dense = tree.dense(key.shape[2]) if uses_reference else None
     out = tree_attention(query, key, value, tree.prefix_start, tree.prefix_end, tree.ancestors, scale=scaling,
-                         backend=tree.backend)  # (B, H, T, D)
+                         backend=tree.backend, dense_mask=dense)  # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None
 
 

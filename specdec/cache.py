@@ -1,14 +1,19 @@
-"""KV-cache adapter: after verification keep the root's prefix and the accepted path only.
+"""KV-cache adapter over transformers' ``DynamicCache``: ragged rows, kept paths, dropped rows.
 
-Works on transformers' own ``DynamicCache`` (its layers expose ``.keys`` / ``.values``
-of shape ``(B, Hk, S, D)``). A chain's accepted path is a prefix of the drafted
-block, so it is a crop; a tree's path is gathered to contiguous positions.
+Layout: every layer holds ``(B, Hk, S, D)`` keys and values. Row b's committed tokens
+(all but its root) sit at ``[start_b, end_b)``: ``start_b`` skips its left padding and
+``end_b`` varies because rows accept different numbers of drafts; positions past ``end_b``
+are stale and masked by tree attention. A verification forward appends the tree's nodes
+at ``[S, S + T)``; :func:`commit_rows` moves each row's root and accepted nodes to
+``[end_b, ...)`` in place and crops the tail, touching only the columns that change.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def new_cache(model) -> DynamicCache:
@@ -16,25 +21,62 @@ def new_cache(model) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
-def keep_path(cache: DynamicCache, prefix_len: int, path: list[int]) -> None:
-    """Keep positions ``[0, prefix_len)`` and tree nodes ``path``; drop the rest, in place.
+def _layers(cache: DynamicCache):
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise ValueError(
+                f"cache layer {type(layer).__name__} is not supported: specdec needs full-attention layers "
+                "(no sliding window or linear attention)"
+            )
+        if layer.is_initialized:
+            yield layer
+
+
+def commit_rows(cache: DynamicCache, end: Tensor, kept: list[Tensor]) -> Tensor:
+    """Move row b's kept positions ``kept[b]`` (absolute, ascending) to ``[end_b, end_b + len)``.
 
     Args:
-        cache: holds ``prefix_len`` committed positions followed by ``T`` tree nodes.
-        prefix_len: committed positions, the root included.
-        path: accepted node indices (into the ``T`` tree nodes), root side first.
+        cache: keys/values of ``(B, Hk, S_total, D)``.
+        end: ``(B,)`` one past each row's last committed position.
+        kept: per row, ``(m_b,)`` positions to keep (root and accepted nodes), all ``>= end_b``.
+
+    Returns:
+        ``(B,)`` the new ends; the cache is cropped to the longest row.
     """
-    total = cache.get_seq_length()
-    if path == list(range(len(path))):  # a prefix of the block: a plain crop
-        if total > prefix_len + len(path):
-            cache.crop(-(total - prefix_len - len(path)))
-        return
-    keep = torch.cat([torch.arange(prefix_len), prefix_len + torch.tensor(path, dtype=torch.long)])
-    for layer in cache.layers:
-        if layer.is_initialized:
-            keep_dev = keep.to(layer.keys.device)
-            layer.keys = layer.keys.index_select(-2, keep_dev)  # (B, Hk, S, D)
-            layer.values = layer.values.index_select(-2, keep_dev)
+    counts = torch.tensor([len(k) for k in kept], dtype=end.dtype, device=end.device)
+    new_end = end + counts
+    lo, hi = int(end.min()), int(new_end.max())
+    idx = torch.arange(lo, hi, device=end.device).repeat(len(kept), 1)  # (B, hi - lo): unchanged by default
+    for b, positions in enumerate(kept):
+        at = int(end[b]) - lo
+        idx[b, at : at + len(positions)] = positions.to(idx.device)
+    for layer in _layers(cache):
+        for name in ("keys", "values"):
+            full = getattr(layer, name)  # (B, Hk, S_total, D)
+            gather = idx.to(full.device)[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3])
+            region = full.gather(2, gather)  # (B, Hk, hi - lo, D)
+            full = full[:, :, :hi]
+            full[:, :, lo:hi] = region
+            setattr(layer, name, full)
+    return new_end
+
+
+def zero_positions(cache: DynamicCache, start: Tensor) -> None:
+    """Zero each row's columns before ``start_b`` (left padding), so stale values are finite."""
+    cols = None
+    for layer in _layers(cache):
+        if cols is None:
+            cols = torch.arange(layer.keys.shape[2], device=layer.keys.device)
+            pad = (cols[None, :] < start.to(cols.device)[:, None])[:, None, :, None]  # (B, 1, S, 1)
+        layer.keys.masked_fill_(pad, 0.0)
+        layer.values.masked_fill_(pad, 0.0)
+
+
+def select_rows(cache: DynamicCache, rows: Tensor) -> None:
+    """Keep only batch rows ``rows`` (finished rows stop costing compute)."""
+    for layer in _layers(cache):
+        layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+        layer.values = layer.values.index_select(0, rows.to(layer.values.device))
 
 
 def crop_to(cache: DynamicCache, length: int) -> None:

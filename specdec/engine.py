@@ -1,15 +1,18 @@
-"""The decode loop: propose -> verify -> accept -> commit, one row at a time.
+"""The decode loop: propose -> verify -> accept -> commit, for a batch of rows.
 
-The target's KV cache holds every committed token except the last (the *root* of
-the next draft). Each step:
+The target's KV cache holds every committed token of a row except the last, the
+*root* of the row's next draft (see :mod:`specdec.cache` for the ragged layout).
+Each step:
 
-1. **propose**: the drafter returns a :class:`~specdec.tree.DraftTree` below the root;
-2. **verify**: one target forward over ``[root, *nodes]`` at positions
-   ``root_position + depth`` gives p at the root and at every node;
-3. **accept**: a pure rule (:mod:`specdec.verify`) keeps a path and draws one more token;
-4. **commit**: the cache keeps the root's prefix and the accepted path, the tokens
-   are appended (cut at EOS / ``max_new_tokens`` exactly where plain decoding stops),
-   streamed and counted.
+1. **propose**: the drafter returns one :class:`~specdec.tree.DraftTree` per active row;
+2. **verify**: one target forward over ``[root, *nodes]`` of every row (padded to the
+   largest tree) at positions ``root_position + depth``, through tree attention: each
+   node sees its row's prefix and its own ancestors; this gives p at every node;
+3. **accept**: a pure rule (:mod:`specdec.verify`) keeps a path per row and draws one
+   more token;
+4. **commit**: each row's root and accepted nodes move to contiguous cache positions,
+   tokens are appended (cut at EOS / ``max_new_tokens`` exactly where plain decoding
+   stops), streamed and counted; finished rows leave the batch.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from specdec.cache import keep_path, new_cache
+from specdec.attention import TreeMask, tree_attention_enabled
+from specdec.cache import commit_rows, new_cache, select_rows, zero_positions
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.sampling import Sampling
 from specdec.stats import SpecStats
@@ -31,21 +35,11 @@ from specdec.verify import Acceptance, accept_greedy, accept_sampling
 class _NoDraft(Drafter):
     """Plain decoding through the same engine: every tree is empty."""
 
-    def propose(self, state: DecodeState) -> DraftTree:
-        return DraftTree.empty(state.tokens.device)
+    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
+        return [DraftTree.empty(s.tokens.device) for s in states]
 
 
 NO_DRAFT = _NoDraft()
-
-
-def _verify_logits(model: PreTrainedModel, cache, root: Tensor, tree: DraftTree, root_position: int) -> Tensor:
-    """``(T + 1, V)`` target logits at the root and at every node of ``tree``."""
-    if not tree.is_chain:
-        raise NotImplementedError("branching trees need tree attention; this engine verifies chains only")
-    ids = torch.cat([root, tree.tokens]).to(model.device)[None]  # (1, T + 1)
-    positions = tree.positions(root_position).to(model.device)[None]  # (1, T + 1)
-    out = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
-    return out.logits[0]
 
 
 def _cut(tokens: list[int], eos: tuple[int, ...], room: int) -> tuple[list[int], bool]:
@@ -56,8 +50,44 @@ def _cut(tokens: list[int], eos: tuple[int, ...], room: int) -> tuple[list[int],
     return tokens[:room], len(tokens) >= room
 
 
+def _accept(tree: DraftTree, logits: Tensor, n_before: Tensor, sampling: Sampling, generator) -> Acceptance:
+    """Run the acceptance rule on ``(T + 1, V)`` target logits."""
+    if sampling.do_sample:
+        return accept_sampling(tree, sampling.probs(logits, n_before), generator)
+    return accept_greedy(tree, sampling.process(logits, n_before).argmax(dim=-1))
+
+
+def batch_trees(trees: list[DraftTree], roots: Tensor, root_positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Pack the roots and trees of A rows into one verification input.
+
+    Args:
+        trees: one tree per row (``T_a`` nodes).
+        roots: ``(A,)`` each row's root token.
+        root_positions: ``(A,)`` each root's position id.
+
+    Returns:
+        ids ``(A, T)``, position ids ``(A, T)`` and the ancestor mask ``(A, T, T)``, where
+        ``T = 1 + max T_a``: column 0 is the root, column ``1 + i`` node i; padding columns
+        attend to themselves only.
+    """
+    A, width = len(trees), 1 + max(len(t) for t in trees)
+    device = roots.device
+    ids = torch.zeros(A, width, dtype=torch.long, device=device)
+    positions = root_positions[:, None].repeat(1, width)  # (A, T)
+    mask = torch.eye(width, dtype=torch.bool, device=device).repeat(A, 1, 1)  # (A, T, T); padding: itself only
+    ids[:, 0] = roots
+    for a, tree in enumerate(trees):
+        n = len(tree)
+        if n:
+            ids[a, 1 : n + 1] = tree.tokens
+            positions[a, 1 : n + 1] += tree.depths
+            mask[a, 1 : n + 1, 0] = True  # every node sees the root
+            mask[a, 1 : n + 1, 1 : n + 1] = tree.ancestors
+    return ids, positions, mask
+
+
 class SpeculativeDecoder:
-    """The loop's state for one row: target cache, decoding state, drafter, stats.
+    """The loop's state: target cache, per-row decoding states, drafter, stats.
 
     ``prefill`` once, then ``step`` until ``done``; :func:`decode` does both.
 
@@ -66,93 +96,141 @@ class SpeculativeDecoder:
         drafter: proposes the trees (``NO_DRAFT`` = plain decoding).
         sampling: how p (and the drafter's q) are made from logits.
         generator: random generator for every draw (``None``: torch's global one).
+        attention_backend: tree attention's ``"auto"`` (Triton on CUDA, torch elsewhere),
+            ``"triton"`` or ``"reference"``.
     """
 
     def __init__(
-        self, model: PreTrainedModel, drafter: Drafter, sampling: Sampling, generator: torch.Generator | None = None
+        self, model: PreTrainedModel, drafter: Drafter, sampling: Sampling, generator: torch.Generator | None = None,
+        attention_backend: str = "auto",
     ) -> None:
         self.model, self.drafter, self.sampling, self.generator = model, drafter, sampling, generator
+        self.attention_backend = attention_backend
         self.stats = SpecStats()
         self.cache = new_cache(model)
-        self.state: DecodeState | None = None
-        self.done = False
+        self.states: list[DecodeState] = []  # active rows, in cache order
+        self.finished: dict[int, DecodeState] = {}
+        self.start = self.end = None  # (A,) each active row's cached range
+
+    @property
+    def done(self) -> bool:
+        return not self.states
 
     @torch.inference_mode()
-    def prefill(self, prompt: Tensor, max_new_tokens: int) -> None:
-        """Fill the cache with ``prompt: (1, n)`` less its last token, the first root."""
-        start = time.perf_counter()
-        prompt = prompt.to(self.model.device)
-        self.state = DecodeState(prompt, prompt.shape[1], max_new_tokens, self.sampling, self.generator)
-        if prompt.shape[1] > 1:
-            self.model(input_ids=prompt[:, :-1], cache=self.cache, use_cache=True, logits_to_keep=1)
-        self.drafter.prefill(self.state)
-        self.stats.prefill_time += time.perf_counter() - start
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int) -> None:
+        """Fill the cache with each row's prompt less its last token (the first root).
+
+        Args:
+            input_ids: ``(B, n)`` left-padded prompts.
+            attention_mask: ``(B, n)`` 0 on padding, or ``None``.
+            max_new_tokens: each row's output budget.
+        """
+        t0 = time.perf_counter()
+        device = self.model.device
+        input_ids = input_ids.to(device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
+        B, n = input_ids.shape
+        pad = n - mask.sum(dim=1)  # (B,) left padding per row
+        self.states = [
+            DecodeState(b, input_ids[b : b + 1, int(pad[b]) :], n - int(pad[b]), max_new_tokens, self.sampling,
+                        self.generator)
+            for b in range(B)
+        ]
+        self.start, self.end = pad.clone(), torch.full_like(pad, n - 1)
+        if n > 1:
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, n)
+            self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1] if (pad > 0).any() else None,
+                       position_ids=positions[:, :-1], cache=self.cache, use_cache=True, logits_to_keep=1)
+            if (pad > 0).any():
+                zero_positions(self.cache, self.start)
+        self.drafter.prefill(self.states)
+        self.stats.prefill_time += time.perf_counter() - t0
 
     @torch.inference_mode()
-    def step(self) -> list[int]:
-        """One propose -> verify -> accept -> commit; returns the tokens it added."""
-        state, t0 = self.state, time.perf_counter()
+    def step(self) -> dict[int, list[int]]:
+        """One propose -> verify -> accept -> commit; returns each active row's new tokens."""
+        states, t0 = self.states, time.perf_counter()
         # 1. propose
-        tree = self.drafter.propose(state)
-        if len(tree) > state.budget:
-            raise RuntimeError(f"drafter proposed {len(tree)} tokens, more than the budget {state.budget}")
+        trees = self.drafter.propose(states)
+        for state, tree in zip(states, trees):
+            depth = int(tree.depths.max()) if len(tree) else 0
+            if depth > state.budget:
+                raise RuntimeError(f"drafter proposed a tree {depth} deep for row {state.row}, past its budget {state.budget}")
         t1 = time.perf_counter()
-        # 2. verify: p at the root and at every node, in one forward
-        n = state.tokens.shape[1]
-        logits = _verify_logits(self.model, self.cache, state.tokens[0, -1:], tree, n - 1)
-        zero = torch.zeros(1, dtype=torch.long, device=tree.depths.device)
-        n_before = state.n_generated + torch.cat([zero, tree.depths])  # (T + 1,) output length before each row
-        # 3. accept
-        acceptance = _accept(tree, logits, n_before, self.sampling, self.generator)
-        room = state.max_new_tokens - state.n_generated
-        new, self.done = _cut(acceptance.tokens(tree), self.sampling.eos_token_ids, room)
-        # 4. commit: the cache keeps the root's prefix and the accepted path
-        keep_path(self.cache, n, acceptance.path)
-        state.tokens = torch.cat([state.tokens, state.tokens.new_tensor([new])], dim=1)
-        self.drafter.commit(state, acceptance)
-        depth = int(tree.depths.max()) if len(tree) else 0
-        self.stats.record(depth, len(tree), len(acceptance.path), len(new))
+
+        # 2. verify: p at every root and node of every row, in one forward
+        S = self.cache.get_seq_length()
+        roots = torch.cat([s.tokens[0, -1:] for s in states])  # (A,)
+        ids, positions, ancestors = batch_trees(trees, roots, self.end - self.start)
+        tree_mask = TreeMask(self.start, self.end, ancestors, self.attention_backend)
+        logits = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
+                            tree=tree_mask).logits  # (A, T, V)
+
+        # 3. accept, row by row
+        new_tokens, kept, finished, acceptances = {}, [], [], []
+        for a, (state, tree) in enumerate(zip(states, trees)):
+            n_before = state.n_generated + positions[a, : len(tree) + 1] - positions[a, 0]  # (T_a + 1,)
+            acceptance = _accept(tree, logits[a, : len(tree) + 1], n_before, self.sampling, self.generator)
+            room = state.max_new_tokens - state.n_generated
+            new, done = _cut(acceptance.tokens(tree), self.sampling.eos_token_ids, room)
+            state.tokens = torch.cat([state.tokens, state.tokens.new_tensor([new])], dim=1)
+            new_tokens[state.row] = new
+            kept.append(S + torch.tensor([0] + [1 + node for node in acceptance.path]))
+            finished.append(done)
+            depth = int(tree.depths.max()) if len(tree) else 0
+            self.stats.record(depth, len(tree), len(acceptance.path), len(new))
+            acceptances.append(acceptance)
+
+        # 4. commit: roots and accepted paths to contiguous positions; finished rows leave
+        self.end = commit_rows(self.cache, self.end, kept)
+        self.drafter.commit(states, acceptances)
+        if any(finished):
+            keep = torch.tensor([a for a, done in enumerate(finished) if not done], dtype=torch.long)
+            for state, done in zip(states, finished):
+                if done:
+                    self.finished[state.row] = state
+            self.states = [states[a] for a in keep.tolist()]
+            if self.states:
+                select_rows(self.cache, keep)
+                self.start, self.end = self.start[keep], self.end[keep]
         self.stats.draft_time += t1 - t0
         self.stats.verify_time += time.perf_counter() - t1
-        return new
+        return new_tokens
 
 
 def decode(
     model: PreTrainedModel,
-    prompt: Tensor,
+    input_ids: Tensor,
     drafter: Drafter,
     sampling: Sampling,
     max_new_tokens: int,
     generator: torch.Generator | None = None,
     streamer=None,
-) -> tuple[list[int], SpecStats]:
-    """Generate up to ``max_new_tokens`` tokens after one prompt, speculatively.
+    attention_mask: Tensor | None = None,
+    attention_backend: str = "auto",
+) -> tuple[list[list[int]], SpecStats]:
+    """Generate up to ``max_new_tokens`` tokens after each prompt, speculatively.
 
     Args:
         model: the target causal LM.
-        prompt: ``(1, n)`` token ids, ``n >= 1``, no padding.
+        input_ids: ``(B, n)`` left-padded prompts, each at least one token.
         drafter: proposes the trees (``NO_DRAFT`` = plain decoding).
         sampling: how p (and the drafter's q) are made from logits.
-        max_new_tokens: output budget.
+        max_new_tokens: each row's output budget.
         generator: random generator for every draw (``None``: torch's global one).
-        streamer: a transformers streamer; gets each step's new tokens.
+        streamer: a transformers streamer (batch size 1); gets each step's new tokens.
+        attention_mask: ``(B, n)`` 0 on padding.
+        attention_backend: see :class:`SpeculativeDecoder`.
 
     Returns:
-        The new tokens (EOS included when hit) and the run's statistics.
+        Each row's new tokens (EOS included when hit) and the run's statistics.
     """
-    decoder = SpeculativeDecoder(model, drafter, sampling, generator)
-    decoder.prefill(prompt, max_new_tokens)
-    out: list[int] = []
-    while not decoder.done:
-        new = decoder.step()
-        out += new
-        if streamer is not None:
-            streamer.put(torch.tensor(new))
-    return out, decoder.stats
-
-
-def _accept(tree: DraftTree, logits: Tensor, n_before: Tensor, sampling: Sampling, generator) -> Acceptance:
-    """Run the acceptance rule on ``(T + 1, V)`` target logits."""
-    if sampling.do_sample:
-        return accept_sampling(tree, sampling.probs(logits, n_before), generator)
-    return accept_greedy(tree, sampling.process(logits, n_before).argmax(dim=-1))
+    decoder = SpeculativeDecoder(model, drafter, sampling, generator, attention_backend)
+    with tree_attention_enabled(model):
+        decoder.prefill(input_ids, attention_mask, max_new_tokens)
+        while not decoder.done:
+            new = decoder.step()
+            if streamer is not None:
+                streamer.put(torch.tensor(next(iter(new.values()))))
+    rows = sorted(decoder.finished.values(), key=lambda s: s.row)
+    return [s.tokens[0, s.prompt_len :].tolist() for s in rows], decoder.stats

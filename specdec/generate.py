@@ -102,24 +102,25 @@ def _sampling(config: GenerationConfig) -> Sampling:
     )
 
 
-def _rows(input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
-    """Each row without its left padding, as ``(1, n_row)``."""
+def _check_left_padding(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """``(B,)`` real prompt length of each row; raises unless every row is left-padded and non-empty."""
     if attention_mask is None:
-        return [row[None] for row in input_ids]
+        return torch.full((input_ids.shape[0],), input_ids.shape[1])
     if attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
         )
-    rows = []
-    for i, (row, mask) in enumerate(zip(input_ids, attention_mask.bool())):
-        n = int(mask.sum())
-        if n == 0 or not mask[-n:].all():
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    cols = torch.arange(input_ids.shape[1], device=mask.device)
+    left_padded = mask == (cols[None, :] >= input_ids.shape[1] - lengths[:, None])
+    for i in range(len(mask)):
+        if lengths[i] == 0 or not left_padded[i].all():
             raise ValueError(
                 f"row {i} of attention_mask is not left-padded (or is all zeros): pad prompts on the left, "
                 "e.g. tokenizer.padding_side = 'left'"
             )
-        rows.append(row[-n:][None])
-    return rows
+    return lengths.cpu()
 
 
 def generate(
@@ -131,6 +132,7 @@ def generate(
     generation_config: GenerationConfig | None = None,
     streamer=None,
     generator: torch.Generator | None = None,
+    attention_backend: str = "auto",
     **kwargs,
 ) -> Tensor | SpecDecodeOutput:
     """Speculative ``model.generate``: identical output, fewer target forwards.
@@ -140,7 +142,8 @@ def generate(
 
     Args:
         model: the target causal LM.
-        input_ids: ``(B, n)`` prompt ids; rows of a batch are left-padded.
+        input_ids: ``(B, n)`` prompt ids; rows of a batch are left-padded and verified
+            together, each row accepting its own number of tokens per step.
         drafter: a :class:`~specdec.drafters.base.Drafter`; ``None`` decodes plainly
             through the same engine (a baseline).
         attention_mask: ``(B, n)``, 0 on left padding.
@@ -149,6 +152,8 @@ def generate(
             batch size 1 only, as in transformers.
         generator: random generator for sampling (default: torch's global one, so
             ``torch.manual_seed`` works as with ``model.generate``).
+        attention_backend: tree attention: ``"auto"`` (the Triton kernel on CUDA, the torch
+            reference elsewhere), ``"triton"`` or ``"reference"``.
         **kwargs: ``max_new_tokens``, ``max_length``, ``min_new_tokens``, ``eos_token_id``,
             ``pad_token_id``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
             ``return_dict_in_generate``; anything else raises ``ValueError``.
@@ -166,10 +171,10 @@ def generate(
             f"input_ids of shape {tuple(input_ids.shape)} is empty or not (batch, length): "
             "give at least one prompt token (e.g. the BOS token)"
         )
-    rows = _rows(input_ids, attention_mask)
-    if streamer is not None and len(rows) > 1:
-        raise ValueError(f"streamer needs batch size 1, got {len(rows)} rows")
-    longest = max(row.shape[1] for row in rows)
+    lengths = _check_left_padding(input_ids, attention_mask)
+    if streamer is not None and input_ids.shape[0] > 1:
+        raise ValueError(f"streamer needs batch size 1, got {input_ids.shape[0]} rows")
+    longest = int(lengths.max())
     max_new = config.max_new_tokens
     if max_new is None:
         max_new = config.max_length - input_ids.shape[1] if config.max_length is not None else _DEFAULT_NEW_TOKENS
@@ -189,11 +194,8 @@ def generate(
 
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    outputs, stats = [], SpecStats()
-    for row in rows:
-        new, row_stats = decode(model, row, drafter, sampling, max_new, generator, streamer)
-        outputs.append(new)
-        stats += row_stats
+    outputs, stats = decode(model, input_ids, drafter, sampling, max_new, generator, streamer, attention_mask,
+                            attention_backend)
     if streamer is not None:
         streamer.end()
 

@@ -5,8 +5,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from specdec.cache import keep_path, new_cache
+from specdec.cache import commit_rows, new_cache
 from specdec.drafters import DraftModel, PromptLookup
+from specdec.attention import tree_attention_enabled
 from specdec.engine import SpeculativeDecoder
 from specdec.sampling import Sampling
 
@@ -18,40 +19,61 @@ def fresh_prefill(model, tokens):
     return cache
 
 
-def assert_caches_close(a, b):
-    assert a.get_seq_length() == b.get_seq_length()
-    for la, lb in zip(a.layers, b.layers):
-        torch.testing.assert_close(la.keys, lb.keys, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(la.values, lb.values, rtol=1e-5, atol=1e-5)
+def kv(cache, b=0, start=0, end=None):
+    """Row b's keys and values at positions [start, end), per layer."""
+    return [(layer.keys[b, :, start:end], layer.values[b, :, start:end]) for layer in cache.layers]
+
+
+def assert_kv_close(a, b):
+    assert len(a) == len(b)
+    for (ka, va), (kb, vb) in zip(a, b):
+        assert ka.shape == kb.shape
+        torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    prompt=st.lists(st.integers(3, 63), min_size=2, max_size=16),
-    kind=st.sampled_from(["lookup", "draft", "draft-sampled"]),
-    k=st.integers(1, 6),
-    steps=st.integers(1, 8),
+    prompts=st.lists(st.lists(st.integers(3, 63), min_size=1, max_size=12), min_size=1, max_size=3),
+    kind=st.sampled_from(["lookup", "lookup-tree", "draft", "draft-tree", "draft-sampled"]),
+    k=st.integers(1, 5),
+    steps=st.integers(1, 6),
 )
-def test_cache_equals_fresh_prefill_after_steps(target, draft, prompt, kind, k, steps):
-    drafter = PromptLookup(k=k) if kind == "lookup" else DraftModel(draft, k=k)
+def test_cache_equals_fresh_prefill_after_steps(target, draft, prompts, kind, k, steps):
+    drafter = {
+        "lookup": lambda: PromptLookup(k=k),
+        "lookup-tree": lambda: PromptLookup(k=k, branches=3),
+        "draft": lambda: DraftModel(draft, k=k),
+        "draft-tree": lambda: DraftModel(draft, k=k, top_k=2, budget=6),
+        "draft-sampled": lambda: DraftModel(draft, k=k, top_k=2),
+    }[kind]()
     sampling = Sampling(do_sample=kind == "draft-sampled", temperature=1.0)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     decoder = SpeculativeDecoder(target, drafter, sampling, torch.Generator().manual_seed(0))
-    decoder.prefill(torch.tensor([prompt]), max_new_tokens=64)
-    for _ in range(steps):
-        decoder.step()
-        tokens = decoder.state.tokens
-        assert decoder.cache.get_seq_length() == tokens.shape[1] - 1  # everything but the root
-        assert_caches_close(decoder.cache, fresh_prefill(target, tokens[:, :-1]))
-        if isinstance(drafter, DraftModel):
-            assert_caches_close(drafter.cache, fresh_prefill(draft, tokens[:, : drafter.cached]))
+    with tree_attention_enabled(target):
+        decoder.prefill(ids, mask, max_new_tokens=64)
+        for _ in range(steps):
+            decoder.step()
+            for a, state in enumerate(decoder.states):
+                tokens = state.tokens
+                start, end = int(decoder.start[a]), int(decoder.end[a])
+                assert end - start == tokens.shape[1] - 1  # everything but the root
+                assert_kv_close(kv(decoder.cache, a, start, end), kv(fresh_prefill(target, tokens[:, :-1])))
+                if isinstance(drafter, DraftModel):
+                    row = drafter.rows[state.row]
+                    assert row.cache.get_seq_length() == row.cached
+                    assert_kv_close(kv(row.cache), kv(fresh_prefill(draft, tokens[:, : row.cached])))
 
 
-def test_keep_path_gathers_a_branch(target):
+def test_commit_gathers_a_branch(target):
     """A non-prefix path (a tree branch) is moved to contiguous positions."""
     prefix = torch.tensor([[5, 6, 7]])
     block = torch.tensor([[8, 9, 10, 11]])
     cache = fresh_prefill(target, torch.cat([prefix, block], 1))
-    keep_path(cache, prefix_len=3, path=[1, 3])
+    with torch.inference_mode():
+        commit_rows(cache, torch.tensor([3]), [torch.tensor([4, 6])])
     expected_keys = fresh_prefill(target, torch.cat([prefix, block], 1))
     for layer, ref in zip(cache.layers, expected_keys.layers):
         assert layer.keys.shape[-2] == 5
@@ -59,8 +81,9 @@ def test_keep_path_gathers_a_branch(target):
 
 
 @pytest.mark.parametrize("path", [[], [0], [0, 1, 2]])
-def test_keep_path_prefix_is_a_crop(target, path):
+def test_keep_prefix_is_a_crop(target, path):
     tokens = torch.tensor([[5, 6, 7, 8, 9, 10]])
     cache = fresh_prefill(target, tokens)
-    keep_path(cache, prefix_len=3, path=path)
-    assert_caches_close(cache, fresh_prefill(target, tokens[:, : 3 + len(path)]))
+    with torch.inference_mode():
+        commit_rows(cache, torch.tensor([3]), [torch.tensor([3 + p for p in path], dtype=torch.long)])
+    assert_kv_close(kv(cache), kv(fresh_prefill(target, tokens[:, : 3 + len(path)])))

@@ -14,19 +14,76 @@ def reference(model, ids, **kwargs):
     return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, **kwargs)
 
 
+KINDS = ["lookup", "lookup-tree", "draft", "draft-tree"]
+
+
 def make_drafter(kind, k, draft):
-    return PromptLookup(k=k, max_ngram=3) if kind == "lookup" else DraftModel(draft, k=k)
+    return {
+        "lookup": lambda: PromptLookup(k=k, max_ngram=3),
+        "lookup-tree": lambda: PromptLookup(k=k, max_ngram=3, branches=3),
+        "draft": lambda: DraftModel(draft, k=k),
+        "draft-tree": lambda: DraftModel(draft, k=k, top_k=3, width=2, budget=2 * k + 1),
+    }[kind]()
 
 
 prompts = st.lists(st.integers(3, 63), min_size=1, max_size=24).map(lambda xs: torch.tensor([xs]))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ids=prompts, kind=st.sampled_from(["lookup", "draft"]), k=st.integers(1, 8), max_new=st.integers(1, 40))
+@given(ids=prompts, kind=st.sampled_from(KINDS), k=st.integers(1, 8), max_new=st.integers(1, 40))
 def test_greedy_equals_generate(target, draft, ids, kind, k, max_new):
     expected = reference(target, ids, max_new_tokens=max_new, eos_token_id=None)
     got = specdec.generate(target, ids, make_drafter(kind, k, draft), max_new_tokens=max_new, eos_token_id=None)
     assert torch.equal(got, expected)
+
+
+batches = st.lists(st.lists(st.integers(3, 63), min_size=1, max_size=16), min_size=1, max_size=8)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=batches, kind=st.sampled_from(KINDS), k=st.integers(1, 6), eos=st.sampled_from([None, 7, 30]))
+def test_batch_rows_equal_generate_alone(target, draft, rows, kind, k, eos):
+    """Left-padded rows of different lengths, verified together: each row equals model.generate on it alone."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    got = specdec.generate(target, ids, make_drafter(kind, k, draft), attention_mask=mask, max_new_tokens=24,
+                           eos_token_id=eos, pad_token_id=0)
+    assert got.shape[0] == len(rows)
+    for i, row in enumerate(rows):
+        alone = reference(target, torch.tensor([row]), max_new_tokens=24, eos_token_id=eos)[0, len(row):].tolist()
+        produced = got[i, width:].tolist()
+        assert produced[: len(alone)] == alone
+        assert all(t == 0 for t in produced[len(alone):])
+
+
+def test_tree_beats_chain_on_acceptance(target, draft):
+    """Same draft, same depth: a top-3 tree accepts at least as much per step as the chain."""
+    ids = torch.tensor([[5, 9, 13, 7, 11, 3]])
+    chain = specdec.generate(target, ids, DraftModel(draft, k=4), max_new_tokens=40, eos_token_id=None,
+                             return_dict_in_generate=True)
+    tree = specdec.generate(target, ids, DraftModel(draft, k=4, top_k=3, width=3), max_new_tokens=40,
+                            eos_token_id=None, return_dict_in_generate=True)
+    assert torch.equal(chain.sequences, tree.sequences)
+    assert tree.stats.tau >= chain.stats.tau
+
+
+def test_other_model_family_qwen2(draft):
+    """Tree attention reaches any model using the attention interface: a tiny Qwen2."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        use_sliding_window=False)).eval()
+    rows = [[5, 6, 7, 8, 5, 6, 7], [9, 10, 11]]
+    ids = torch.tensor([[0] * (7 - len(r)) + r for r in rows])
+    mask = (ids != 0).long()
+    for drafter in (PromptLookup(k=4, branches=2), DraftModel(draft, k=3, top_k=2)):
+        got = specdec.generate(qwen, ids, drafter, attention_mask=mask, max_new_tokens=20, eos_token_id=None)
+        for i, row in enumerate(rows):
+            alone = reference(qwen, torch.tensor([row]), max_new_tokens=20, eos_token_id=None)
+            assert got[i, 7:].tolist() == alone[0, len(row):].tolist()
 
 
 def test_draft_equal_to_target_accepts_everything(target):
@@ -40,14 +97,14 @@ def test_draft_equal_to_target_accepts_everything(target):
     assert out.stats.position_acceptance == [1.0] * 4
 
 
-@pytest.mark.parametrize("kind", ["lookup", "draft"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("k", [2, 5])
 def test_eos_inside_a_block_stops_exactly_there(target, draft, kind, k):
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     plain = reference(target, ids, max_new_tokens=40, eos_token_id=None)[0, ids.shape[1]:].tolist()
     for eos in sorted(set(plain[3:20])):  # tokens the target really emits, mid-output
         expected = reference(target, ids, max_new_tokens=40, eos_token_id=eos)
-        drafter = make_drafter(kind, k, target if kind == "draft" else None)  # target as draft: whole blocks accepted
+        drafter = make_drafter(kind, k, target)  # the target as draft: whole blocks accepted
         got = specdec.generate(target, ids, drafter, max_new_tokens=40, eos_token_id=eos)
         assert torch.equal(got, expected)
         assert got[0, -1] == eos and got.shape[1] < ids.shape[1] + 40
@@ -72,7 +129,7 @@ def test_max_length_and_generation_config(target, draft):
     assert got.shape[1] == 17
 
 
-def test_left_padded_batch_matches_each_row_alone(target, draft):
+def test_left_padded_batch_with_eos(target, draft):
     rows = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])

@@ -1,6 +1,6 @@
 """Speculative sampling is lossless: the joint law of the first three sampled tokens is the
-target's, for a draft model and for prompt lookup, and a deliberately wrong rule fails
-the same test (so the test has the power to catch a broken rule).
+target's, for chains and trees from a draft model and from prompt lookup, and a deliberately
+wrong rule fails the same test (so the test has the power to catch a broken rule).
 """
 
 import itertools
@@ -46,7 +46,7 @@ def sample_counts(model, drafter) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1234)
     counts = torch.zeros(V**N_TOKENS)
     for _ in range(N_SAMPLES):
-        tokens, _ = decode(model, PROMPT, drafter, SAMPLING, N_TOKENS, gen)
+        (tokens,), _ = decode(model, PROMPT, drafter, SAMPLING, N_TOKENS, gen)
         index = 0
         for tok in tokens:
             index = index * V + tok
@@ -76,16 +76,24 @@ def accept_every_draft(tree, p, generator=None):
 
 
 def drafters(small_draft):
-    return {"draft_model": DraftModel(small_draft, k=2), "lookup": PromptLookup(k=3, max_ngram=2)}
+    return {
+        "draft_chain": DraftModel(small_draft, k=2),
+        "draft_tree": DraftModel(small_draft, k=2, top_k=3, width=2),  # i.i.d. siblings from q
+        "lookup_chain": PromptLookup(k=3, max_ngram=2),
+        "lookup_tree": PromptLookup(k=3, max_ngram=2, branches=3),  # point-mass siblings
+    }
 
 
-@pytest.mark.parametrize("name", ["draft_model", "lookup"])
+NAMES = ["draft_chain", "draft_tree", "lookup_chain", "lookup_tree"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_speculative_sampling_matches_target(small_target, small_draft, name):
     counts = sample_counts(small_target, drafters(small_draft)[name])
     assert chi2_pvalue(counts, exact_joint(small_target)) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["draft_model", "lookup"])
+@pytest.mark.parametrize("name", NAMES)
 def test_wrong_rule_is_caught(small_target, small_draft, name, monkeypatch):
     monkeypatch.setattr(specdec.engine, "accept_sampling", accept_every_draft)
     counts = sample_counts(small_target, drafters(small_draft)[name])

@@ -93,7 +93,7 @@ def kernel_available(device: torch.device) -> bool:
 
 def tree_attention(
     q: Tensor, k: Tensor, v: Tensor, prefix_start: Tensor, prefix_end: Tensor, tree_mask: Tensor,
-    scale: float | None = None, backend: str = "auto",
+    scale: float | None = None, backend: str = "auto", dense_mask: Tensor | None = None,
 ) -> Tensor:
     """Batched tree attention.
 
@@ -105,6 +105,7 @@ def tree_attention(
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"triton"``, ``"reference"`` (torch SDPA with a dense mask), or ``"auto"``:
             the kernel on CUDA, the reference elsewhere.
+        dense_mask: for the reference, the dense mask if already built (see ``dense_tree_mask``).
 
     Returns:
         ``(B, H, T, D)`` in q's dtype.
@@ -122,4 +123,4 @@ def tree_attention(
                 "use backend='reference' on this device"
             )
         return _launch(q, k, v, prefix_start, prefix_end, tree_mask, scale)
-    return tree_attention_reference(q, k, v, prefix_start, prefix_end, tree_mask, scale)
+    return tree_attention_reference(q, k, v, prefix_start, prefix_end, tree_mask, scale, dense_mask)

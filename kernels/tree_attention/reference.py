@@ -30,7 +30,7 @@ def dense_tree_mask(prefix_start: Tensor, prefix_end: Tensor, tree_mask: Tensor,
 
 def tree_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, prefix_start: Tensor, prefix_end: Tensor, tree_mask: Tensor,
-    scale: float | None = None,
+    scale: float | None = None, dense_mask: Tensor | None = None,
 ) -> Tensor:
     """Tree attention by masked SDPA.
 
@@ -40,13 +40,13 @@ def tree_attention_reference(
         prefix_start, prefix_end: ``(B,)`` int, the valid cached range of each row.
         tree_mask: ``(B, T, Tk)`` bool ancestor-or-self mask.
         scale: softmax scale, default ``D ** -0.5``.
+        dense_mask: ``(B, T, S + Tk)`` the mask from :func:`dense_tree_mask`, when already built
+            (a model's layers share one).
 
     Returns:
         ``(B, H, T, D)`` attention output, in q's dtype.
     """
-    B, H, T, D = q.shape
-    group = H // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)  # (B, H, S + T, D)
-    v = v.repeat_interleave(group, dim=1)
-    mask = dense_tree_mask(prefix_start, prefix_end, tree_mask, k.shape[2] - tree_mask.shape[2])  # (B, T, S + Tk)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
+    if dense_mask is None:
+        dense_mask = dense_tree_mask(prefix_start, prefix_end, tree_mask, k.shape[2] - tree_mask.shape[2])
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask[:, None], scale=scale, enable_gqa=gqa)

@@ -18,14 +18,16 @@ class DecodeState:
     """One row being decoded.
 
     Attributes:
-        tokens: ``(1, n)`` prompt and output so far; the last token is the root of the
-            next draft (chosen, not yet in the target's cache).
+        row: the row's index in the caller's batch (stable while other rows finish).
+        tokens: ``(1, n)`` prompt (unpadded) and output so far; the last token is the root
+            of the next draft (chosen, not yet in the target's cache).
         prompt_len: length of the prompt inside ``tokens``.
         max_new_tokens: output budget of the row.
         sampling: how p and q are made from logits.
         generator: random generator for every draw (``None`` = torch's global one).
     """
 
+    row: int
     tokens: Tensor
     prompt_len: int
     max_new_tokens: int
@@ -39,24 +41,28 @@ class DecodeState:
 
     @property
     def budget(self) -> int:
-        """Most drafts worth verifying now: the step adds one more token of its own."""
+        """Deepest draft worth verifying now: the step adds one more token of its own."""
         return max(0, self.max_new_tokens - self.n_generated - 1)
 
 
 class Drafter(ABC):
-    """Proposes a :class:`DraftTree` each step (``propose``), sees the prompt once
-    (``prefill``) and the outcome of each step (``commit``, after ``state.tokens``
-    has grown), to keep its own caches in step with the target."""
+    """Proposes one :class:`DraftTree` per active row each step.
+
+    The engine calls ``prefill`` once with every row, then per step ``propose`` and
+    ``commit`` with the rows still running (finished rows drop out; ``state.row``
+    identifies a row throughout). ``commit`` comes after ``state.tokens`` has grown,
+    so a drafter can keep its own caches in step with the target.
+    """
 
     def check(self, target: torch.nn.Module) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` if this drafter cannot serve ``target``."""
 
-    def prefill(self, state: DecodeState) -> None:  # noqa: B027 - optional hook
-        """See the prompt before the first step."""
+    def prefill(self, states: list[DecodeState]) -> None:  # noqa: B027 - optional hook
+        """See the prompts before the first step."""
 
     @abstractmethod
-    def propose(self, state: DecodeState) -> DraftTree:
-        """Draft at most ``state.budget`` tokens below the root ``state.tokens[0, -1]``."""
+    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
+        """One tree per state, each at most ``state.budget`` deep, below the root ``state.tokens[0, -1]``."""
 
-    def commit(self, state: DecodeState, result: Acceptance) -> None:  # noqa: B027 - optional hook
-        """Learn the step's outcome; ``state.tokens`` already holds its tokens."""
+    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:  # noqa: B027 - optional hook
+        """Learn each row's outcome; ``state.tokens`` already holds the step's tokens."""

@@ -1,13 +1,28 @@
 """An independent draft model: any causal LM sharing the target's vocabulary
 (Leviathan et al. 2023; Chen et al. 2023), with its own KV cache kept across steps.
+
+With ``top_k > 1`` it grows a tree level by level (SpecInfer, Miao et al. 2024;
+EAGLE-2's dynamic trees, Li et al. 2024): at each depth the ``width`` most probable
+frontier nodes (by cumulative draft log-probability) are fed in one forward through
+tree attention, each gets ``top_k`` children, and greedy trees are reranked to a
+node ``budget`` at the end. The draft cache holds the nodes it fed; on commit it keeps
+the accepted ones, moved next to the prefix.
+
+Greedy trees take the top-k tokens (point masses, ``q=None``). Sampled trees draw each
+node's children i.i.d. from q (after the target's temperature / top-k / top-p), which
+recursive rejection sampling needs to stay lossless; they are never pruned by value.
 """
 
 from __future__ import annotations
 
-import torch
-from transformers import PreTrainedModel
+from dataclasses import dataclass, field
 
-from specdec.cache import crop_to, new_cache
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel
+
+from specdec.attention import TreeMask, tree_attention_enabled
+from specdec.cache import commit_rows, new_cache
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.tree import DraftTree
 from specdec.verify import Acceptance
@@ -18,24 +33,39 @@ def vocab_size(model: PreTrainedModel) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-class DraftModel(Drafter):
-    """Drafts a chain of ``k`` tokens auto-regressively with a small causal LM.
+@dataclass
+class _Row:
+    """One row's draft cache and the tree it last proposed."""
 
-    With sampling, each draft is drawn from q, the draft's distribution after the
-    same temperature / top-k / top-p as the target's p; greedy drafts take the argmax.
+    cache: DynamicCache
+    cached: int = 0  # committed tokens held in the cache
+    fed: dict[int, int] = field(default_factory=dict)  # proposed node -> its cache position
+
+
+class DraftModel(Drafter):
+    """Drafts a chain (``top_k=1``) or a tree of depth ``k`` with a small causal LM.
 
     Args:
         model: the draft LM; must share the target's tokenizer.
-        k: draft tokens per step.
+        k: draft depth per step.
+        top_k: children per expanded node (1 = a chain).
+        width: frontier nodes expanded per depth (default ``top_k``).
+        budget: greedy trees keep their ``budget`` most probable nodes (default: all).
+        attention_backend: tree attention backend of the draft's tree forwards.
     """
 
-    def __init__(self, model: PreTrainedModel, k: int = 4) -> None:
+    def __init__(self, model: PreTrainedModel, k: int = 4, top_k: int = 1, width: int | None = None,
+                 budget: int | None = None, attention_backend: str = "auto") -> None:
         if k < 1:
             raise ValueError(f"DraftModel k={k} must be >= 1")
-        self.model, self.k = model.eval(), k
-        self.cache = None
-        self.cached = 0  # positions of state.tokens held in self.cache
-        self._drafted_from = 0
+        if top_k < 1:
+            raise ValueError(f"DraftModel top_k={top_k} must be >= 1")
+        if budget is not None and budget < 1:
+            raise ValueError(f"DraftModel budget={budget} must be >= 1 (or None for no limit)")
+        self.model, self.k, self.top_k = model.eval(), k, top_k
+        self.width = top_k if width is None else width
+        self.budget, self.attention_backend = budget, attention_backend
+        self.rows: dict[int, _Row] = {}
 
     def check(self, target: torch.nn.Module) -> None:
         mine, theirs = vocab_size(self.model), vocab_size(target)
@@ -44,30 +74,83 @@ class DraftModel(Drafter):
                 f"drafter vocab {mine} != target vocab {theirs}: draft and target must share a tokenizer"
             )
 
-    def prefill(self, state: DecodeState) -> None:
-        self.cache, self.cached = new_cache(self.model), 0
+    def prefill(self, states: list[DecodeState]) -> None:
+        self.rows = {s.row: _Row(new_cache(self.model)) for s in states}
 
     @torch.inference_mode()
-    def propose(self, state: DecodeState) -> DraftTree:
-        k = min(self.k, state.budget)
+    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
+        with tree_attention_enabled(self.model):
+            return [self._propose_row(s, self.rows[s.row]) for s in states]
+
+    def _children(self, logits: Tensor, state: DecodeState, n_before: int, base: float):
+        """(token, q row or None, cumulative log-prob) of the children of a node with ``logits: (V,)``."""
+        scores = state.sampling.process(logits[None], n_before)[0]  # (V,)
+        logp = torch.log_softmax(scores, dim=-1)
+        if state.sampling.do_sample:
+            q = logp.exp()
+            toks = torch.multinomial(q, self.top_k, replacement=True, generator=state.generator).tolist()
+            return [(t, q, base + float(logp[t])) for t in toks]
+        top = logp.topk(self.top_k)
+        return [(t, None, base + v) for t, v in zip(top.indices.tolist(), top.values.tolist())]
+
+    def _propose_row(self, state: DecodeState, row: _Row) -> DraftTree:
+        depth = min(self.k, state.budget)
         device = self.model.device
-        if k == 0:
+        row.fed = {}
+        if depth == 0:
             return DraftTree.empty(state.tokens.device)
         n = state.tokens.shape[1]
-        x = state.tokens[:, self.cached :].to(device)  # (1, new) not yet in the draft cache
-        tokens, qs = [], []
-        for i in range(k):
-            pos = torch.arange(n + i - x.shape[1], n + i, device=device)[None]  # (1, new)
-            logits = self.model(input_ids=x, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1).logits
-            tok, q = state.sampling.choose(logits[0, -1:], state.n_generated + i, state.generator)
-            tokens.append(tok)
-            qs.append(q)
-            x = tok.view(1, 1)
-        self.cached, self._drafted_from = n + k - 1, n  # the last draft was never fed back
-        q = torch.cat(qs).to(state.tokens.device) if state.sampling.do_sample else None
-        return DraftTree.chain(torch.cat(tokens).to(state.tokens.device), q)
+        # level 0: the committed tokens the draft has not seen (the root last), plain causal attention
+        x = state.tokens[:, row.cached :].to(device)  # (1, new)
+        pos = torch.arange(row.cached, n, device=device)[None]
+        logits = self.model(input_ids=x, position_ids=pos, cache=row.cache, use_cache=True, logits_to_keep=1).logits
+        row.cached = n
+        tokens, parents, qs, logps, depths = [], [], [], [], []
+        for tok, q, lp in self._children(logits[0, -1], state, state.n_generated, 0.0):
+            tokens.append(tok), parents.append(-1), qs.append(q), logps.append(lp), depths.append(1)
+        level = list(range(len(tokens)))
+        for d in range(2, depth + 1):
+            frontier = sorted(level, key=lambda i: -logps[i])[: self.width]
+            frontier.sort()
+            logits = self._feed(row, frontier, tokens, parents, n, d - 1)  # (|F|, V)
+            level = []
+            for f, node in enumerate(frontier):
+                for tok, q, lp in self._children(logits[f], state, state.n_generated + d - 1, logps[node]):
+                    level.append(len(tokens))
+                    tokens.append(tok), parents.append(node), qs.append(q), logps.append(lp), depths.append(d)
+        keep = list(range(len(tokens)))
+        if self.budget is not None and len(tokens) > self.budget and not state.sampling.do_sample:
+            # EAGLE-2 rerank: the most probable nodes; a child is never likelier than its parent
+            keep = sorted(sorted(keep, key=lambda i: (-logps[i], depths[i]))[: self.budget])
+        remap = {old: new for new, old in enumerate(keep)}
+        row.fed = {remap[old]: p for old, p in row.fed.items() if old in remap}
+        q = torch.stack([qs[i] for i in keep]).to(state.tokens.device) if state.sampling.do_sample else None
+        return DraftTree(
+            torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=state.tokens.device),
+            torch.tensor([remap[parents[i]] if parents[i] >= 0 else -1 for i in keep], dtype=torch.long,
+                         device=state.tokens.device),
+            q,
+        )
 
-    def commit(self, state: DecodeState, result: Acceptance) -> None:
-        valid = min(self.cached, self._drafted_from + len(result.path))
-        crop_to(self.cache, valid)
-        self.cached = valid
+    def _feed(self, row: _Row, frontier: list[int], tokens: list[int], parents: list[int], n: int,
+              depth: int) -> Tensor:
+        """Run the draft on ``frontier`` nodes (all at ``depth``) through tree attention; ``(|F|, V)`` logits."""
+        device = self.model.device
+        for node in frontier:
+            row.fed[node] = n + len(row.fed)
+        fed = sorted(row.fed, key=row.fed.get)  # nodes in cache order
+        tree = DraftTree(torch.tensor(tokens), torch.tensor(parents))
+        ancestors = tree.ancestors[frontier][:, fed]  # (|F|, Tk)
+        mask = TreeMask(torch.tensor([0], device=device), torch.tensor([n], device=device),
+                        ancestors[None].to(device), self.attention_backend)
+        ids = torch.tensor([[tokens[i] for i in frontier]], device=device)
+        pos = torch.full_like(ids, n - 1 + depth)
+        return self.model(input_ids=ids, position_ids=pos, cache=row.cache, use_cache=True, tree=mask).logits[0]
+
+    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
+        for state, result in zip(states, results):
+            row = self.rows[state.row]
+            kept = [row.fed[node] for node in result.path if node in row.fed]  # a prefix of the path
+            end = torch.tensor([row.cached])
+            row.cached = int(commit_rows(row.cache, end, [torch.tensor(kept, dtype=torch.long)])[0])
+            row.fed = {}

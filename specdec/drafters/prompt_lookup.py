@@ -1,7 +1,9 @@
-"""Prompt lookup: draft the tokens that followed the latest earlier occurrence of the
-last n tokens (Saxena 2023, "prompt lookup decoding"; transformers' PromptLookupCandidateGenerator).
+"""Prompt lookup: draft the tokens that followed earlier occurrences of the last n tokens
+(Saxena 2023, "prompt lookup decoding"; transformers' PromptLookupCandidateGenerator).
 
-Deterministic: q is a point mass, so the draft costs no model forward at all.
+Deterministic: q is a point mass, so drafting costs no model forward. With
+``branches > 1`` the continuations of several matches (latest first) are merged into
+one tree (a trie), so the target verifies them all in one forward.
 """
 
 from __future__ import annotations
@@ -12,31 +14,57 @@ from specdec.drafters.base import DecodeState, Drafter
 from specdec.tree import DraftTree
 
 
+def trie(continuations: list[list[int]], device: torch.device | str = "cpu") -> DraftTree:
+    """Merge token sequences sharing prefixes into one tree (nodes in insertion order)."""
+    tokens, parents, index = [], [], {}
+    for seq in continuations:
+        parent = -1
+        for tok in seq:
+            key = (parent, tok)
+            if key not in index:
+                index[key] = len(tokens)
+                tokens.append(tok)
+                parents.append(parent)
+            parent = index[key]
+    return DraftTree(torch.tensor(tokens, dtype=torch.long, device=device),
+                     torch.tensor(parents, dtype=torch.long, device=device))
+
+
 class PromptLookup(Drafter):
     """n-gram lookup over prompt + output so far.
 
     Args:
-        k: most tokens drafted per step.
+        k: longest continuation drafted from one match (the tree's depth).
         max_ngram: longest suffix to match; shorter ones are tried down to ``min_ngram``.
         min_ngram: shortest suffix to match.
+        branches: most distinct matches merged into the tree (1 = a chain).
     """
 
-    def __init__(self, k: int = 10, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(self, k: int = 10, max_ngram: int = 3, min_ngram: int = 1, branches: int = 1) -> None:
         if k < 1:
             raise ValueError(f"PromptLookup k={k} must be >= 1")
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"PromptLookup needs 1 <= min_ngram ({min_ngram}) <= max_ngram ({max_ngram})")
-        self.k, self.max_ngram, self.min_ngram = k, max_ngram, min_ngram
+        if branches < 1:
+            raise ValueError(f"PromptLookup branches={branches} must be >= 1")
+        self.k, self.max_ngram, self.min_ngram, self.branches = k, max_ngram, min_ngram, branches
 
-    def propose(self, state: DecodeState) -> DraftTree:
+    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
+        return [self._propose_row(s) for s in states]
+
+    def _propose_row(self, state: DecodeState) -> DraftTree:
         k = min(self.k, state.budget)
         tokens = state.tokens[0]  # (n,)
+        found: list[list[int]] = []
         if k == 0:
             return DraftTree.empty(tokens.device)
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
             windows = tokens.unfold(0, n, 1)[:-1]  # (n_windows, n), the suffix itself excluded
-            hits = (windows == tokens[-n:]).all(dim=1).nonzero()
-            if len(hits):
-                start = int(hits[-1]) + n  # the latest match: output loops repeat recent text
-                return DraftTree.chain(tokens[start : start + k])
-        return DraftTree.empty(tokens.device)
+            hits = (windows == tokens[-n:]).all(dim=1).nonzero().flatten().tolist()
+            for start in reversed(hits):  # the latest first: output loops repeat recent text
+                cont = tokens[start + n : start + n + k].tolist()
+                if cont not in found:
+                    found.append(cont)
+                if len(found) == self.branches:
+                    return trie(found, tokens.device)
+        return trie(found, tokens.device)
