@@ -114,3 +114,61 @@ class DraftTree:
         has_child = torch.zeros(len(self), dtype=torch.bool, device=self.tokens.device)
         has_child[self.parents[self.parents >= 0]] = True
         return ~has_child
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """A static tree shape (Medusa / EAGLE-1 / Sequoia style), as a list of paths of child ranks.
+
+    ``[[0], [1], [0, 0]]``: the root's best and second-best children, and the best child
+    of the best. Every prefix of a path must be listed before the path itself.
+
+    Attributes:
+        parents: ``(N,)`` parent of each node (``-1`` = root), nodes in the listed order.
+        ranks: ``(N,)`` which candidate (0 = most probable) each node takes among its parent's.
+    """
+
+    parents: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    @classmethod
+    def from_paths(cls, paths: list[list[int]]) -> TreeSpec:
+        """Build the spec; raises ``ValueError`` naming the bad path."""
+        if not paths:
+            raise ValueError("tree spec has no paths: give at least one, e.g. [[0]] for a single draft")
+        index: dict[tuple[int, ...], int] = {}
+        parents, ranks = [], []
+        for path in paths:
+            key = tuple(path)
+            if not key or any((not isinstance(r, int)) or r < 0 for r in key):
+                raise ValueError(f"tree path {path!r} must be a non-empty list of child ranks >= 0")
+            if key in index:
+                raise ValueError(f"tree path {path!r} is listed twice")
+            if len(key) > 1 and key[:-1] not in index:
+                raise ValueError(f"tree path {path!r} comes before its parent {list(key[:-1])!r}: list parents first")
+            index[key] = len(parents)
+            parents.append(index[key[:-1]] if len(key) > 1 else -1)
+            ranks.append(key[-1])
+        return cls(tuple(parents), tuple(ranks))
+
+    @classmethod
+    def from_parents(cls, parents: list[int], ranks: list[int] | None = None) -> TreeSpec:
+        """Build the spec from parent indices; a cycle or a parent after its child raises ``ValueError``."""
+        if not parents:
+            raise ValueError("tree spec is empty: give at least one node")
+        DraftTree(torch.zeros(len(parents), dtype=torch.long), torch.tensor(parents))  # validates the order
+        if ranks is None:
+            seen: dict[int, int] = {}
+            ranks = []
+            for p in parents:
+                ranks.append(seen.get(p, 0))
+                seen[p] = ranks[-1] + 1
+        return cls(tuple(parents), tuple(ranks))
+
+    def __len__(self) -> int:
+        return len(self.parents)
+
+    @property
+    def depth(self) -> int:
+        """Depth of the deepest node."""
+        return int(DraftTree(torch.zeros(len(self), dtype=torch.long), torch.tensor(self.parents)).depths.max())

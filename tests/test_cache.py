@@ -35,7 +35,7 @@ def assert_kv_close(a, b):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     prompts=st.lists(st.lists(st.integers(3, 63), min_size=1, max_size=12), min_size=1, max_size=3),
-    kind=st.sampled_from(["lookup", "lookup-tree", "draft", "draft-tree", "draft-sampled"]),
+    kind=st.sampled_from(["lookup", "lookup-tree", "draft", "draft-tree", "draft-static", "draft-sampled"]),
     k=st.integers(1, 5),
     steps=st.integers(1, 6),
 )
@@ -45,6 +45,7 @@ def test_cache_equals_fresh_prefill_after_steps(target, draft, prompts, kind, k,
         "lookup-tree": lambda: PromptLookup(k=k, branches=3),
         "draft": lambda: DraftModel(draft, k=k),
         "draft-tree": lambda: DraftModel(draft, k=k, top_k=2, budget=6),
+        "draft-static": lambda: DraftModel(draft, k=k, tree=[[0], [1], [0, 0], [1, 0], [1, 1], [0, 0, 0]]),
         "draft-sampled": lambda: DraftModel(draft, k=k, top_k=2),
     }[kind]()
     sampling = Sampling(do_sample=kind == "draft-sampled", temperature=1.0)

@@ -14,7 +14,8 @@ def reference(model, ids, **kwargs):
     return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, **kwargs)
 
 
-KINDS = ["lookup", "lookup-tree", "draft", "draft-tree"]
+KINDS = ["lookup", "lookup-tree", "draft", "draft-tree", "draft-static"]
+STATIC = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
 
 
 def make_drafter(kind, k, draft):
@@ -23,6 +24,7 @@ def make_drafter(kind, k, draft):
         "lookup-tree": lambda: PromptLookup(k=k, max_ngram=3, branches=3),
         "draft": lambda: DraftModel(draft, k=k),
         "draft-tree": lambda: DraftModel(draft, k=k, top_k=3, width=2, budget=2 * k + 1),
+        "draft-static": lambda: DraftModel(draft, k=k, tree=STATIC),
     }[kind]()
 
 

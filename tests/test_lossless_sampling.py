@@ -104,3 +104,9 @@ def test_plain_engine_sampling_matches_target(small_target):
     """The engine with no drafter is plain ancestral sampling: same law."""
     counts = sample_counts(small_target, specdec.engine.NO_DRAFT)
     assert chi2_pvalue(counts, exact_joint(small_target)) > 1e-3
+
+
+def test_static_tree_sampling_matches_target(small_target, small_draft):
+    drafter = DraftModel(small_draft, k=3, tree=[[0], [1], [0, 0], [0, 1], [1, 0]])
+    counts = sample_counts(small_target, drafter)
+    assert chi2_pvalue(counts, exact_joint(small_target)) > 1e-3

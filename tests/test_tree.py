@@ -84,3 +84,41 @@ def test_derived_buffers_match_walking_the_parents(tree):
         assert all(parents[b] == a for a, b in zip(path.tolist(), path[1:].tolist()))
         covered |= set(path.tolist())
     assert covered == set(range(len(tree)))
+
+
+def test_tree_spec_from_paths():
+    from specdec.tree import TreeSpec
+
+    spec = TreeSpec.from_paths([[0], [1], [0, 0], [0, 1], [0, 0, 0]])
+    assert spec.parents == (-1, -1, 0, 0, 2)
+    assert spec.ranks == (0, 1, 0, 1, 0)
+    assert spec.depth == 3 and len(spec) == 5
+
+
+@pytest.mark.parametrize(
+    "paths, message",
+    [
+        ([], "no paths"),
+        ([[0, 0], [0]], r"comes before its parent \[0\]"),
+        ([[0], [0]], "listed twice"),
+        ([[0], []], "non-empty"),
+        ([[-1]], "ranks >= 0"),
+    ],
+)
+def test_bad_tree_specs_raise(paths, message):
+    from specdec.tree import TreeSpec
+
+    with pytest.raises(ValueError, match=message):
+        TreeSpec.from_paths(paths)
+
+
+def test_tree_spec_from_parents_rejects_cycles_and_order():
+    from specdec.tree import TreeSpec
+
+    assert TreeSpec.from_parents([-1, 0, 0, -1]).ranks == (0, 0, 1, 1)
+    with pytest.raises(ValueError, match="parent 1"):
+        TreeSpec.from_parents([1, 0])  # 0 -> 1 -> 0: a cycle
+    with pytest.raises(ValueError, match="parent 2"):
+        TreeSpec.from_parents([-1, 2, 0])  # a parent listed after its child
+    with pytest.raises(ValueError, match="empty"):
+        TreeSpec.from_parents([])

@@ -5,7 +5,9 @@ With ``top_k > 1`` it grows a tree level by level (SpecInfer, Miao et al. 2024;
 EAGLE-2's dynamic trees, Li et al. 2024): at each depth the ``width`` most probable
 frontier nodes (by cumulative draft log-probability) are fed in one forward through
 tree attention, each gets ``top_k`` children, and greedy trees are reranked to a
-node ``budget`` at the end. The draft cache holds the nodes it fed; on commit it keeps
+node ``budget`` at the end. With ``tree=TreeSpec`` (or a list of paths) the shape is
+static instead (Medusa / EAGLE-1): node ``[0, 1]`` is the second candidate below the
+first. The draft cache holds the nodes it fed; on commit it keeps
 the accepted ones, moved next to the prefix.
 
 Greedy trees take the top-k tokens (point masses, ``q=None``). Sampled trees draw each
@@ -24,7 +26,7 @@ from transformers import DynamicCache, PreTrainedModel
 from specdec.attention import TreeMask, tree_attention_enabled
 from specdec.cache import commit_rows, new_cache
 from specdec.drafters.base import DecodeState, Drafter
-from specdec.tree import DraftTree
+from specdec.tree import DraftTree, TreeSpec
 from specdec.verify import Acceptance
 
 
@@ -51,11 +53,14 @@ class DraftModel(Drafter):
         top_k: children per expanded node (1 = a chain).
         width: frontier nodes expanded per depth (default ``top_k``).
         budget: greedy trees keep their ``budget`` most probable nodes (default: all).
+        tree: a static tree shape (``TreeSpec`` or list of paths of child ranks); overrides
+            ``top_k``/``width``/``budget``, and ``k`` caps its depth.
         attention_backend: tree attention backend of the draft's tree forwards.
     """
 
     def __init__(self, model: PreTrainedModel, k: int = 4, top_k: int = 1, width: int | None = None,
-                 budget: int | None = None, attention_backend: str = "auto") -> None:
+                 budget: int | None = None, tree: TreeSpec | list[list[int]] | None = None,
+                 attention_backend: str = "auto") -> None:
         if k < 1:
             raise ValueError(f"DraftModel k={k} must be >= 1")
         if top_k < 1:
@@ -65,6 +70,11 @@ class DraftModel(Drafter):
         self.model, self.k, self.top_k = model.eval(), k, top_k
         self.width = top_k if width is None else width
         self.budget, self.attention_backend = budget, attention_backend
+        self.spec = TreeSpec.from_paths(tree) if isinstance(tree, list) else tree
+        self._spec_children: dict[int, list[tuple[int, int]]] = {}  # spec parent -> [(spec node, rank)]
+        if self.spec is not None:
+            for node, (parent, rank) in enumerate(zip(self.spec.parents, self.spec.ranks)):
+                self._spec_children.setdefault(parent, []).append((node, rank))
         self.rows: dict[int, _Row] = {}
 
     def check(self, target: torch.nn.Module) -> None:
@@ -82,16 +92,25 @@ class DraftModel(Drafter):
         with tree_attention_enabled(self.model):
             return [self._propose_row(s, self.rows[s.row]) for s in states]
 
-    def _children(self, logits: Tensor, state: DecodeState, n_before: int, base: float):
-        """(token, q row or None, cumulative log-prob) of the children of a node with ``logits: (V,)``."""
+    def _children(self, logits: Tensor, state: DecodeState, n_before: int, base: float, ranks: list[int]):
+        """(token, q row or None, cumulative log-prob) of the children of a node with ``logits: (V,)``:
+        greedy takes the candidates of the given ranks, sampling draws ``len(ranks)`` i.i.d. from q."""
         scores = state.sampling.process(logits[None], n_before)[0]  # (V,)
         logp = torch.log_softmax(scores, dim=-1)
         if state.sampling.do_sample:
             q = logp.exp()
-            toks = torch.multinomial(q, self.top_k, replacement=True, generator=state.generator).tolist()
+            toks = torch.multinomial(q, len(ranks), replacement=True, generator=state.generator).tolist()
             return [(t, q, base + float(logp[t])) for t in toks]
-        top = logp.topk(self.top_k)
-        return [(t, None, base + v) for t, v in zip(top.indices.tolist(), top.values.tolist())]
+        top = logp.topk(max(ranks) + 1)
+        return [(int(top.indices[r]), None, base + float(top.values[r])) for r in ranks]
+
+    def _plan(self, node_spec: list[int | None], level: list[int], logps: list[float]) -> list[tuple[int, list]]:
+        """Which nodes of the last level to expand, each with (spec node, rank) of its children."""
+        if self.spec is None:
+            frontier = sorted(sorted(level, key=lambda i: -logps[i])[: self.width])
+            return [(node, [(None, r) for r in range(self.top_k)]) for node in frontier]
+        return [(node, self._spec_children[node_spec[node]]) for node in level
+                if node_spec[node] in self._spec_children]
 
     def _propose_row(self, state: DecodeState, row: _Row) -> DraftTree:
         depth = min(self.k, state.budget)
@@ -105,21 +124,25 @@ class DraftModel(Drafter):
         pos = torch.arange(row.cached, n, device=device)[None]
         logits = self.model(input_ids=x, position_ids=pos, cache=row.cache, use_cache=True, logits_to_keep=1).logits
         row.cached = n
-        tokens, parents, qs, logps, depths = [], [], [], [], []
-        for tok, q, lp in self._children(logits[0, -1], state, state.n_generated, 0.0):
-            tokens.append(tok), parents.append(-1), qs.append(q), logps.append(lp), depths.append(1)
-        level = list(range(len(tokens)))
-        for d in range(2, depth + 1):
-            frontier = sorted(level, key=lambda i: -logps[i])[: self.width]
-            frontier.sort()
-            logits = self._feed(row, frontier, tokens, parents, n, d - 1)  # (|F|, V)
+        tokens, parents, qs, logps, depths, node_spec = [], [], [], [], [], []
+        plan = [(-1, self._spec_children[-1] if self.spec else [(None, r) for r in range(self.top_k)])]
+        root_logits = logits[0, -1:]  # (1, V)
+        for d in range(1, depth + 1):
+            if d > 1:
+                plan = self._plan(node_spec, level, logps)
+                if not plan:
+                    break
+                root_logits = self._feed(row, [node for node, _ in plan], tokens, parents, n, d - 1)  # (|F|, V)
             level = []
-            for f, node in enumerate(frontier):
-                for tok, q, lp in self._children(logits[f], state, state.n_generated + d - 1, logps[node]):
+            for f, (node, kids) in enumerate(plan):
+                base = logps[node] if node >= 0 else 0.0
+                children = self._children(root_logits[f], state, state.n_generated + d - 1, base, [r for _, r in kids])
+                for (spec_node, _), (tok, q, lp) in zip(kids, children):
                     level.append(len(tokens))
                     tokens.append(tok), parents.append(node), qs.append(q), logps.append(lp), depths.append(d)
+                    node_spec.append(spec_node)
         keep = list(range(len(tokens)))
-        if self.budget is not None and len(tokens) > self.budget and not state.sampling.do_sample:
+        if self.spec is None and self.budget is not None and len(tokens) > self.budget and not state.sampling.do_sample:
             # EAGLE-2 rerank: the most probable nodes; a child is never likelier than its parent
             keep = sorted(sorted(keep, key=lambda i: (-logps[i], depths[i]))[: self.budget])
         remap = {old: new for new, old in enumerate(keep)}
