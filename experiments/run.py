@@ -2,6 +2,8 @@
 
     python -m experiments.run                         # the default: embedded SmolLM2, Spec-Bench sample
     python -m experiments.run dataset.per_task=10 drafter.k=8
+    python -m experiments.run +experiment=chain_vs_tree # more drafters in the same run
+    python -m experiments.run +experiment=batch4        # batches of 4 prompts
 
 Writes ``results.jsonl`` (one row per prompt and method), ``summary.csv`` and ``table.md``
 to the run directory and prints the table.
@@ -37,8 +39,13 @@ def main(cfg: DictConfig) -> None:
     methods = [hf_generate(model, n)]
     if cfg.hf_prompt_lookup_num_tokens:
         methods.append(hf_generate(model, n, "hf_prompt_lookup", prompt_lookup_num_tokens=cfg.hf_prompt_lookup_num_tokens))
-    methods += [specdec_generate(model, None, n, "specdec_no_draft"), specdec_generate(model, drafter, n, f"specdec_{drafter_name}")]
-    rows = run_benchmark(methods, tokenizer, prompts, progress=cfg.progress)
+    methods += [specdec_generate(model, None, n, "specdec_no_draft"),
+                specdec_generate(model, drafter, n, f"specdec_{drafter_name}")]
+    for name, variant in cfg.variants.items():
+        methods.append(specdec_generate(model, instantiate(variant), n, f"specdec_{name}"))
+    eos = model.generation_config.eos_token_id
+    rows = run_benchmark(methods, tokenizer, prompts, progress=cfg.progress, batch_size=cfg.batch_size,
+                         eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []))
     summary = summarize(rows)
 
     out = Path(HydraConfig.get().runtime.output_dir)
@@ -48,7 +55,7 @@ def main(cfg: DictConfig) -> None:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()
         writer.writerows(summary)
-    title = (f"{cfg.model.name}, {cfg.dataset.name} ({len(prompts)} prompts), greedy, "
+    title = (f"{cfg.model.name}, {cfg.dataset.name} ({len(prompts)} prompts), batch {cfg.batch_size}, greedy, "
              f"{n} new tokens, {cfg.threads} threads; speedup vs model.generate()")
     table = f"{title}\n\n{markdown_table(summary)}\n"
     (out / "table.md").write_text(table)

@@ -29,19 +29,17 @@ BASELINE = "generate"
 
 @dataclass(frozen=True)
 class Method:
-    """A named way to decode: ``run(input_ids) -> (sequences, stats or None)``."""
+    """A named way to decode: ``run(input_ids, attention_mask) -> (sequences, stats or None)``."""
 
     name: str
-    run: Callable[[torch.Tensor], tuple[torch.Tensor, SpecStats | None]]
+    run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, SpecStats | None]]
 
 
 def hf_generate(model: PreTrainedModel, max_new_tokens: int, name: str = BASELINE, **kwargs) -> Method:
     """``model.generate`` greedy (with ``kwargs``, e.g. ``prompt_lookup_num_tokens=10``)."""
 
-    def run(ids):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, **kwargs)
-        return out, None
+    def run(ids, mask):
+        return model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, **kwargs), None
 
     return Method(name, run)
 
@@ -49,8 +47,8 @@ def hf_generate(model: PreTrainedModel, max_new_tokens: int, name: str = BASELIN
 def specdec_generate(model: PreTrainedModel, drafter: Drafter | None, max_new_tokens: int, name: str) -> Method:
     """``specdec.generate`` greedy with ``drafter`` (``None``: the engine alone)."""
 
-    def run(ids):
-        out = generate(model, ids, drafter, max_new_tokens=max_new_tokens, do_sample=False,
+    def run(ids, mask):
+        out = generate(model, ids, drafter, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                        return_dict_in_generate=True)
         return out.sequences, out.stats
 
@@ -58,42 +56,81 @@ def specdec_generate(model: PreTrainedModel, drafter: Drafter | None, max_new_to
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> torch.Tensor:
-    """``(1, n)`` ids of the prompt's first turn through the chat template (plain text without one)."""
+    """``(n,)`` ids of the prompt's first turn through the chat template (plain text without one)."""
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"]
-    return tokenizer(prompt.turns[0], return_tensors="pt").input_ids
+                                             return_tensors="pt", return_dict=True)["input_ids"][0]
+    return tokenizer(prompt.turns[0], return_tensors="pt").input_ids[0]
+
+
+def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, n)`` left-padded ids and their attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask
+
+
+def _batches(prompts: Sequence[Prompt], batch_size: int) -> list[list[Prompt]]:
+    """Consecutive prompts of one task, ``batch_size`` at a time."""
+    out: list[list[Prompt]] = []
+    for prompt in prompts:
+        if out and len(out[-1]) < batch_size and out[-1][0].task == prompt.task:
+            out[-1].append(prompt)
+        else:
+            out.append([prompt])
+    return out
+
+
+def _new_tokens(row: torch.Tensor, eos: set[int]) -> list[int]:
+    """A row's generated tokens up to and including its first EOS (batch padding dropped)."""
+    out = []
+    for tok in row.tolist():
+        out.append(tok)
+        if tok in eos:
+            break
+    return out
 
 
 def run_benchmark(
-    methods: Sequence[Method], tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], progress: bool = True
+    methods: Sequence[Method], tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], progress: bool = True,
+    batch_size: int = 1, eos_token_ids: Sequence[int] = (),
 ) -> list[dict]:
-    """Run every method on every prompt, interleaved; one result row per (prompt, method).
+    """Run every method on every prompt (or batch of prompts), interleaved; one result row per
+    (batch, method), whose tokens/s counts every row's new tokens over the batch's wall time.
 
     The first method is the baseline: every row records whether its new tokens equal the baseline's.
     """
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"method names {names} must be distinct")
-    warm = encode(tokenizer, prompts[0])
+    eos = set(eos_token_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    warm = left_pad([encode(tokenizer, prompts[0])[:16]], pad)
     for method in methods:  # first calls pay one-off costs (allocations, lazy init)
-        method.run(warm[:, :16])
+        method.run(*warm)
     rows = []
-    bar = tqdm(total=len(prompts) * len(methods), desc="benchmark", disable=not progress)
-    for i, prompt in enumerate(prompts):
-        ids = encode(tokenizer, prompt)
+    batches = _batches(prompts, batch_size)
+    bar = tqdm(total=len(batches) * len(methods), desc="benchmark", disable=not progress)
+    for i, batch in enumerate(batches):
+        ids, mask = left_pad([encode(tokenizer, p) for p in batch], pad)
         order = methods[i % len(methods):] + methods[: i % len(methods)]
         outputs = {}
         for method in order:
             start = time.perf_counter()
-            sequences, stats = method.run(ids)
+            sequences, stats = method.run(ids, mask)
             seconds = time.perf_counter() - start
-            new = sequences[0, ids.shape[1]:]
+            new = [_new_tokens(r, eos) for r in sequences[:, ids.shape[1]:]]
             outputs[method.name] = new
+            n_new = sum(map(len, new))
+            prompt = batch[0]
             rows.append({
-                "prompt_id": prompt.id, "task": prompt.task, "category": prompt.category, "method": method.name,
-                "prompt_tokens": ids.shape[1], "new_tokens": len(new), "seconds": seconds,
-                "tokens_per_s": len(new) / seconds,
+                "prompt_id": prompt.id if len(batch) == 1 else [p.id for p in batch], "task": prompt.task,
+                "category": prompt.category, "method": method.name, "batch_size": len(batch),
+                "prompt_tokens": int(mask.sum()), "new_tokens": n_new, "seconds": seconds,
+                "tokens_per_s": n_new / seconds,
                 "tau": stats.tau if stats else None,
                 "acceptance_rate": stats.acceptance_rate if stats else None,
                 "position_acceptance": stats.position_acceptance if stats else None,
@@ -102,7 +139,7 @@ def run_benchmark(
             bar.set_postfix(prompt=prompt.id, method=method.name)
         base = outputs[methods[0].name]
         for row in rows[-len(methods):]:
-            row["matches_baseline"] = bool(torch.equal(outputs[row["method"]], base))
+            row["matches_baseline"] = outputs[row["method"]] == base
     bar.close()
     return rows
 
