@@ -39,10 +39,11 @@ def main(cfg: DictConfig) -> None:
     methods = [hf_generate(model, n)]
     if cfg.hf_prompt_lookup_num_tokens:
         methods.append(hf_generate(model, n, "hf_prompt_lookup", prompt_lookup_num_tokens=cfg.hf_prompt_lookup_num_tokens))
-    methods += [specdec_generate(model, None, n, "specdec_no_draft"),
-                specdec_generate(model, drafter, n, f"specdec_{drafter_name}")]
+    backend = cfg.attention_backend
+    methods += [specdec_generate(model, None, n, "specdec_no_draft", backend),
+                specdec_generate(model, drafter, n, f"specdec_{drafter_name}", backend)]
     for name, variant in cfg.variants.items():
-        methods.append(specdec_generate(model, instantiate(variant), n, f"specdec_{name}"))
+        methods.append(specdec_generate(model, instantiate(variant), n, f"specdec_{name}", backend))
     eos = model.generation_config.eos_token_id
     rows = run_benchmark(methods, tokenizer, prompts, progress=cfg.progress, batch_size=cfg.batch_size,
                          eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []))

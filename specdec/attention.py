@@ -79,6 +79,9 @@ AttentionMaskInterface.register(TREE_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sd
 def tree_attention_enabled(model: PreTrainedModel):
     """Run ``model`` with tree attention inside the block; its own implementation is restored after."""
     previous = model.config._attn_implementation
+    if previous == TREE_ATTENTION:  # already on (a draft that is the target itself)
+        yield model
+        return
     model.set_attn_implementation(TREE_ATTENTION)
     try:
         yield model

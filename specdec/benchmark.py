@@ -44,12 +44,13 @@ def hf_generate(model: PreTrainedModel, max_new_tokens: int, name: str = BASELIN
     return Method(name, run)
 
 
-def specdec_generate(model: PreTrainedModel, drafter: Drafter | None, max_new_tokens: int, name: str) -> Method:
+def specdec_generate(model: PreTrainedModel, drafter: Drafter | None, max_new_tokens: int, name: str,
+                     attention_backend: str = "auto") -> Method:
     """``specdec.generate`` greedy with ``drafter`` (``None``: the engine alone)."""
 
     def run(ids, mask):
         out = generate(model, ids, drafter, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                       return_dict_in_generate=True)
+                       return_dict_in_generate=True, attention_backend=attention_backend)
         return out.sequences, out.stats
 
     return Method(name, run)

@@ -23,6 +23,7 @@ from specdec.drafters.base import Drafter
 from specdec.engine import NO_DRAFT, decode
 from specdec.sampling import Sampling
 from specdec.stats import SpecStats
+from specdec_kernels.tree_attention.ops import BACKENDS
 
 # generation settings with no speculative equivalent, and the value that means "off"
 _UNSUPPORTED = {
@@ -165,6 +166,8 @@ def generate(
         and time in prefill / draft / verify.
     """
     config = _resolve_config(model, generation_config, kwargs)
+    if attention_backend not in BACKENDS:
+        raise ValueError(f"tree attention backend {attention_backend!r} is not one of {BACKENDS}")
     drafter = NO_DRAFT if drafter is None else drafter
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(

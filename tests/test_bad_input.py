@@ -65,6 +65,19 @@ def test_bad_drafter_settings():
         PromptLookup(max_ngram=1, min_ngram=2)
     with pytest.raises(ValueError, match="k=0"):
         DraftModel(tiny_llama(), k=0)
+    with pytest.raises(ValueError, match="budget=0 must be >= 1"):
+        DraftModel(tiny_llama(), top_k=2, budget=0)
+    with pytest.raises(ValueError, match="top_k=0"):
+        DraftModel(tiny_llama(), top_k=0)
+    with pytest.raises(ValueError, match="branches=0"):
+        PromptLookup(branches=0)
+    with pytest.raises(ValueError, match="comes before its parent"):
+        DraftModel(tiny_llama(), tree=[[0, 0], [0]])
+
+
+def test_bad_attention_backend(target):
+    with pytest.raises(ValueError, match="backend 'cuda' is not one of"):
+        specdec.generate(target, IDS, PromptLookup(), max_new_tokens=3, attention_backend="cuda")
 
 
 def test_max_length_not_past_the_prompt(target):
