@@ -19,6 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from specdec_kernels.tree_attention import tree_attention
+from specdec_kernels.tree_attention.ops import BACKENDS
 from specdec_kernels.tree_attention.reference import dense_tree_mask
 
 TREE_ATTENTION = "specdec_tree"
@@ -40,6 +41,12 @@ class TreeMask:
     ancestors: Tensor
     backend: str = "auto"
     _dense: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"tree attention backend {self.backend!r} is not one of {BACKENDS}")
+        if (self.prefix_start < 0).any() or (self.prefix_start > self.prefix_end).any():
+            raise ValueError("tree prefix ranges must satisfy 0 <= start <= end")
 
     def dense(self, keys: int) -> Tensor:
         """``(B, T, keys)`` dense boolean mask for the torch reference, built once per forward."""
@@ -67,7 +74,7 @@ def tree_attention_forward(
     uses_reference = tree.backend == "reference" or (tree.backend == "auto" and not query.is_cuda)
     dense = tree.dense(key.shape[2]) if uses_reference else None
     out = tree_attention(query, key, value, tree.prefix_start, tree.prefix_end, tree.ancestors, scale=scaling,
-                         backend=tree.backend, dense_mask=dense)  # (B, H, T, D)
+                         backend=tree.backend, dense_mask=dense, check_ranges=False)  # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -77,10 +77,3 @@ def select_rows(cache: DynamicCache, rows: Tensor) -> None:
     for layer in _layers(cache):
         layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
         layer.values = layer.values.index_select(0, rows.to(layer.values.device))
-
-
-def crop_to(cache: DynamicCache, length: int) -> None:
-    """Drop cached positions past ``length``, in place."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)

@@ -80,7 +80,7 @@ def batch_trees(trees: list[DraftTree], roots: Tensor, root_positions: Tensor) -
         n = len(tree)
         if n:
             ids[a, 1 : n + 1] = tree.tokens
-            positions[a, 1 : n + 1] += tree.depths
+            positions[a, : n + 1] = tree.positions(int(root_positions[a]))
             mask[a, 1 : n + 1, 0] = True  # every node sees the root
             mask[a, 1 : n + 1, 1 : n + 1] = tree.ancestors
     return ids, positions, mask
@@ -152,8 +152,8 @@ class SpeculativeDecoder:
         states, t0 = self.states, time.perf_counter()
         # 1. propose
         trees = self.drafter.propose(states)
-        for state, tree in zip(states, trees):
-            depth = int(tree.depths.max()) if len(tree) else 0
+        depths = [int(tree.depths.max()) if len(tree) else 0 for tree in trees]
+        for state, depth in zip(states, depths):
             if depth > state.budget:
                 raise RuntimeError(f"drafter proposed a tree {depth} deep for row {state.row}, past its budget {state.budget}")
         t1 = time.perf_counter()
@@ -177,8 +177,7 @@ class SpeculativeDecoder:
             new_tokens[state.row] = new
             kept.append(S + torch.tensor([0] + [1 + node for node in acceptance.path]))
             finished.append(done)
-            depth = int(tree.depths.max()) if len(tree) else 0
-            self.stats.record(depth, len(tree), len(acceptance.path), len(new))
+            self.stats.record(depths[a], len(tree), len(acceptance.path), len(new))
             acceptances.append(acceptance)
 
         # 4. commit: roots and accepted paths to contiguous positions; finished rows leave

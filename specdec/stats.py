@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SpecStats:
-    """Counters of one or more speculative generations (rows add up with ``+=``).
+    """Counters of one speculative generation (all rows of a batch together).
 
     Attributes:
         steps: decoding steps (target verification forwards), prefill excluded.
@@ -39,16 +39,6 @@ class SpecStats:
         self.new_tokens += n_new
         _bump(self.drafted_at, depth_drafted)
         _bump(self.accepted_at, n_accepted)
-
-    def __iadd__(self, other: SpecStats) -> SpecStats:
-        for name in ("steps", "drafted", "accepted", "new_tokens", "prefill_time", "draft_time", "verify_time"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in ("drafted_at", "accepted_at"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            mine.extend([0] * (len(theirs) - len(mine)))
-            for d, count in enumerate(theirs):
-                mine[d] += count
-        return self
 
     @property
     def acceptance_rate(self) -> float:

@@ -90,12 +90,6 @@ class DraftTree:
         """``(T,)`` depth of each node: 1 for children of the root."""
         return self.ancestors.sum(dim=1)
 
-    @cached_property
-    def is_chain(self) -> bool:
-        """True when the tree is a single path (plain causal attention verifies it)."""
-        expected = torch.arange(-1, len(self) - 1, device=self.parents.device)
-        return bool(torch.equal(self.parents, expected))
-
     def positions(self, root_position: int) -> Tensor:
         """``(T + 1,)`` position ids of the root and every node: ``root_position + depth``."""
         zero = torch.zeros(1, dtype=torch.long, device=self.tokens.device)

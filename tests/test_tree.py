@@ -25,7 +25,6 @@ def test_chain_shape():
     tree = DraftTree.chain(torch.tensor([5, 6, 7]))
     assert tree.parents.tolist() == [-1, 0, 1]
     assert tree.depths.tolist() == [1, 2, 3]
-    assert tree.is_chain
     assert tree.positions(10).tolist() == [10, 11, 12, 13]
     assert [p.tolist() for p in tree.paths] == [[0, 1, 2]]
     assert tree.ancestors.tolist() == [[True, False, False], [True, True, False], [True, True, True]]
@@ -38,7 +37,6 @@ def test_hand_made_tree():
     #     / \      \
     #    2   3      4
     tree = DraftTree(torch.tensor([10, 11, 12, 13, 14]), torch.tensor([-1, -1, 0, 0, 1]))
-    assert not tree.is_chain
     assert tree.depths.tolist() == [1, 1, 2, 2, 2]
     assert sorted(p.tolist() for p in tree.paths) == [[0, 2], [0, 3], [1, 4]]
     assert tree.ancestors[3].tolist() == [True, False, False, True, False]

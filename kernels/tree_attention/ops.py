@@ -35,6 +35,12 @@ def unpack_tree_mask(bits: Tensor, Tk: int) -> Tensor:
     return unpacked.flatten(-2)[..., :Tk].bool()
 
 
+def check_prefix_ranges(prefix_start: Tensor, prefix_end: Tensor, cached: int) -> None:
+    """Raise unless ``0 <= start <= end <= cached`` for every row (reads the values: a device sync on CUDA)."""
+    if (prefix_start < 0).any() or (prefix_end > cached).any() or (prefix_start > prefix_end).any():
+        raise ValueError(f"prefix ranges must satisfy 0 <= start <= end <= S = {cached}")
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor, prefix_start: Tensor, prefix_end: Tensor, tree_mask: Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"q {tuple(q.shape)} must be (B, H, T, D) and k, v {tuple(k.shape)} (B, Hk, S + T, D)")
@@ -50,11 +56,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, prefix_start: Tensor, prefix_end: Te
     Tk = tree_mask.shape[2]
     if Tk < T or k.shape[2] < Tk:
         raise ValueError(f"tree_mask has Tk={Tk} key nodes: need T={T} <= Tk <= keys {k.shape[2]}")
-    S = k.shape[2] - Tk
     if prefix_start.shape != (B,) or prefix_end.shape != (B,):
         raise ValueError(f"prefix_start/prefix_end must be (B,) = ({B},)")
-    if (prefix_start < 0).any() or (prefix_end > S).any() or (prefix_start > prefix_end).any():
-        raise ValueError(f"prefix ranges must satisfy 0 <= start <= end <= S = {S}")
 
 
 def _launch(q, k, v, prefix_start, prefix_end, tree_mask, scale):
@@ -93,7 +96,7 @@ def kernel_available(device: torch.device) -> bool:
 
 def tree_attention(
     q: Tensor, k: Tensor, v: Tensor, prefix_start: Tensor, prefix_end: Tensor, tree_mask: Tensor,
-    scale: float | None = None, backend: str = "auto", dense_mask: Tensor | None = None,
+    scale: float | None = None, backend: str = "auto", dense_mask: Tensor | None = None, check_ranges: bool = True,
 ) -> Tensor:
     """Batched tree attention.
 
@@ -106,6 +109,8 @@ def tree_attention(
         backend: ``"triton"``, ``"reference"`` (torch SDPA with a dense mask), or ``"auto"``:
             the kernel on CUDA, the reference elsewhere.
         dense_mask: for the reference, the dense mask if already built (see ``dense_tree_mask``).
+        check_ranges: validate the prefix ranges (callers that validated them once, e.g. for all
+            layers of a model, pass False to avoid a device sync per call).
 
     Returns:
         ``(B, H, T, D)`` in q's dtype.
@@ -113,6 +118,8 @@ def tree_attention(
     if backend not in BACKENDS:
         raise ValueError(f"tree attention backend {backend!r} is not one of {BACKENDS}")
     _check(q, k, v, prefix_start, prefix_end, tree_mask)
+    if check_ranges:
+        check_prefix_ranges(prefix_start, prefix_end, k.shape[2] - tree_mask.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if backend == "auto":
         backend = "triton" if q.is_cuda else "reference"
