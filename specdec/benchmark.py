@@ -29,28 +29,48 @@ BASELINE = "generate"
 
 @dataclass(frozen=True)
 class Method:
-    """A named way to decode: ``run(input_ids, attention_mask) -> (sequences, stats or None)``."""
+    """A named way to decode: ``run(input_ids, attention_mask, streamer) -> (sequences, stats or None)``."""
 
     name: str
-    run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, SpecStats | None]]
+    run: Callable[..., tuple[torch.Tensor, SpecStats | None]]
 
 
-def hf_generate(model: PreTrainedModel, max_new_tokens: int, name: str = BASELINE, **kwargs) -> Method:
-    """``model.generate`` greedy (with ``kwargs``, e.g. ``prompt_lookup_num_tokens=10``)."""
+class FirstTokenClock:
+    """A streamer that only notes when the first new token arrives (time to first token)."""
 
-    def run(ids, mask):
-        return model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, **kwargs), None
+    def __init__(self) -> None:
+        self.puts, self.first = 0, None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:  # the first put is the prompt
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def hf_generate(model: PreTrainedModel, max_new_tokens: int, name: str = BASELINE, sampling: dict | None = None,
+                **kwargs) -> Method:
+    """``model.generate`` (greedy unless ``sampling`` says otherwise), with extra ``kwargs``
+    such as ``prompt_lookup_num_tokens=10``."""
+    sampling = sampling or {"do_sample": False}
+
+    def run(ids, mask, streamer=None):
+        return model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, streamer=streamer,
+                              **sampling, **kwargs), None
 
     return Method(name, run)
 
 
 def specdec_generate(model: PreTrainedModel, drafter: Drafter | None, max_new_tokens: int, name: str,
-                     attention_backend: str = "auto") -> Method:
-    """``specdec.generate`` greedy with ``drafter`` (``None``: the engine alone)."""
+                     attention_backend: str = "auto", sampling: dict | None = None) -> Method:
+    """``specdec.generate`` with ``drafter`` (``None``: the engine alone), greedy unless ``sampling``."""
+    sampling = sampling or {"do_sample": False}
 
-    def run(ids, mask):
-        out = generate(model, ids, drafter, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                       return_dict_in_generate=True, attention_backend=attention_backend)
+    def run(ids, mask, streamer=None):
+        out = generate(model, ids, drafter, attention_mask=mask, max_new_tokens=max_new_tokens, streamer=streamer,
+                       return_dict_in_generate=True, attention_backend=attention_backend, **sampling)
         return out.sequences, out.stats
 
     return Method(name, run)
@@ -97,12 +117,14 @@ def _new_tokens(row: torch.Tensor, eos: set[int]) -> list[int]:
 
 def run_benchmark(
     methods: Sequence[Method], tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], progress: bool = True,
-    batch_size: int = 1, eos_token_ids: Sequence[int] = (),
+    batch_size: int = 1, eos_token_ids: Sequence[int] = (), on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Run every method on every prompt (or batch of prompts), interleaved; one result row per
     (batch, method), whose tokens/s counts every row's new tokens over the batch's wall time.
 
     The first method is the baseline: every row records whether its new tokens equal the baseline's.
+    With batch size 1 a row also has time to first token (``ttft_s``, prefill included) and time
+    per output token after it (``tpot_s``). ``on_row`` sees each finished row (for loggers).
     """
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
@@ -111,7 +133,7 @@ def run_benchmark(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     warm = left_pad([encode(tokenizer, prompts[0])[:16]], pad)
     for method in methods:  # first calls pay one-off costs (allocations, lazy init)
-        method.run(*warm)
+        method.run(*warm, None)
     rows = []
     batches = _batches(prompts, batch_size)
     bar = tqdm(total=len(batches) * len(methods), desc="benchmark", disable=not progress)
@@ -120,8 +142,9 @@ def run_benchmark(
         order = methods[i % len(methods):] + methods[: i % len(methods)]
         outputs = {}
         for method in order:
+            clock = FirstTokenClock() if len(batch) == 1 else None
             start = time.perf_counter()
-            sequences, stats = method.run(ids, mask)
+            sequences, stats = method.run(ids, mask, clock)
             seconds = time.perf_counter() - start
             new = [_new_tokens(r, eos) for r in sequences[:, ids.shape[1]:]]
             outputs[method.name] = new
@@ -132,6 +155,8 @@ def run_benchmark(
                 "category": prompt.category, "method": method.name, "batch_size": len(batch),
                 "prompt_tokens": int(mask.sum()), "new_tokens": n_new, "seconds": seconds,
                 "tokens_per_s": n_new / seconds,
+                "ttft_s": clock.first - start if clock and clock.first else None,
+                "tpot_s": (start + seconds - clock.first) / (n_new - 1) if clock and clock.first and n_new > 1 else None,
                 "tau": stats.tau if stats else None,
                 "acceptance_rate": stats.acceptance_rate if stats else None,
                 "position_acceptance": stats.position_acceptance if stats else None,
@@ -141,6 +166,8 @@ def run_benchmark(
         base = outputs[methods[0].name]
         for row in rows[-len(methods):]:
             row["matches_baseline"] = outputs[row["method"]] == base
+            if on_row is not None:
+                on_row(row)
     bar.close()
     return rows
 
@@ -156,14 +183,19 @@ def summarize(rows: Sequence[dict], baseline: str = BASELINE) -> list[dict]:
         for method in methods:
             sel = [r for r in mine if r["method"] == method]
             speed = statistics.mean(r["tokens_per_s"] for r in sel)
-            steps_tau = [r["tau"] for r in sel if r["tau"] is not None]
             table.append({
                 "task": task, "method": method, "prompts": len(sel), "tokens_per_s": speed,
-                "speedup": speed / base,
-                "tau": statistics.mean(steps_tau) if steps_tau else None,
+                "speedup": speed / base, "tau": _mean(r["tau"] for r in sel),
+                "ttft_s": _mean(r.get("ttft_s") for r in sel), "tpot_s": _mean(r.get("tpot_s") for r in sel),
                 "exact": sum(r["matches_baseline"] for r in sel) / len(sel),
             })
     return table
+
+
+def _mean(values) -> float | None:
+    """Mean of the values that are not None (None if there are none)."""
+    present = [v for v in values if v is not None]
+    return statistics.mean(present) if present else None
 
 
 def markdown_table(summary: Sequence[dict]) -> str:

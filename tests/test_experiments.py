@@ -1,0 +1,168 @@
+"""The experiment layer: every config composes, bad keys and values fail before a model loads,
+a tiny end-to-end run logs to W&B offline (read back from its run file), and a 2-job multirun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from experiments.schema import register, validate
+
+from conftest import tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+register()
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def compose_with(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"{g}={o}" for g in ("model", "drafter", "dataset", "sampling", "logger") for o in options(g)]
+    + [f"+experiment={o}" for o in options("experiment")],
+)
+def test_every_config_composes_and_validates(override):
+    cfg = compose_with(override)
+    validate(cfg)
+    assert cfg.max_new_tokens >= 1 and "_target_" in cfg.drafter
+
+
+def test_misspelt_key_fails_naming_it():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError), match="max_new_token"):
+        compose_with("max_new_token=3")
+    with pytest.raises((ConfigCompositionException, ConfigKeyError), match="per_tsk"):
+        compose_with("dataset.per_tsk=3")
+
+
+def test_wrong_type_fails_naming_it():
+    with pytest.raises((ConfigCompositionException, ValidationError), match="threads"):
+        compose_with("threads=many")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("max_new_tokens=0", "max_new_tokens=0"),
+        ("attention_backend=cuda", "attention_backend='cuda'"),
+        ("logger.kind=tensorboard", "logger.kind='tensorboard'"),
+        ("batch_size=0", "batch_size=0"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        validate(compose_with(override))
+
+
+# --- end to end, in a subprocess as a user runs it, on a tiny model --------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w0").save_pretrained(path)
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    rows = [
+        {"question_id": 1, "category": "loop", "turns": ["w5 w6 w7 w5 w6 w7 w5 w6"]},
+        {"question_id": 2, "category": "loop", "turns": ["w9 w10 w11 w12 w9 w10"]},
+        {"question_id": 3, "category": "other", "turns": ["w30 w31 w40 w41"]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_experiment(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "experiments.run", *overrides], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def read_wandb_records(path: Path) -> list:
+    """Records of a W&B run file (a LevelDB-style log of protobuf ``Record`` messages)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    pos, pending, records = 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a header never straddles a block: the rest is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):  # full, first
+            pending = chunk
+        elif kind in (3, 4):  # middle, last
+            pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def test_tiny_run_logs_to_wandb_offline(tiny_model_dir, prompts_file, tmp_path):
+    run_dir = tmp_path / "run"
+    done = run_experiment(f"model.name={tiny_model_dir}", f"dataset.path={prompts_file}", "dataset.per_task=null",
+                          "dataset.name=tiny", "max_new_tokens=12", "logger=wandb", "progress=false",
+                          "hf_prompt_lookup_num_tokens=0", "drafter.k=3", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 3  # prompts x (generate, no draft, prompt lookup)
+    assert all(r["matches_baseline"] for r in rows)
+    assert "Greedy output identical to `model.generate` on every prompt: yes" in (run_dir / "table.md").read_text()
+
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    records = read_wandb_records(run_file)
+    config = {_key(i): json.loads(i.value_json) for r in records if r.HasField("run") for i in r.run.config.update}
+    assert config["max_new_tokens"] == 12 and config["drafter"]["k"] == 3
+    history = [{_key(i): i.value_json for i in r.history.item} for r in records if r.HasField("history")]
+    logged = [h for h in history if "specdec_prompt_lookup/tokens_per_s" in h]
+    assert len(logged) == 3 and all(float(h["specdec_prompt_lookup/tokens_per_s"]) > 0 for h in logged)
+    table = {k.split("/", 1)[1]: json.loads(v) for h in history for k, v in h.items() if k.startswith("results/")}
+    assert table["_type"] == "table-file" and table["nrows"] == len(rows)
+    summary = {_key(i): i.value_json for r in records if r.HasField("summary") for i in r.summary.update}
+    speedup = [k for k in summary if k.startswith("overall/specdec_prompt_lookup/speedup")]
+    assert speedup and float(summary[speedup[0]]) > 0
+
+
+def test_two_job_multirun(tiny_model_dir, prompts_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = run_experiment("--multirun", "drafter.k=2,4", f"model.name={tiny_model_dir}",
+                          f"dataset.path={prompts_file}", "dataset.per_task=1", "dataset.name=tiny",
+                          "max_new_tokens=8", "logger=csv", "progress=false", "hf_prompt_lookup_num_tokens=0",
+                          f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p.parent for p in sweep.glob("*/results.csv"))
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job, k in zip(jobs, (2, 4)):
+        overrides = (job / ".hydra" / "overrides.yaml").read_text()
+        assert f"drafter.k={k}" in overrides
+        assert "specdec_prompt_lookup" in (job / "results.csv").read_text()
