@@ -128,12 +128,20 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def test_tiny_run_logs_to_wandb_offline(tiny_model_dir, prompts_file, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, prompts_file, tmp_path_factory):
+    """One end-to-end run on the tiny model, logged to W&B offline."""
+    tmp_path = tmp_path_factory.mktemp("tiny-run")
     run_dir = tmp_path / "run"
     done = run_experiment(f"model.name={tiny_model_dir}", f"dataset.path={prompts_file}", "dataset.per_task=null",
                           "dataset.name=tiny", "max_new_tokens=12", "logger=wandb", "progress=false",
                           "hf_prompt_lookup_num_tokens=0", "drafter.k=3", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def test_tiny_run_logs_to_wandb_offline(tiny_run):
+    run_dir = tiny_run
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * 3  # prompts x (generate, no draft, prompt lookup)
     assert all(r["matches_baseline"] for r in rows)
@@ -166,3 +174,35 @@ def test_two_job_multirun(tiny_model_dir, prompts_file, tmp_path):
         overrides = (job / ".hydra" / "overrides.yaml").read_text()
         assert f"drafter.k={k}" in overrides
         assert "specdec_prompt_lookup" in (job / "results.csv").read_text()
+
+
+def test_report_writes_tables_and_figures(tiny_run, tmp_path):
+    from specdec.report import FIGURES, write_report
+
+    report = write_report(tiny_run, tmp_path / "report")
+    text = report.read_text()
+    assert "| overall |" in text and "specdec_prompt_lookup" in text
+    for name in FIGURES:
+        png = tmp_path / "report" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name}.png)" in text
+
+
+def test_report_of_a_missing_directory_is_a_clear_error(tmp_path):
+    from specdec.report import load_runs
+
+    with pytest.raises(FileNotFoundError, match="no results.jsonl"):
+        load_runs(tmp_path)
+
+
+def test_notebook_executes(tiny_run, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "notebooks" / "benchmark.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # stored clean
+    monkeypatch.setenv("SPECDEC_RUN_DIR", str(tiny_run))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert any("result rows from" in o.get("text", "") for o in outputs)
