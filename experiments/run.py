@@ -5,6 +5,9 @@
     python -m experiments.run +experiment=chain_vs_tree  # more drafters in the same run
     python -m experiments.run +experiment=batch4         # batches of 4 prompts
     python -m experiments.run --multirun drafter.k=4,8   # a sweep, one run directory per job
+    accelerate launch --multi_gpu --num_processes 2 -m experiments.run threads=1   # prompts sharded over 2
+        processes (on a machine without GPUs they are CPU processes talking over gloo); the main
+        process merges every shard's rows into one table
 
 Writes ``results.jsonl`` (one row per prompt and method), ``summary.csv`` and ``table.md``
 to the run directory, prints the table, and hands the rows to the configured logger.
@@ -18,6 +21,8 @@ from pathlib import Path
 
 import hydra
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +31,7 @@ from experiments.schema import register, validate
 from specdec import load_model
 from specdec.benchmark import hf_generate, markdown_table, run_benchmark, specdec_generate, summarize
 from specdec.data import SPEC_BENCH, load_prompts
-from specdec.loggers import make_logger
+from specdec.loggers import NullLogger, make_logger
 
 register()
 
@@ -46,15 +51,22 @@ def write_outputs(out: Path, rows: list[dict], summary: list[dict], table: str) 
 def main(cfg: DictConfig) -> None:
     validate(cfg)  # before anything loads
     torch.set_num_threads(cfg.threads)
+    state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of `accelerate launch`'s
     prompts = load_prompts(cfg.dataset.path or SPEC_BENCH, per_task=cfg.dataset.per_task, seed=cfg.dataset.seed)
+    shard = prompts[state.process_index :: state.num_processes]
     drafter_cfg = OmegaConf.to_container(cfg.drafter, resolve=True)
     drafter_name = drafter_cfg.pop("name")
     drafter = instantiate(drafter_cfg)
     variants = {name: instantiate(v) for name, v in cfg.variants.items()}
     sampling = {k: v for k, v in OmegaConf.to_container(cfg.sampling).items() if k != "name" and v is not None}
-    out = Path(HydraConfig.get().runtime.output_dir)
-    logger = make_logger(cfg.logger.kind, out, OmegaConf.to_container(cfg, resolve=True), cfg.logger.project,
-                         cfg.logger.mode, name=out.name)
+    out = [HydraConfig.get().runtime.output_dir]
+    if state.num_processes > 1:
+        broadcast_object_list(out)  # every process writes its shard next to the main process's results
+    out = Path(out[0])
+    logger = NullLogger()
+    if state.is_main_process:
+        logger = make_logger(cfg.logger.kind, out, OmegaConf.to_container(cfg, resolve=True), cfg.logger.project,
+                             cfg.logger.mode, name=out.name)
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
 
     n, backend = cfg.max_new_tokens, cfg.attention_backend
@@ -67,13 +79,21 @@ def main(cfg: DictConfig) -> None:
     methods += [specdec_generate(model, d, n, f"specdec_{name}", backend, sampling) for name, d in variants.items()]
     eos = model.generation_config.eos_token_id
     step = iter(range(10**9))
-    rows = run_benchmark(methods, tokenizer, prompts, progress=cfg.progress, batch_size=cfg.batch_size,
-                         eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+    rows = run_benchmark(methods, tokenizer, shard, progress=cfg.progress and state.is_main_process,
+                         batch_size=cfg.batch_size, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
                          on_row=lambda row: logger.log_row(row, next(step)))
+    if state.num_processes > 1:
+        (out / f"results.rank{state.process_index}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return
+        rows = [json.loads(line) for rank in range(state.num_processes)
+                for line in (out / f"results.rank{rank}.jsonl").read_text().splitlines()]
     summary = summarize(rows)
     mode = "sampled" if sampling.get("do_sample") else "greedy"
+    processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
     title = (f"{cfg.model.name}, {cfg.dataset.name} ({len(prompts)} prompts), batch {cfg.batch_size}, {mode}, "
-             f"{n} new tokens, {cfg.threads} threads; speedup vs model.generate()")
+             f"{n} new tokens, {cfg.threads} threads{processes}; speedup vs model.generate()")
     table = f"{title}\n\n{markdown_table(summary)}\n"
     write_outputs(out, rows, summary, table)
     logger.log_results(rows, summary, table)

@@ -206,3 +206,23 @@ def test_notebook_executes(tiny_run, monkeypatch):
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert any("result rows from" in o.get("text", "") for o in outputs)
+
+
+def test_two_processes_shard_the_prompts_and_merge(tiny_model_dir, prompts_file, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "experiments.run", f"model.name={tiny_model_dir}", f"dataset.path={prompts_file}",
+         "dataset.per_task=null", "dataset.name=tiny", "max_new_tokens=8", "logger=none", "progress=false",
+         "threads=1", "hf_prompt_lookup_num_tokens=0", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = [[json.loads(line)["prompt_id"] for line in (run_dir / f"results.rank{r}.jsonl").read_text().splitlines()]
+              for r in range(2)]
+    assert sorted(set(shards[0])) == [1, 3] and sorted(set(shards[1])) == [2]  # prompts[rank::2]
+    merged = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert sorted({r["prompt_id"] for r in merged}) == [1, 2, 3] and len(merged) == 3 * 3
+    assert "2 processes" in (run_dir / "table.md").read_text()
