@@ -226,3 +226,22 @@ def test_two_processes_shard_the_prompts_and_merge(tiny_model_dir, prompts_file,
     merged = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert sorted({r["prompt_id"] for r in merged}) == [1, 2, 3] and len(merged) == 3 * 3
     assert "2 processes" in (run_dir / "table.md").read_text()
+
+
+def test_slurm_launcher_config_runs_in_submitit_local_mode(tiny_model_dir, prompts_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = run_experiment("--multirun", "hydra/launcher=slurm_local", "drafter.k=2,3",
+                          f"model.name={tiny_model_dir}", f"dataset.path={prompts_file}", "dataset.per_task=1",
+                          "dataset.name=tiny", "max_new_tokens=6", "logger=none", "progress=false", "threads=1",
+                          "hf_prompt_lookup_num_tokens=0", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p.parent.name for p in sweep.glob("*/results.jsonl"))
+    assert jobs == ["0", "1"]
+    assert list(sweep.glob(".submitit/*"))  # submitit ran them
+
+
+def test_slurm_launcher_config_composes():
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.timeout_min == 120
