@@ -52,7 +52,9 @@ def main(cfg: DictConfig) -> None:
     validate(cfg)  # before anything loads
     torch.set_num_threads(cfg.threads)
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of `accelerate launch`'s
-    prompts = load_prompts(cfg.dataset.path or SPEC_BENCH, per_task=cfg.dataset.per_task, seed=cfg.dataset.seed)
+    tasks = list(cfg.dataset.tasks) if cfg.dataset.tasks else None
+    prompts = load_prompts(cfg.dataset.path or SPEC_BENCH, per_task=cfg.dataset.per_task, seed=cfg.dataset.seed,
+                           tasks=tasks)
     shard = prompts[state.process_index :: state.num_processes]
     drafter_cfg = OmegaConf.to_container(cfg.drafter, resolve=True)
     drafter_name = drafter_cfg.pop("name")
@@ -81,7 +83,7 @@ def main(cfg: DictConfig) -> None:
     step = iter(range(10**9))
     rows = run_benchmark(methods, tokenizer, shard, progress=cfg.progress and state.is_main_process,
                          batch_size=cfg.batch_size, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-                         on_row=lambda row: logger.log_row(row, next(step)))
+                         on_row=lambda row: logger.log_row(row, next(step)), all_turns=cfg.dataset.all_turns)
     if state.num_processes > 1:
         (out / f"results.rank{state.process_index}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         state.wait_for_everyone()

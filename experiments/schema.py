@@ -30,6 +30,8 @@ class DatasetConfig:
     path: Optional[str] = None  # None: data/spec_bench/question.jsonl; else any JSONL of prompts
     per_task: Optional[int] = 3  # a fixed sample per task; None: every prompt
     seed: int = 0
+    tasks: Optional[list[str]] = None  # only these tasks (e.g. [mt_bench]); None: all
+    all_turns: bool = False  # multi-turn prompts as conversations (MT-bench's two turns)
 
 
 @dataclass

@@ -76,12 +76,12 @@ def specdec_generate(model: PreTrainedModel, drafter: Drafter | None, max_new_to
     return Method(name, run)
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> torch.Tensor:
-    """``(n,)`` ids of the prompt's first turn through the chat template (plain text without one)."""
+def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> torch.Tensor:
+    """``(n,)`` ids of a conversation through the chat template (plain text joined without one)."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"][0]
-    return tokenizer(prompt.turns[0], return_tensors="pt").input_ids[0]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)["input_ids"][0]
+    return tokenizer("\n".join(m["content"] for m in messages), return_tensors="pt").input_ids[0]
 
 
 def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +118,7 @@ def _new_tokens(row: torch.Tensor, eos: set[int]) -> list[int]:
 def run_benchmark(
     methods: Sequence[Method], tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], progress: bool = True,
     batch_size: int = 1, eos_token_ids: Sequence[int] = (), on_row: Callable[[dict], None] | None = None,
+    all_turns: bool = False,
 ) -> list[dict]:
     """Run every method on every prompt (or batch of prompts), interleaved; one result row per
     (batch, method), whose tokens/s counts every row's new tokens over the batch's wall time.
@@ -125,49 +126,60 @@ def run_benchmark(
     The first method is the baseline: every row records whether its new tokens equal the baseline's.
     With batch size 1 a row also has time to first token (``ttft_s``, prefill included) and time
     per output token after it (``tpot_s``). ``on_row`` sees each finished row (for loggers).
+    With ``all_turns`` a multi-turn prompt (MT-bench) is a conversation: turn t + 1 follows the
+    user's turns and the baseline's answers so far, the same input for every method; each turn is
+    a row of its own (``turn``).
     """
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"method names {names} must be distinct")
     eos = set(eos_token_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    warm = left_pad([encode(tokenizer, prompts[0])[:16]], pad)
+    warm = left_pad([encode(tokenizer, [{"role": "user", "content": prompts[0].turns[0]}])[:16]], pad)
     for method in methods:  # first calls pay one-off costs (allocations, lazy init)
         method.run(*warm, None)
     rows = []
     batches = _batches(prompts, batch_size)
-    bar = tqdm(total=len(batches) * len(methods), desc="benchmark", disable=not progress)
+    turns = [min(len(p.turns) for p in batch) if all_turns else 1 for batch in batches]
+    bar = tqdm(total=sum(turns) * len(methods), desc="benchmark", disable=not progress)
     for i, batch in enumerate(batches):
-        ids, mask = left_pad([encode(tokenizer, p) for p in batch], pad)
         order = methods[i % len(methods):] + methods[: i % len(methods)]
-        outputs = {}
-        for method in order:
-            clock = FirstTokenClock() if len(batch) == 1 else None
-            start = time.perf_counter()
-            sequences, stats = method.run(ids, mask, clock)
-            seconds = time.perf_counter() - start
-            new = [_new_tokens(r, eos) for r in sequences[:, ids.shape[1]:]]
-            outputs[method.name] = new
-            n_new = sum(map(len, new))
-            prompt = batch[0]
-            rows.append({
-                "prompt_id": prompt.id if len(batch) == 1 else [p.id for p in batch], "task": prompt.task,
-                "category": prompt.category, "method": method.name, "batch_size": len(batch),
-                "prompt_tokens": int(mask.sum()), "new_tokens": n_new, "seconds": seconds,
-                "tokens_per_s": n_new / seconds,
-                "ttft_s": clock.first - start if clock and clock.first else None,
-                "tpot_s": (start + seconds - clock.first) / (n_new - 1) if clock and clock.first and n_new > 1 else None,
-                "tau": stats.tau if stats else None,
-                "acceptance_rate": stats.acceptance_rate if stats else None,
-                "position_acceptance": stats.position_acceptance if stats else None,
-            })
-            bar.update()
-            bar.set_postfix(prompt=prompt.id, method=method.name)
-        base = outputs[methods[0].name]
-        for row in rows[-len(methods):]:
-            row["matches_baseline"] = outputs[row["method"]] == base
-            if on_row is not None:
-                on_row(row)
+        history: list[list[dict]] = [[] for _ in batch]
+        for turn in range(turns[i]):
+            for h, prompt in zip(history, batch):
+                h.append({"role": "user", "content": prompt.turns[turn]})
+            ids, mask = left_pad([encode(tokenizer, h) for h in history], pad)
+            outputs = {}
+            for method in order:
+                clock = FirstTokenClock() if len(batch) == 1 else None
+                start = time.perf_counter()
+                sequences, stats = method.run(ids, mask, clock)
+                seconds = time.perf_counter() - start
+                new = [_new_tokens(r, eos) for r in sequences[:, ids.shape[1]:]]
+                outputs[method.name] = new
+                n_new = sum(map(len, new))
+                prompt = batch[0]
+                rows.append({
+                    "prompt_id": prompt.id if len(batch) == 1 else [p.id for p in batch], "task": prompt.task,
+                    "category": prompt.category, "turn": turn + 1, "method": method.name, "batch_size": len(batch),
+                    "prompt_tokens": int(mask.sum()), "new_tokens": n_new, "seconds": seconds,
+                    "tokens_per_s": n_new / seconds,
+                    "ttft_s": clock.first - start if clock and clock.first else None,
+                    "tpot_s": (start + seconds - clock.first) / (n_new - 1) if clock and clock.first and n_new > 1
+                    else None,
+                    "tau": stats.tau if stats else None,
+                    "acceptance_rate": stats.acceptance_rate if stats else None,
+                    "position_acceptance": stats.position_acceptance if stats else None,
+                })
+                bar.update()
+                bar.set_postfix(prompt=prompt.id, turn=turn + 1, method=method.name)
+            base = outputs[methods[0].name]
+            for row in rows[-len(methods):]:
+                row["matches_baseline"] = outputs[row["method"]] == base
+                if on_row is not None:
+                    on_row(row)
+            for h, answer in zip(history, base):
+                h.append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True)})
     bar.close()
     return rows
 

@@ -27,8 +27,10 @@ class Prompt:
     turns: tuple[str, ...]
 
 
-def load_prompts(path: str | Path = SPEC_BENCH, per_task: int | None = None, seed: int = 0) -> list[Prompt]:
-    """Read a JSONL prompt file; with ``per_task``, a fixed random sample of that many per task.
+def load_prompts(path: str | Path = SPEC_BENCH, per_task: int | None = None, seed: int = 0,
+                 tasks: list[str] | None = None) -> list[Prompt]:
+    """Read a JSONL prompt file; only ``tasks`` if given; with ``per_task``, a fixed random sample of
+    that many per task.
 
     The sample depends only on the file and ``seed``, so every run compares the same prompts.
     """
@@ -46,7 +48,10 @@ def load_prompts(path: str | Path = SPEC_BENCH, per_task: int | None = None, see
                 raise ValueError(f"{path}:{line_no} has no 'turns' (or 'prompt'): each row needs the prompt text")
             category = row.get("category", "default")
             task = "mt_bench" if category in MT_BENCH_LABELS else category
-            prompts.append(Prompt(int(row.get("question_id", line_no)), task, category, tuple(turns)))
+            if tasks is None or task in tasks:
+                prompts.append(Prompt(int(row.get("question_id", line_no)), task, category, tuple(turns)))
+    if not prompts:
+        raise ValueError(f"no prompts in {path} for tasks {tasks}: check the task names")
     if per_task is None:
         return prompts
     if per_task < 1:

@@ -245,3 +245,20 @@ def test_slurm_launcher_config_composes():
         cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.timeout_min == 120
+
+
+def test_two_turn_prompts_run_as_conversations(tiny_model_dir):
+    from specdec import PromptLookup, load_model
+    from specdec.benchmark import hf_generate, run_benchmark, specdec_generate
+    from specdec.data import Prompt
+
+    model, tokenizer = load_model(tiny_model_dir)
+    prompts = [Prompt(1, "mt_bench", "writing", ("w5 w6 w7 w5 w6", "w9 w10 w9 w10"))]
+    methods = [hf_generate(model, 6), specdec_generate(model, PromptLookup(k=3), 6, "specdec_lookup")]
+    rows = run_benchmark(methods, tokenizer, prompts, progress=False, all_turns=True)
+    assert [(r["turn"], r["method"]) for r in rows] == [
+        (1, "generate"), (1, "specdec_lookup"), (2, "generate"), (2, "specdec_lookup")]
+    assert all(r["matches_baseline"] for r in rows)
+    assert rows[2]["prompt_tokens"] > rows[0]["prompt_tokens"] + 4  # turn 2 carries turn 1 and its answer
+    only_first = run_benchmark(methods, tokenizer, prompts, progress=False)
+    assert [r["turn"] for r in only_first] == [1, 1]
