@@ -35,6 +35,16 @@ class DatasetConfig:
 
 
 @dataclass
+class TreeConfig:
+    name: str = "chain"
+    depth: int = 10
+    branches: int = 1
+    top_k: int = 1
+    width: int = 1
+    budget: Optional[int] = None
+
+
+@dataclass
 class SamplingConfig:
     name: str = "greedy"
     do_sample: bool = False
@@ -55,6 +65,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     drafter: Any = MISSING  # a drafter config: name, _target_ and its arguments
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     max_new_tokens: int = 128
@@ -82,6 +93,8 @@ def validate(cfg: DictConfig) -> None:
         ("logger.kind", cfg.logger.kind in LOGGERS, f"one of {LOGGERS}"),
         ("logger.mode", cfg.logger.mode in ("offline", "online", "disabled"), "offline, online or disabled"),
         ("dataset.per_task", cfg.dataset.per_task is None or cfg.dataset.per_task >= 1, ">= 1 or null"),
+        ("tree.depth", cfg.tree.depth >= 1, ">= 1"),
+        ("tree.budget", cfg.tree.budget is None or cfg.tree.budget >= 1, ">= 1 or null"),
         ("drafter", "_target_" in cfg.drafter and "name" in cfg.drafter, "a config with name and _target_"),
     ]
     for key, ok, want in checks:

@@ -34,7 +34,7 @@ def compose_with(*overrides: str):
 
 @pytest.mark.parametrize(
     "override",
-    [f"{g}={o}" for g in ("model", "drafter", "dataset", "sampling", "logger") for o in options(g)]
+    [f"{g}={o}" for g in ("model", "drafter", "tree", "dataset", "sampling", "logger") for o in options(g)]
     + [f"+experiment={o}" for o in options("experiment")],
 )
 def test_every_config_composes_and_validates(override):
@@ -163,17 +163,27 @@ def test_tiny_run_logs_to_wandb_offline(tiny_run):
 
 def test_two_job_multirun(tiny_model_dir, prompts_file, tmp_path):
     sweep = tmp_path / "sweep"
-    done = run_experiment("--multirun", "drafter.k=2,4", f"model.name={tiny_model_dir}",
+    done = run_experiment("--multirun", "tree=chain,dynamic", f"model.name={tiny_model_dir}",
                           f"dataset.path={prompts_file}", "dataset.per_task=1", "dataset.name=tiny",
                           "max_new_tokens=8", "logger=csv", "progress=false", "hf_prompt_lookup_num_tokens=0",
                           f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = sorted(p.parent for p in sweep.glob("*/results.csv"))
     assert [p.name for p in jobs] == ["0", "1"]
-    for job, k in zip(jobs, (2, 4)):
-        overrides = (job / ".hydra" / "overrides.yaml").read_text()
-        assert f"drafter.k={k}" in overrides
+    for job, tree in zip(jobs, ("chain", "dynamic")):
+        assert f"tree={tree}" in (job / ".hydra" / "overrides.yaml").read_text()
         assert "specdec_prompt_lookup" in (job / "results.csv").read_text()
+        resolved = (job / ".hydra" / "config.yaml").read_text()
+        assert f"branches: {1 if tree == 'chain' else 3}" in resolved
+
+
+def test_tree_group_reaches_the_drafters():
+    from hydra.utils import instantiate
+
+    lookup = instantiate({k: v for k, v in compose_with("tree=dynamic").drafter.items() if k != "name"})
+    assert (lookup.k, lookup.branches) == (6, 3)
+    cfg = compose_with("drafter=draft_model", "tree=dynamic", "tree.budget=16")
+    assert (cfg.drafter.top_k, cfg.drafter.width, cfg.drafter.budget, cfg.drafter.k) == (4, 4, 16, 6)
 
 
 def test_report_writes_tables_and_figures(tiny_run, tmp_path):
@@ -262,3 +272,13 @@ def test_two_turn_prompts_run_as_conversations(tiny_model_dir):
     assert rows[2]["prompt_tokens"] > rows[0]["prompt_tokens"] + 4  # turn 2 carries turn 1 and its answer
     only_first = run_benchmark(methods, tokenizer, prompts, progress=False)
     assert [r["turn"] for r in only_first] == [1, 1]
+
+
+def test_draft_model_from_pretrained_keeps_first_layers(tiny_model_dir):
+    from specdec import DraftModel
+
+    drafter = DraftModel.from_pretrained(str(tiny_model_dir), layers=1, k=2, top_k=2)
+    assert len(drafter.model.model.layers) == 1 and drafter.model.config.num_hidden_layers == 1
+    assert (drafter.k, drafter.top_k) == (2, 2)
+    with pytest.raises(ValueError, match="layers=5 must be in"):
+        DraftModel.from_pretrained(str(tiny_model_dir), layers=5)

@@ -77,6 +77,21 @@ class DraftModel(Drafter):
                 self._spec_children.setdefault(parent, []).append((node, rank))
         self.rows: dict[int, _Row] = {}
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: str = "float32", layers: int | None = None,
+                        **kwargs) -> DraftModel:
+        """Load the draft with :func:`specdec.load_model`; ``layers`` keeps only its first layers."""
+        from specdec.models import load_model
+
+        model, _ = load_model(name_or_path, dtype=dtype)
+        if layers is not None:
+            total = len(model.model.layers)
+            if not 1 <= layers <= total:
+                raise ValueError(f"DraftModel layers={layers} must be in [1, {total}] for {name_or_path!r}")
+            model.model.layers = model.model.layers[:layers]
+            model.config.num_hidden_layers = layers
+        return cls(model, **kwargs)
+
     def check(self, target: torch.nn.Module) -> None:
         mine, theirs = vocab_size(self.model), vocab_size(target)
         if mine != theirs:
