@@ -9,8 +9,9 @@
         processes (on a machine without GPUs they are CPU processes talking over gloo); the main
         process merges every shard's rows into one table
 
-Writes ``results.jsonl`` (one row per prompt and method), ``summary.csv`` and ``table.md``
-to the run directory, prints the table, and hands the rows to the configured logger.
+Writes ``results.jsonl`` (one row per prompt and method), ``summary.csv``, ``table.md``,
+``report.md`` and its PNG figures to the run directory, prints the table, and hands the rows to
+the configured logger (``logger=wandb`` by default: an offline W&B run in the run directory).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from specdec import load_model
 from specdec.benchmark import hf_generate, markdown_table, run_benchmark, specdec_generate, summarize
 from specdec.data import SPEC_BENCH, load_prompts
 from specdec.loggers import NullLogger, make_logger
+from specdec.report import write_report
 
 register()
 
@@ -98,6 +100,7 @@ def main(cfg: DictConfig) -> None:
              f"{n} new tokens, {cfg.threads} threads{processes}; speedup vs model.generate()")
     table = f"{title}\n\n{markdown_table(summary)}\n"
     write_outputs(out, rows, summary, table)
+    write_report(out)  # report.md and the figures, beside the results
     logger.log_results(rows, summary, table)
     logger.finish()
     print(table)

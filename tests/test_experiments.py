@@ -146,6 +146,7 @@ def test_tiny_run_logs_to_wandb_offline(tiny_run):
     assert len(rows) == 3 * 3  # prompts x (generate, no draft, prompt lookup)
     assert all(r["matches_baseline"] for r in rows)
     assert "Greedy output identical to `model.generate` on every prompt: yes" in (run_dir / "table.md").read_text()
+    assert (run_dir / "speedup.png").is_file() and "![speedup]" in (run_dir / "report.md").read_text()
 
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     records = read_wandb_records(run_file)
