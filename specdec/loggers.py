@@ -64,7 +64,7 @@ class WandbLogger:
                               mode=os.environ.get("WANDB_MODE", mode))
 
     def log_row(self, row: dict, step: int) -> None:
-        numbers = {f"{row['method']}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        numbers = {f"{row['method']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
         numbers["prompt_index"] = step
         self.run.log(numbers)
 
