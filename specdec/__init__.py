@@ -12,7 +12,7 @@ from specdec.generate import SpecDecodeOutput, generate, speculative
 from specdec.models import DEFAULT_MODEL, load_model
 from specdec.sampling import Sampling
 from specdec.stats import SpecStats
-from specdec.tree import DraftTree
+from specdec.tree import DraftTree, TreeSpec
 from specdec.verify import Acceptance, accept_greedy, accept_sampling
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "Sampling",
     "SpecDecodeOutput",
     "SpecStats",
+    "TreeSpec",
     "accept_greedy",
     "accept_sampling",
     "generate",

@@ -110,3 +110,20 @@ def test_static_tree_sampling_matches_target(small_target, small_draft):
     drafter = DraftModel(small_draft, k=3, tree=[[0], [1], [0, 0], [0, 1], [1, 0]])
     counts = sample_counts(small_target, drafter)
     assert chi2_pvalue(counts, exact_joint(small_target)) > 1e-3
+
+
+def test_sampling_in_a_batch_matches_target(small_target, small_draft):
+    """Row 0 of a left-padded batch of two keeps the target's law while row 1 decodes beside it."""
+    other = torch.tensor([[0, 0, 0, 0, 0, 2, 5, 1, 3]])  # left-padded, a different prompt
+    ids = torch.cat([PROMPT, other])
+    mask = torch.cat([torch.ones_like(PROMPT), (other != 0).long()])
+    gen = torch.Generator().manual_seed(99)
+    drafter = DraftModel(small_draft, k=2, top_k=2)
+    counts = torch.zeros(V**N_TOKENS)
+    for _ in range(N_SAMPLES):
+        (tokens, _), _ = decode(small_target, ids, drafter, SAMPLING, N_TOKENS, gen, attention_mask=mask)
+        index = 0
+        for tok in tokens:
+            index = index * V + tok
+        counts[index] += 1
+    assert chi2_pvalue(counts, exact_joint(small_target)) > 1e-3
