@@ -71,6 +71,10 @@ def tree_attention_forward(
     if tree is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    unsupported = [name for name in ("softcap", "s_aux", "sliding_window") if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"tree attention does not support {', '.join(unsupported)}: this model needs its own "
+                         "attention for those; use a model without them")
     uses_reference = tree.backend == "reference" or (tree.backend == "auto" and not query.is_cuda)
     dense = tree.dense(key.shape[2]) if uses_reference else None
     out = tree_attention(query, key, value, tree.prefix_start, tree.prefix_end, tree.ancestors, scale=scaling,

@@ -77,3 +77,10 @@ def select_rows(cache: DynamicCache, rows: Tensor) -> None:
     for layer in _layers(cache):
         layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
         layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+
+
+def truncate(cache: DynamicCache, length: int) -> None:
+    """Cut every layer back to ``length`` positions (undo a forward that failed part-way)."""
+    for layer in _layers(cache):
+        if layer.keys.shape[2] > length:
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]

@@ -24,7 +24,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from specdec.attention import TreeMask, tree_attention_enabled
-from specdec.cache import commit_rows, new_cache, select_rows, zero_positions
+from specdec.cache import commit_rows, new_cache, select_rows, truncate, zero_positions
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.sampling import Sampling
 from specdec.stats import SpecStats
@@ -163,14 +163,22 @@ class SpeculativeDecoder:
         roots = torch.cat([s.tokens[0, -1:] for s in states])  # (A,)
         ids, positions, ancestors = batch_trees(trees, roots, self.end - self.start)
         tree_mask = TreeMask(self.start, self.end, ancestors, self.attention_backend)
-        logits = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
-                            tree=tree_mask).logits  # (A, T, V)
+        try:
+            logits = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
+                                tree=tree_mask).logits  # (A, T, V)
+        except Exception:
+            truncate(self.cache, S)  # layers that ran already appended the tree: undo, keep the cache whole
+            raise
 
-        # 3. accept, row by row
-        new_tokens, kept, finished, acceptances = {}, [], [], []
+        # 3. accept, row by row (nothing changes until every row has its outcome)
+        acceptances = []
         for a, (state, tree) in enumerate(zip(states, trees)):
             n_before = state.n_generated + positions[a, : len(tree) + 1] - positions[a, 0]  # (T_a + 1,)
-            acceptance = _accept(tree, logits[a, : len(tree) + 1], n_before, self.sampling, self.generator)
+            acceptances.append(_accept(tree, logits[a, : len(tree) + 1], n_before, self.sampling, self.generator))
+
+        # 4. commit: tokens (cut at EOS / budget), roots and accepted paths to contiguous positions
+        new_tokens, kept, finished = {}, [], []
+        for a, (state, tree, acceptance) in enumerate(zip(states, trees, acceptances)):
             room = state.max_new_tokens - state.n_generated
             new, done = _cut(acceptance.tokens(tree), self.sampling.eos_token_ids, room)
             state.tokens = torch.cat([state.tokens, state.tokens.new_tensor([new])], dim=1)
@@ -178,12 +186,9 @@ class SpeculativeDecoder:
             kept.append(S + torch.tensor([0] + [1 + node for node in acceptance.path]))
             finished.append(done)
             self.stats.record(depths[a], len(tree), len(acceptance.path), len(new))
-            acceptances.append(acceptance)
-
-        # 4. commit: roots and accepted paths to contiguous positions; finished rows leave
         self.end = commit_rows(self.cache, self.end, kept)
         self.drafter.commit(states, acceptances)
-        if any(finished):
+        if any(finished):  # finished rows leave the batch
             keep = torch.tensor([a for a, done in enumerate(finished) if not done], dtype=torch.long)
             for state, done in zip(states, finished):
                 if done:

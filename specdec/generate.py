@@ -197,10 +197,12 @@ def generate(
 
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    outputs, stats = decode(model, input_ids, drafter, sampling, max_new, generator, streamer, attention_mask,
-                            attention_backend)
-    if streamer is not None:
-        streamer.end()
+    try:
+        outputs, stats = decode(model, input_ids, drafter, sampling, max_new, generator, streamer, attention_mask,
+                                attention_backend)
+    finally:
+        if streamer is not None:
+            streamer.end()  # an iterator streamer's consumer must never wait forever
 
     width = max(len(new) for new in outputs)
     padded = torch.full((len(outputs), width), pad, dtype=input_ids.dtype)

@@ -88,3 +88,18 @@ def test_keep_prefix_is_a_crop(target, path):
     with torch.inference_mode():
         commit_rows(cache, torch.tensor([3]), [torch.tensor([3 + p for p in path], dtype=torch.long)])
     assert_kv_close(kv(cache), kv(fresh_prefill(target, tokens[:, : 3 + len(path)])))
+
+
+def test_failed_verification_leaves_the_cache_whole(target, monkeypatch):
+    """The verify forward fails inside the first attention layer (the Triton kernel is not
+    available on CPU without the interpreter): the cache is cut back, nothing is committed."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    decoder = SpeculativeDecoder(target, PromptLookup(k=3), Sampling(), attention_backend="triton")
+    prompt = torch.tensor([[5, 6, 7, 5, 6, 7, 5]])
+    with tree_attention_enabled(target):
+        decoder.prefill(prompt, None, max_new_tokens=10)
+        before = kv(decoder.cache)
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            decoder.step()
+    assert_kv_close(kv(decoder.cache), before)
+    assert decoder.states[0].tokens.shape[1] == prompt.shape[1] and decoder.stats.steps == 0

@@ -46,8 +46,8 @@ def _tree_attention_fwd(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: B * Hk * S * D can pass 2**31 at long prefixes
+    h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
