@@ -83,3 +83,13 @@ def test_bad_attention_backend(target):
 def test_max_length_not_past_the_prompt(target):
     with pytest.raises(ValueError, match="max_new_tokens=-1 must be >= 1"):
         specdec.generate(target, IDS, PromptLookup(), max_length=2)
+
+
+def test_combined_needs_two_drafters_and_checks_each(target):
+    from specdec import Combined
+
+    with pytest.raises(ValueError, match="at least 2 drafters, got 1"):
+        Combined(PromptLookup())
+    with pytest.raises(ValueError, match="drafter vocab 80 != target vocab 64"):
+        specdec.generate(target, IDS, Combined(PromptLookup(), DraftModel(tiny_llama(vocab=80, seed=3))),
+                         max_new_tokens=3)

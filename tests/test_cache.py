@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from specdec.cache import commit_rows, new_cache
-from specdec.drafters import DraftModel, PromptLookup
+from specdec.drafters import Combined, DraftModel, PromptLookup
 from specdec.attention import tree_attention_enabled
 from specdec.engine import SpeculativeDecoder
 from specdec.sampling import Sampling
@@ -35,7 +35,7 @@ def assert_kv_close(a, b):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     prompts=st.lists(st.lists(st.integers(3, 63), min_size=1, max_size=12), min_size=1, max_size=3),
-    kind=st.sampled_from(["lookup", "lookup-tree", "draft", "draft-tree", "draft-static", "draft-sampled"]),
+    kind=st.sampled_from(["lookup", "lookup-tree", "draft", "draft-tree", "draft-static", "draft-sampled", "combined"]),
     k=st.integers(1, 5),
     steps=st.integers(1, 6),
 )
@@ -46,6 +46,7 @@ def test_cache_equals_fresh_prefill_after_steps(target, draft, prompts, kind, k,
         "draft": lambda: DraftModel(draft, k=k),
         "draft-tree": lambda: DraftModel(draft, k=k, top_k=2, budget=6),
         "draft-static": lambda: DraftModel(draft, k=k, tree=[[0], [1], [0, 0], [1, 0], [1, 1], [0, 0, 0]]),
+        "combined": lambda: Combined(PromptLookup(k=k), DraftModel(draft, k=k)),
         "draft-sampled": lambda: DraftModel(draft, k=k, top_k=2),
     }[kind]()
     sampling = Sampling(do_sample=kind == "draft-sampled", temperature=1.0)
@@ -62,8 +63,9 @@ def test_cache_equals_fresh_prefill_after_steps(target, draft, prompts, kind, k,
                 start, end = int(decoder.start[a]), int(decoder.end[a])
                 assert end - start == tokens.shape[1] - 1  # everything but the root
                 assert_kv_close(kv(decoder.cache, a, start, end), kv(fresh_prefill(target, tokens[:, :-1])))
-                if isinstance(drafter, DraftModel):
-                    row = drafter.rows[state.row]
+                models = [d for d in getattr(drafter, "drafters", [drafter]) if isinstance(d, DraftModel)]
+                for model_drafter in models:
+                    row = model_drafter.rows[state.row]
                     assert row.cache.get_seq_length() == row.cached
                     assert_kv_close(kv(row.cache), kv(fresh_prefill(draft, tokens[:, : row.cached])))
 

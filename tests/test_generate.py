@@ -7,14 +7,14 @@ from hypothesis import strategies as st
 from transformers import GenerationConfig, TextIteratorStreamer
 
 import specdec
-from specdec import DraftModel, PromptLookup
+from specdec import Combined, DraftModel, PromptLookup
 
 
 def reference(model, ids, **kwargs):
     return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, **kwargs)
 
 
-KINDS = ["lookup", "lookup-tree", "draft", "draft-tree", "draft-static"]
+KINDS = ["lookup", "lookup-tree", "draft", "draft-tree", "draft-static", "combined"]
 STATIC = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
 
 
@@ -25,6 +25,7 @@ def make_drafter(kind, k, draft):
         "draft": lambda: DraftModel(draft, k=k),
         "draft-tree": lambda: DraftModel(draft, k=k, top_k=3, width=2, budget=2 * k + 1),
         "draft-static": lambda: DraftModel(draft, k=k, tree=STATIC),
+        "combined": lambda: Combined(PromptLookup(k=k, max_ngram=3), DraftModel(draft, k=k, top_k=2)),
     }[kind]()
 
 

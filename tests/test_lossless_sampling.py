@@ -10,7 +10,7 @@ import torch
 from scipy.stats import chisquare
 
 import specdec.engine
-from specdec.drafters import DraftModel, PromptLookup
+from specdec.drafters import Combined, DraftModel, PromptLookup
 from specdec.engine import decode
 from specdec.sampling import Sampling
 from specdec.verify import Acceptance
@@ -81,10 +81,12 @@ def drafters(small_draft):
         "draft_tree": DraftModel(small_draft, k=2, top_k=3, width=2),  # i.i.d. siblings from q
         "lookup_chain": PromptLookup(k=3, max_ngram=2),
         "lookup_tree": PromptLookup(k=3, max_ngram=2, branches=3),  # point-mass siblings
+        # siblings from different proposals: lookup point masses beside sampled model drafts
+        "combined": Combined(PromptLookup(k=3, max_ngram=2), DraftModel(small_draft, k=2)),
     }
 
 
-NAMES = ["draft_chain", "draft_tree", "lookup_chain", "lookup_tree"]
+NAMES = ["draft_chain", "draft_tree", "lookup_chain", "lookup_tree", "combined"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,0 +1,71 @@
+"""Several drafters in one tree: e.g. prompt lookup (wins on summarization and retrieval, where
+output copies the prompt) beside a draft model (wins where it does not).
+
+Each drafter proposes its own tree below the shared root; the trees are placed side by side as
+siblings, and each drafter later sees only the part of the accepted path that ran through its
+own nodes. With sampling the siblings come from different proposals (point masses for lookup,
+q for the model); recursive rejection stays exact for independently drawn siblings with their
+own q (SpecInfer's multi-draft verification, Miao et al. 2024), so point-mass nodes get one-hot
+q rows when any drafter sampled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.drafters.base import DecodeState, Drafter
+from specdec.tree import DraftTree
+from specdec.verify import Acceptance
+
+
+class Combined(Drafter):
+    """The union of several drafters' trees, verified in one forward.
+
+    Args:
+        drafters: proposed in this order; the acceptance rule tries their root children in
+            the same order.
+    """
+
+    def __init__(self, *drafters: Drafter) -> None:
+        if len(drafters) < 2:
+            raise ValueError(f"Combined needs at least 2 drafters, got {len(drafters)}")
+        self.drafters = drafters
+        self._offsets: dict[int, list[int]] = {}  # row -> first node of each drafter's subtree
+
+    def check(self, target: torch.nn.Module) -> None:
+        for drafter in self.drafters:
+            drafter.check(target)
+
+    def prefill(self, states: list[DecodeState]) -> None:
+        for drafter in self.drafters:
+            drafter.prefill(states)
+
+    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
+        per_drafter = [drafter.propose(states) for drafter in self.drafters]  # [drafter][row]
+        return [self._merge(state, [trees[r] for trees in per_drafter]) for r, state in enumerate(states)]
+
+    def _merge(self, state: DecodeState, trees: list[DraftTree]) -> DraftTree:
+        offsets, tokens, parents = [], [], []
+        for tree in trees:
+            offset = sum(map(len, trees[: len(offsets)]))
+            offsets.append(offset)
+            tokens.append(tree.tokens)
+            parents.append(torch.where(tree.parents >= 0, tree.parents + offset, tree.parents))
+        self._offsets[state.row] = offsets
+        vocab = next((t.q.shape[1] for t in trees if t.q is not None), None)
+        q = None
+        if vocab is not None:  # someone sampled: every node needs its own q row
+            q = torch.cat([t.q if t.q is not None else torch.nn.functional.one_hot(t.tokens, vocab).float()
+                           for t in trees])
+        return DraftTree(torch.cat(tokens), torch.cat(parents), q)
+
+    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
+        for d, drafter in enumerate(self.drafters):
+            mine = []
+            for state, result in zip(states, results):
+                offsets = self._offsets[state.row]
+                lo = offsets[d]
+                hi = offsets[d + 1] if d + 1 < len(offsets) else float("inf")
+                path = [node - lo for node in result.path if lo <= node < hi]
+                mine.append(Acceptance(path, result.next_token))
+            drafter.commit(states, mine)
