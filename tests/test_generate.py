@@ -7,11 +7,26 @@ from hypothesis import strategies as st
 from transformers import GenerationConfig, TextIteratorStreamer
 
 import specdec
+from specdec.benchmark import left_pad
 from specdec import Combined, DraftModel, PromptLookup
 
 
 def reference(model, ids, **kwargs):
     return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, **kwargs)
+
+
+def assert_rows_match_alone(model, rows, drafter, max_new_tokens, eos):
+    """Left-padded rows verified together: each row's output equals model.generate on it alone, then padding."""
+    ids, mask = left_pad([torch.tensor(r) for r in rows], pad_id=0)
+    got = specdec.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=max_new_tokens,
+                           eos_token_id=eos, pad_token_id=0)
+    assert got.shape[0] == len(rows)
+    for i, row in enumerate(rows):
+        alone = reference(model, torch.tensor([row]), max_new_tokens=max_new_tokens, eos_token_id=eos)
+        alone = alone[0, len(row):].tolist()
+        produced = got[i, ids.shape[1]:].tolist()
+        assert produced[: len(alone)] == alone
+        assert all(t == 0 for t in produced[len(alone):])
 
 
 KINDS = ["lookup", "lookup-tree", "draft", "draft-tree", "draft-static", "combined"]
@@ -47,17 +62,7 @@ batches = st.lists(st.lists(st.integers(3, 63), min_size=1, max_size=16), min_si
 @given(rows=batches, kind=st.sampled_from(KINDS), k=st.integers(1, 6), eos=st.sampled_from([None, 7, 30]))
 def test_batch_rows_equal_generate_alone(target, draft, rows, kind, k, eos):
     """Left-padded rows of different lengths, verified together: each row equals model.generate on it alone."""
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    got = specdec.generate(target, ids, make_drafter(kind, k, draft), attention_mask=mask, max_new_tokens=24,
-                           eos_token_id=eos, pad_token_id=0)
-    assert got.shape[0] == len(rows)
-    for i, row in enumerate(rows):
-        alone = reference(target, torch.tensor([row]), max_new_tokens=24, eos_token_id=eos)[0, len(row):].tolist()
-        produced = got[i, width:].tolist()
-        assert produced[: len(alone)] == alone
-        assert all(t == 0 for t in produced[len(alone):])
+    assert_rows_match_alone(target, rows, make_drafter(kind, k, draft), max_new_tokens=24, eos=eos)
 
 
 def test_tree_beats_chain_on_acceptance(target, draft):
@@ -134,18 +139,7 @@ def test_max_length_and_generation_config(target, draft):
 
 def test_left_padded_batch_with_eos(target, draft):
     rows = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    eos = 7
-    got = specdec.generate(target, ids, PromptLookup(k=4), attention_mask=mask, max_new_tokens=20, eos_token_id=eos,
-                           pad_token_id=0)
-    assert got.shape[0] == 3
-    for i, row in enumerate(rows):
-        alone = reference(target, torch.tensor([row]), max_new_tokens=20, eos_token_id=eos)[0, len(row):].tolist()
-        produced = got[i, width:].tolist()
-        assert produced[: len(alone)] == alone
-        assert all(t == 0 for t in produced[len(alone):])
+    assert_rows_match_alone(target, rows, PromptLookup(k=4), max_new_tokens=20, eos=7)
 
 
 def test_streamer_receives_exactly_the_new_tokens(target, draft):

@@ -9,6 +9,7 @@ import torch
 
 import specdec
 from specdec import DraftModel, PromptLookup
+from specdec.benchmark import left_pad
 
 pytestmark = pytest.mark.slow
 
@@ -86,12 +87,8 @@ def test_eos_inside_accepted_block_and_max_new_mid_block(smollm, chat_ids):
 def test_batch_of_trees_equals_generate_per_row(smollm, chat_ids, references):
     """Three real prompts, left-padded into one batch, lookup trees: each row equals generate on it alone."""
     model, tokenizer = smollm
-    rows = [chat_ids[i][0] for i in (0, 1, 3)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((3, width), tokenizer.pad_token_id)
-    mask = torch.zeros(3, width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    ids, mask = left_pad([chat_ids[i][0] for i in (0, 1, 3)], tokenizer.pad_token_id)
+    width = ids.shape[1]
     out = specdec.generate(model, ids, PromptLookup(k=4, branches=3), attention_mask=mask, max_new_tokens=64,
                            return_dict_in_generate=True)
     for row, i in enumerate((0, 1, 3)):
