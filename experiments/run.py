@@ -49,6 +49,12 @@ def write_outputs(out: Path, rows: list[dict], summary: list[dict], table: str) 
     (out / "table.md").write_text(table)
 
 
+def build_drafter(node: DictConfig):
+    """A drafter from its config; ``name`` and the ``train`` block are not constructor arguments."""
+    return instantiate({k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+                        if k not in ("name", "train")})
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     validate(cfg)  # before anything loads
@@ -58,10 +64,8 @@ def main(cfg: DictConfig) -> None:
     prompts = load_prompts(cfg.dataset.path or SPEC_BENCH, per_task=cfg.dataset.per_task, seed=cfg.dataset.seed,
                            tasks=tasks)
     shard = prompts[state.process_index :: state.num_processes]
-    drafter_cfg = OmegaConf.to_container(cfg.drafter, resolve=True)
-    drafter_name = drafter_cfg.pop("name")
-    drafter = instantiate(drafter_cfg)
-    variants = {name: instantiate(v) for name, v in cfg.variants.items()}
+    drafter = build_drafter(cfg.drafter)
+    variants = {name: build_drafter(v) for name, v in cfg.variants.items()}
     sampling = {k: v for k, v in OmegaConf.to_container(cfg.sampling).items() if k != "name" and v is not None}
     out = [HydraConfig.get().runtime.output_dir]
     if state.num_processes > 1:
@@ -79,7 +83,7 @@ def main(cfg: DictConfig) -> None:
         methods.append(hf_generate(model, n, "hf_prompt_lookup", sampling=sampling,
                                    prompt_lookup_num_tokens=cfg.hf_prompt_lookup_num_tokens))
     methods += [specdec_generate(model, None, n, "specdec_no_draft", backend, sampling),
-                specdec_generate(model, drafter, n, f"specdec_{drafter_name}", backend, sampling)]
+                specdec_generate(model, drafter, n, f"specdec_{cfg.drafter.name}", backend, sampling)]
     methods += [specdec_generate(model, d, n, f"specdec_{name}", backend, sampling) for name, d in variants.items()]
     eos = model.generation_config.eos_token_id
     step = iter(range(10**9))

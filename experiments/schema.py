@@ -7,11 +7,11 @@ wrong type fails at composition, before any model loads, with Hydra naming the k
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from specdec_kernels.tree_attention.ops import BACKENDS
 
@@ -77,9 +77,67 @@ class RunConfig:
     variants: Any = field(default_factory=dict)
 
 
+@dataclass
+class DistillConfig:
+    gsm8k_prompts: int = 400  # GSM8K training questions
+    self_prompts: int = 240  # prompts the target writes itself on varied topics
+    max_new_tokens: int = 192  # length of the target's answers
+    batch_size: int = 48  # prompts per generate() call while building the set
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    drafter: Any = MISSING  # a drafter config with a `train` block (specdec.train.TrainSettings fields)
+    data: DistillConfig = field(default_factory=DistillConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    threads: int = 2
+    output: Optional[str] = None  # None: where the drafter config loads its checkpoint
+    decode_prompts: int = 4  # held-out prompts decoded with the trained drafter (0: none)
+    decode_max_new_tokens: int = 96
+
+
 def register() -> None:
-    """Put the schema in Hydra's ConfigStore as ``base_config``."""
+    """Put the schemas in Hydra's ConfigStore as ``base_config`` and ``train_base_config``."""
     ConfigStore.instance().store(name="base_config", node=RunConfig)
+    ConfigStore.instance().store(name="train_base_config", node=TrainConfig)
+
+
+def validate_training(cfg: DictConfig):
+    """Check a training config; returns the drafter's :class:`~specdec.train.TrainSettings`."""
+    from specdec.train import KINDS, TrainSettings
+
+    if cfg.drafter.get("name") not in KINDS:
+        raise ValueError(f"config drafter={cfg.drafter.get('name')!r} cannot be trained: use one of {KINDS}")
+    if "train" not in cfg.drafter or "checkpoint" not in cfg.drafter:
+        raise ValueError(f"config drafter={cfg.drafter.name} needs a `train` block and a `checkpoint` name")
+    block = OmegaConf.to_container(cfg.drafter.train, resolve=True)
+    known = {f.name for f in fields(TrainSettings)}
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise ValueError(f"config drafter.train.{unknown[0]} is not a training setting: use one of {sorted(known)}")
+    if "init_layers" in block:
+        block["init_layers"] = tuple(block["init_layers"])
+    settings = TrainSettings(**block)
+    checks = [
+        ("threads", cfg.threads >= 1, ">= 1"),
+        ("drafter.train.epochs", settings.epochs > 0, "> 0"),
+        ("drafter.train.lr", settings.lr > 0, "> 0"),
+        ("drafter.train.batch_size", settings.batch_size >= 1, ">= 1"),
+        ("drafter.train.seq_len", settings.seq_len >= 2, ">= 2"),
+        ("drafter.train.vocab", settings.vocab >= 0, ">= 0 (0: the full vocabulary)"),
+        ("drafter.train.holdout", settings.holdout >= 1, ">= 1"),
+        ("drafter.train.unroll", settings.unroll >= 1, ">= 1"),
+        ("drafter.train.heads", settings.heads >= 1, ">= 1"),
+        ("drafter.train.layers", settings.layers >= 1, ">= 1"),
+        ("data.gsm8k_prompts", cfg.data.gsm8k_prompts + cfg.data.self_prompts >= 2, "with self_prompts, >= 2"),
+        ("decode_prompts", 0 <= cfg.decode_prompts <= settings.holdout, f"in [0, holdout={settings.holdout}]"),
+    ]
+    for key, ok, want in checks:
+        if not ok:
+            raise ValueError(f"config {key}={_get(cfg, key)!r} is invalid: it must be {want}")
+    return settings
 
 
 def validate(cfg: DictConfig) -> None:

@@ -111,6 +111,8 @@ class SpeculativeDecoder:
         self.states: list[DecodeState] = []  # active rows, in cache order
         self.finished: dict[int, DecodeState] = {}
         self.start = self.end = None  # (A,) each active row's cached range
+        drafter.check(model)  # binds drafters built on the target's weights; raises if it cannot serve it
+        drafter.attach(self)
 
     @property
     def done(self) -> bool:
@@ -137,12 +139,18 @@ class SpeculativeDecoder:
             for b in range(B)
         ]
         self.start, self.end = pad.clone(), torch.full_like(pad, n - 1)
+        for state in self.states:  # one-token prompts: nothing cached, no hidden states
+            state.hidden = torch.empty(0, self.model.config.hidden_size, device=device)
         if n > 1:
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, n)
-            self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1] if (pad > 0).any() else None,
-                       position_ids=positions[:, :-1], cache=self.cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1] if (pad > 0).any() else None,
+                             position_ids=positions[:, :-1], cache=self.cache, use_cache=True, logits_to_keep=1,
+                             output_hidden_states=self.drafter.needs_hidden)
             if (pad > 0).any():
                 zero_positions(self.cache, self.start)
+            if self.drafter.needs_hidden:
+                for b, state in enumerate(self.states):
+                    state.hidden = out.hidden_states[-1][b, int(pad[b]) :]
         self.drafter.prefill(self.states)
         self.stats.prefill_time += time.perf_counter() - t0
 
@@ -164,8 +172,9 @@ class SpeculativeDecoder:
         ids, positions, ancestors = batch_trees(trees, roots, self.end - self.start)
         tree_mask = TreeMask(self.start, self.end, ancestors, self.attention_backend)
         try:
-            logits = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
-                                tree=tree_mask).logits  # (A, T, V)
+            out = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True, tree=tree_mask,
+                             output_hidden_states=self.drafter.needs_hidden)
+            logits = out.logits  # (A, T, V)
         except Exception:
             truncate(self.cache, S)  # layers that ran already appended the tree: undo, keep the cache whole
             raise
@@ -184,6 +193,8 @@ class SpeculativeDecoder:
             state.tokens = torch.cat([state.tokens, state.tokens.new_tensor([new])], dim=1)
             new_tokens[state.row] = new
             kept.append(S + torch.tensor([0] + [1 + node for node in acceptance.path]))
+            if self.drafter.needs_hidden:
+                state.hidden = out.hidden_states[-1][a, kept[-1] - S]
             finished.append(done)
             self.stats.record(depths[a], len(tree), len(acceptance.path), len(new))
         self.end = commit_rows(self.cache, self.end, kept)

@@ -15,6 +15,7 @@ from typing import Protocol
 
 
 class RunLogger(Protocol):
+    def log_metrics(self, metrics: dict, step: int) -> None: ...
     def log_row(self, row: dict, step: int) -> None: ...
     def log_results(self, rows: list[dict], summary: list[dict], table: str) -> None: ...
     def finish(self) -> None: ...
@@ -22,6 +23,9 @@ class RunLogger(Protocol):
 
 class NullLogger:
     """Logs nothing (the run directory still gets results.jsonl, summary.csv and table.md)."""
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        pass
 
     def log_row(self, row: dict, step: int) -> None:
         pass
@@ -43,6 +47,11 @@ class CsvLogger(NullLogger):
 
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / "results.csv"
+        self.metrics_path = Path(out_dir) / "metrics.jsonl"
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def log_results(self, rows: list[dict], summary: list[dict], table: str) -> None:
         columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -62,6 +71,9 @@ class WandbLogger:
         self._wandb = wandb
         self.run = wandb.init(project=project, dir=str(out_dir), config=config, name=name,
                               mode=os.environ.get("WANDB_MODE", mode))
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.run.log(metrics, step=step)
 
     def log_row(self, row: dict, step: int) -> None:
         numbers = {f"{row['method']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}

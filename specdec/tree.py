@@ -15,6 +15,7 @@ computed once per tree with tensor ops, never per node per layer.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -158,6 +159,30 @@ class TreeSpec:
                 ranks.append(seen.get(p, 0))
                 seen[p] = ranks[-1] + 1
         return cls(tuple(parents), tuple(ranks))
+
+    @classmethod
+    def from_accuracies(cls, accuracy: Tensor, budget: int) -> TreeSpec:
+        """The ``budget``-node tree of greatest expected accepted length (Medusa's sparse trees, Sequoia).
+
+        ``accuracy[d, r]`` is how often the candidate of rank r at depth d + 1 is the target's token
+        (measured on held-out data). Taking depths as independent, a node's chance to be accepted is
+        the product along its path; best-first growth keeps the ``budget`` likeliest nodes, and since a
+        child is never likelier than its parent, parents come first.
+        """
+        if budget < 1:
+            raise ValueError(f"tree budget={budget} must be >= 1")
+        depth, ranks = accuracy.shape
+        acc = accuracy.tolist()
+        frontier = [(-acc[0][r], r, (r,)) for r in range(ranks)]
+        heapq.heapify(frontier)
+        paths = []
+        while frontier and len(paths) < budget:
+            neg_p, _, path = heapq.heappop(frontier)
+            paths.append(list(path))
+            if len(path) < depth:
+                for r in range(ranks):
+                    heapq.heappush(frontier, (neg_p * acc[len(path)][r], r, path + (r,)))
+        return cls.from_paths(paths)
 
     def __len__(self) -> int:
         return len(self.parents)

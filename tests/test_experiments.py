@@ -183,7 +183,7 @@ def test_tree_group_reaches_the_drafters():
 
     lookup = instantiate({k: v for k, v in compose_with("tree=dynamic").drafter.items() if k != "name"})
     assert (lookup.k, lookup.branches) == (6, 3)
-    cfg = compose_with("drafter=draft_model", "tree=dynamic", "tree.budget=16")
+    cfg = compose_with("drafter=truncated", "tree=dynamic", "tree.budget=16")
     assert (cfg.drafter.top_k, cfg.drafter.width, cfg.drafter.budget, cfg.drafter.k) == (4, 4, 16, 6)
 
 

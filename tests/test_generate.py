@@ -9,6 +9,7 @@ from transformers import GenerationConfig, TextIteratorStreamer
 import specdec
 from specdec.benchmark import left_pad
 from specdec import Combined, DraftModel, PromptLookup
+from specdec.drafters import Adaptive, Eagle, EagleHead, EarlyExit, Medusa, MedusaHeads
 
 
 def reference(model, ids, **kwargs):
@@ -29,11 +30,23 @@ def assert_rows_match_alone(model, rows, drafter, max_new_tokens, eos):
         assert all(t == 0 for t in produced[len(alone):])
 
 
-KINDS = ["lookup", "lookup-tree", "draft", "draft-tree", "draft-static", "combined"]
+KINDS = ["lookup", "lookup-tree", "draft", "draft-tree", "draft-static", "combined", "eagle", "eagle-tree",
+         "medusa", "early-exit", "early-exit-tree", "adaptive", "lookup-eagle"]
 STATIC = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
 
 
-def make_drafter(kind, k, draft):
+def medusa_heads(hidden, heads, seed=0):
+    """Randomised heads (trained ones are not zero), so proposals vary."""
+    torch.manual_seed(seed)
+    out = MedusaHeads(hidden, heads)
+    for block in out.blocks:
+        torch.nn.init.normal_(block.weight, std=0.3)
+    return out
+
+
+def make_drafter(kind, k, draft, target):
+    hidden = target.config.hidden_size
+    half = torch.arange(0, target.config.vocab_size, 2)  # a reduced vocabulary: every other token
     return {
         "lookup": lambda: PromptLookup(k=k, max_ngram=3),
         "lookup-tree": lambda: PromptLookup(k=k, max_ngram=3, branches=3),
@@ -41,17 +54,25 @@ def make_drafter(kind, k, draft):
         "draft-tree": lambda: DraftModel(draft, k=k, top_k=3, width=2, budget=2 * k + 1),
         "draft-static": lambda: DraftModel(draft, k=k, tree=STATIC),
         "combined": lambda: Combined(PromptLookup(k=k, max_ngram=3), DraftModel(draft, k=k, top_k=2)),
+        "eagle": lambda: Eagle(EagleHead.from_target(target), k=k),
+        "eagle-tree": lambda: Eagle(EagleHead.from_target(target), vocab=half, k=k, top_k=3, width=2, budget=2 * k),
+        "medusa": lambda: Medusa(medusa_heads(hidden, 4), vocab=half, k=k, budget=3 * k,
+                                 rank_accuracy=torch.tensor([[0.6, 0.2, 0.1]] * 4)),
+        "early-exit": lambda: EarlyExit(layers=1, k=k),
+        "early-exit-tree": lambda: EarlyExit(layers=1, vocab=half, k=k, top_k=2, width=2, budget=2 * k),
+        "adaptive": lambda: Adaptive(DraftModel(draft, k=k, top_k=2), start=1),
+        "lookup-eagle": lambda: Combined(PromptLookup(k=k, max_ngram=3), Eagle(EagleHead.from_target(target), k=k)),
     }[kind]()
 
 
 prompts = st.lists(st.integers(3, 63), min_size=1, max_size=24).map(lambda xs: torch.tensor([xs]))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=prompts, kind=st.sampled_from(KINDS), k=st.integers(1, 8), max_new=st.integers(1, 40))
 def test_greedy_equals_generate(target, draft, ids, kind, k, max_new):
     expected = reference(target, ids, max_new_tokens=max_new, eos_token_id=None)
-    got = specdec.generate(target, ids, make_drafter(kind, k, draft), max_new_tokens=max_new, eos_token_id=None)
+    got = specdec.generate(target, ids, make_drafter(kind, k, draft, target), max_new_tokens=max_new, eos_token_id=None)
     assert torch.equal(got, expected)
 
 
@@ -62,7 +83,7 @@ batches = st.lists(st.lists(st.integers(3, 63), min_size=1, max_size=16), min_si
 @given(rows=batches, kind=st.sampled_from(KINDS), k=st.integers(1, 6), eos=st.sampled_from([None, 7, 30]))
 def test_batch_rows_equal_generate_alone(target, draft, rows, kind, k, eos):
     """Left-padded rows of different lengths, verified together: each row equals model.generate on it alone."""
-    assert_rows_match_alone(target, rows, make_drafter(kind, k, draft), max_new_tokens=24, eos=eos)
+    assert_rows_match_alone(target, rows, make_drafter(kind, k, draft, target), max_new_tokens=24, eos=eos)
 
 
 def test_tree_beats_chain_on_acceptance(target, draft):
@@ -112,7 +133,7 @@ def test_eos_inside_a_block_stops_exactly_there(target, draft, kind, k):
     plain = reference(target, ids, max_new_tokens=40, eos_token_id=None)[0, ids.shape[1]:].tolist()
     for eos in sorted(set(plain[3:20])):  # tokens the target really emits, mid-output
         expected = reference(target, ids, max_new_tokens=40, eos_token_id=eos)
-        drafter = make_drafter(kind, k, target)  # the target as draft: whole blocks accepted
+        drafter = make_drafter(kind, k, target, target)  # the target as draft: whole blocks accepted
         got = specdec.generate(target, ids, drafter, max_new_tokens=40, eos_token_id=eos)
         assert torch.equal(got, expected)
         assert got[0, -1] == eos and got.shape[1] < ids.shape[1] + 40

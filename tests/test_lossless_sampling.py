@@ -10,7 +10,8 @@ import torch
 from scipy.stats import chisquare
 
 import specdec.engine
-from specdec.drafters import Combined, DraftModel, PromptLookup
+from specdec.drafters import (Adaptive, Combined, DraftModel, Eagle, EagleHead, EarlyExit, Medusa, MedusaHeads,
+                              PromptLookup)
 from specdec.engine import decode
 from specdec.sampling import Sampling
 from specdec.verify import Acceptance
@@ -75,7 +76,12 @@ def accept_every_draft(tree, p, generator=None):
     return Acceptance(path, int(torch.multinomial(p[row], 1, generator=generator)))
 
 
-def drafters(small_draft):
+def drafters(small_draft, small_target):
+    torch.manual_seed(5)
+    heads = MedusaHeads(small_target.config.hidden_size, 2)
+    for block in heads.blocks:
+        torch.nn.init.normal_(block.weight, std=0.5)
+    some = torch.tensor([0, 2, 3, 4])  # a reduced vocabulary: the drafts never propose 1 or 5
     return {
         "draft_chain": DraftModel(small_draft, k=2),
         "draft_tree": DraftModel(small_draft, k=2, top_k=3, width=2),  # i.i.d. siblings from q
@@ -83,22 +89,28 @@ def drafters(small_draft):
         "lookup_tree": PromptLookup(k=3, max_ngram=2, branches=3),  # point-mass siblings
         # siblings from different proposals: lookup point masses beside sampled model drafts
         "combined": Combined(PromptLookup(k=3, max_ngram=2), DraftModel(small_draft, k=2)),
+        "eagle_tree": Eagle(EagleHead.from_target(small_target), vocab=some, k=2, top_k=2, width=2),
+        "medusa_tree": Medusa(heads, tree=[[0], [1], [0, 0], [1, 0], [0, 1]]),
+        "early_exit_tree": EarlyExit(layers=1, k=2, top_k=2, width=1),
+        "adaptive_lookup_eagle": Adaptive(Combined(PromptLookup(k=3, max_ngram=2),
+                                                   Eagle(EagleHead.from_target(small_target), k=2)), max_depth=3),
     }
 
 
-NAMES = ["draft_chain", "draft_tree", "lookup_chain", "lookup_tree", "combined"]
+NAMES = ["draft_chain", "draft_tree", "lookup_chain", "lookup_tree", "combined", "eagle_tree", "medusa_tree",
+         "early_exit_tree", "adaptive_lookup_eagle"]
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_speculative_sampling_matches_target(small_target, small_draft, name):
-    counts = sample_counts(small_target, drafters(small_draft)[name])
+    counts = sample_counts(small_target, drafters(small_draft, small_target)[name])
     assert chi2_pvalue(counts, exact_joint(small_target)) > 1e-3
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_wrong_rule_is_caught(small_target, small_draft, name, monkeypatch):
     monkeypatch.setattr(specdec.engine, "accept_sampling", accept_every_draft)
-    counts = sample_counts(small_target, drafters(small_draft)[name])
+    counts = sample_counts(small_target, drafters(small_draft, small_target)[name])
     assert chi2_pvalue(counts, exact_joint(small_target)) < 1e-6
 
 

@@ -1,8 +1,16 @@
 """Drafters, all behind one protocol (:class:`Drafter`): one file each."""
 
+from specdec.drafters.adaptive import Adaptive
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.drafters.combined import Combined
+from specdec.drafters.distilled import Distilled
 from specdec.drafters.draft_model import DraftModel
+from specdec.drafters.eagle import Eagle, EagleHead
+from specdec.drafters.early_exit import EarlyExit, ExitAdapter
+from specdec.drafters.medusa import Medusa, MedusaHeads
 from specdec.drafters.prompt_lookup import PromptLookup
 
-__all__ = ["Combined", "DecodeState", "Drafter", "DraftModel", "PromptLookup"]
+__all__ = [
+    "Adaptive", "Combined", "DecodeState", "Distilled", "Drafter", "DraftModel", "Eagle", "EagleHead", "EarlyExit",
+    "ExitAdapter", "Medusa", "MedusaHeads", "PromptLookup",
+]

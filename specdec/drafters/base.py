@@ -25,6 +25,10 @@ class DecodeState:
         max_new_tokens: output budget of the row.
         sampling: how p and q are made from logits.
         generator: random generator for every draw (``None`` = torch's global one).
+        hidden: for drafters with ``needs_hidden``: ``(m, H)`` the target's final hidden states
+            (what its output head reads) of the tokens its last forward committed to the cache:
+            the prompt less its last token after prefill, the root and the accepted nodes after
+            a step. ``hidden[-1]`` is the state whose logits chose ``tokens[0, -1]``.
     """
 
     row: int
@@ -33,6 +37,7 @@ class DecodeState:
     max_new_tokens: int
     sampling: Sampling
     generator: torch.Generator | None = None
+    hidden: Tensor | None = None
 
     @property
     def n_generated(self) -> int:
@@ -52,10 +57,19 @@ class Drafter(ABC):
     ``commit`` with the rows still running (finished rows drop out; ``state.row``
     identifies a row throughout). ``commit`` comes after ``state.tokens`` has grown,
     so a drafter can keep its own caches in step with the target.
+
+    Drafters built on the target's own weights (EAGLE and Medusa heads read its hidden states,
+    early exit runs its first layers) set ``needs_hidden`` or use ``attach``.
     """
 
+    needs_hidden: bool = False  # the engine fills DecodeState.hidden before prefill and commit
+
     def check(self, target: torch.nn.Module) -> None:  # noqa: B027 - optional hook
-        """Raise ``ValueError`` if this drafter cannot serve ``target``."""
+        """Raise ``ValueError`` if this drafter cannot serve ``target``; drafters that borrow the
+        target's weights (embedding, output head, layers) take them here."""
+
+    def attach(self, decoder) -> None:  # noqa: B027 - optional hook
+        """See the :class:`~specdec.engine.SpeculativeDecoder` before prefill (its cache, row ranges)."""
 
     def prefill(self, states: list[DecodeState]) -> None:  # noqa: B027 - optional hook
         """See the prompts before the first step."""

@@ -36,6 +36,14 @@ class Combined(Drafter):
         for drafter in self.drafters:
             drafter.check(target)
 
+    @property
+    def needs_hidden(self) -> bool:
+        return any(drafter.needs_hidden for drafter in self.drafters)
+
+    def attach(self, decoder) -> None:
+        for drafter in self.drafters:
+            drafter.attach(decoder)
+
     def prefill(self, states: list[DecodeState]) -> None:
         for drafter in self.drafters:
             drafter.prefill(states)

@@ -31,8 +31,9 @@ from specdec.verify import Acceptance
 
 
 def vocab_size(model: PreTrainedModel) -> int:
-    """Rows of the model's output head: the size of its distribution."""
-    return model.get_output_embeddings().weight.shape[0]
+    """Size of the distribution the model's output head scores (a reduced head still spans the vocabulary)."""
+    head = model.get_output_embeddings()
+    return getattr(head, "vocab_size", None) or head.weight.shape[0]
 
 
 @dataclass
@@ -58,7 +59,7 @@ class DraftModel(Drafter):
         attention_backend: tree attention backend of the draft's tree forwards.
     """
 
-    def __init__(self, model: PreTrainedModel, k: int = 4, top_k: int = 1, width: int | None = None,
+    def __init__(self, model: PreTrainedModel | None, k: int = 4, top_k: int = 1, width: int | None = None,
                  budget: int | None = None, tree: TreeSpec | list[list[int]] | None = None,
                  attention_backend: str = "auto") -> None:
         if k < 1:
@@ -67,7 +68,7 @@ class DraftModel(Drafter):
             raise ValueError(f"DraftModel top_k={top_k} must be >= 1")
         if budget is not None and budget < 1:
             raise ValueError(f"DraftModel budget={budget} must be >= 1 (or None for no limit)")
-        self.model, self.k, self.top_k = model.eval(), k, top_k
+        self.model, self.k, self.top_k = model.eval() if model is not None else None, k, top_k
         self.width = top_k if width is None else width
         self.budget, self.attention_backend = budget, attention_backend
         self.spec = TreeSpec.from_paths(tree) if isinstance(tree, list) else tree
@@ -129,25 +130,18 @@ class DraftModel(Drafter):
 
     def _propose_row(self, state: DecodeState, row: _Row) -> DraftTree:
         depth = min(self.k, state.budget)
-        device = self.model.device
         row.fed = {}
         if depth == 0:
             return DraftTree.empty(state.tokens.device)
-        n = state.tokens.shape[1]
-        # level 0: the committed tokens the draft has not seen (the root last), plain causal attention
-        x = state.tokens[:, row.cached :].to(device)  # (1, new)
-        pos = torch.arange(row.cached, n, device=device)[None]
-        logits = self.model(input_ids=x, position_ids=pos, cache=row.cache, use_cache=True, logits_to_keep=1).logits
-        row.cached = n
+        root_logits = self._catch_up(state, row)  # (1, V)
         tokens, parents, qs, logps, depths, node_spec = [], [], [], [], [], []
         plan = [(-1, self._spec_children[-1] if self.spec else [(None, r) for r in range(self.top_k)])]
-        root_logits = logits[0, -1:]  # (1, V)
         for d in range(1, depth + 1):
             if d > 1:
                 plan = self._plan(node_spec, level, logps)
                 if not plan:
                     break
-                root_logits = self._feed(row, [node for node, _ in plan], tokens, parents, n, d - 1)  # (|F|, V)
+                root_logits = self._feed(row, [node for node, _ in plan], tokens, parents, d - 1)  # (|F|, V)
             level = []
             for f, (node, kids) in enumerate(plan):
                 base = logps[node] if node >= 0 else 0.0
@@ -170,19 +164,35 @@ class DraftModel(Drafter):
             q,
         )
 
-    def _feed(self, row: _Row, frontier: list[int], tokens: list[int], parents: list[int], n: int,
-              depth: int) -> Tensor:
-        """Run the draft on ``frontier`` nodes (all at ``depth``) through tree attention; ``(|F|, V)`` logits."""
+    def _catch_up(self, state: DecodeState, row: _Row) -> Tensor:
+        """Feed the committed tokens the draft has not seen (the root last), plain causal attention;
+        ``(1, V)`` logits of the root's children."""
+        device = self.model.device
+        n = state.tokens.shape[1]
+        x = state.tokens[:, row.cached :].to(device)  # (1, new)
+        pos = torch.arange(row.cached, n, device=device)[None]
+        logits = self.model(input_ids=x, position_ids=pos, cache=row.cache, use_cache=True, logits_to_keep=1).logits
+        row.cached = n
+        return logits[0, -1:]
+
+    def _feed(self, row: _Row, frontier: list[int], tokens: list[int], parents: list[int], depth: int) -> Tensor:
+        """Run the draft on ``frontier`` nodes (all at ``depth``) through tree attention, after the
+        ``row.cached`` committed entries and the nodes fed before; ``(|F|, V)`` logits."""
         device = self.model.device
         for node in frontier:
-            row.fed[node] = n + len(row.fed)
+            row.fed[node] = row.cached + len(row.fed)
         fed = sorted(row.fed, key=row.fed.get)  # nodes in cache order
         tree = DraftTree(torch.tensor(tokens), torch.tensor(parents))
         ancestors = tree.ancestors[frontier][:, fed]  # (|F|, Tk)
-        mask = TreeMask(torch.tensor([0], device=device), torch.tensor([n], device=device),
+        mask = TreeMask(torch.tensor([0], device=device), torch.tensor([row.cached], device=device),
                         ancestors[None].to(device), self.attention_backend)
-        ids = torch.tensor([[tokens[i] for i in frontier]], device=device)
-        pos = torch.full_like(ids, n - 1 + depth)
+        pos = torch.full((1, len(frontier)), row.cached - 1 + depth, device=device)
+        return self._forward_nodes(row, frontier, tokens, parents, pos, mask)
+
+    def _forward_nodes(self, row: _Row, frontier: list[int], tokens: list[int], parents: list[int], pos: Tensor,
+                       mask: TreeMask) -> Tensor:
+        """The draft's forward over the frontier nodes; ``(|F|, V)`` logits."""
+        ids = torch.tensor([[tokens[i] for i in frontier]], device=pos.device)
         return self.model(input_ids=ids, position_ids=pos, cache=row.cache, use_cache=True, tree=mask).logits[0]
 
     def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:

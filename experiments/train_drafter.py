@@ -1,0 +1,108 @@
+"""Train a drafter for the target on its own outputs, log to W&B, save a checkpoint.
+
+    python -m experiments.train_drafter drafter=eagle          # also: medusa, early_exit, draft_model
+    python -m experiments.train_drafter drafter=medusa drafter.train.heads=3 logger=csv
+    accelerate launch --num_processes 2 -m experiments.train_drafter drafter=eagle threads=1
+
+1. builds (or reads from the cache) the self-distillation set: GSM8K training questions and
+   prompts the target writes itself, answered greedily by the target (:mod:`specdec.distill`);
+2. runs the target once over it for hidden states and greedy labels;
+3. trains the drafter (:mod:`specdec.train`), logging loss and per-depth top-1 accuracy;
+4. saves the checkpoint where ``drafter=<name>`` loads it (``specdec/checkpoints/<checkpoint>.pt``,
+   or ``output=path.pt``), with its settings and the target's fingerprint;
+5. decodes a few held-out prompts with it and logs acceptance per depth and tau.
+
+Everything is seeded: the same command rebuilds the same checkpoint on the same machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from accelerate import Accelerator
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.schema import register, validate_training
+from specdec import generate, load_model
+from specdec.checkpoint import SHIPPED, save_checkpoint
+from specdec.distill import DistillSettings, build_sequences, teacher_pass
+from specdec.loggers import NullLogger, make_logger
+from specdec.train import TrainSettings, train
+
+register()
+
+
+def checkpoint_file(cfg: DictConfig) -> Path:
+    """Where the checkpoint goes: ``output``, else where the drafter config loads it from."""
+    if cfg.output:
+        return Path(cfg.output)
+    name = str(cfg.drafter.checkpoint)
+    return Path(name) if name.endswith(".pt") else SHIPPED / f"{name}.pt"
+
+
+def held_out_decode(drafter_cfg: dict, path: Path, model, tokenizer, sequences, prompt_lens, n: int,
+                    max_new_tokens: int) -> dict:
+    """Acceptance of the trained drafter when decoding ``n`` held-out prompts greedily."""
+    drafter = hydra.utils.instantiate({**drafter_cfg, "checkpoint": str(path)})
+    taus, positions = [], []
+    for seq, plen in zip(sequences[-n:], prompt_lens[-n:]):
+        out = generate(model, seq[None, :plen], drafter, max_new_tokens=max_new_tokens, do_sample=False,
+                       return_dict_in_generate=True)
+        taus.append(out.stats.tau)
+        positions.append(out.stats.position_acceptance)
+    depth = max(map(len, positions))
+    return {"decode/tau": sum(taus) / len(taus)} | {
+        f"decode/acceptance_depth{d + 1}": sum(p[d] for p in positions if len(p) > d) / len(positions)
+        for d in range(depth)}
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train_drafter")
+def main(cfg: DictConfig) -> None:
+    settings = validate_training(cfg)  # before anything loads
+    torch.set_num_threads(cfg.threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    logger = NullLogger()
+    if accelerator.is_main_process:
+        logger = make_logger(cfg.logger.kind, out_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger.project,
+                             cfg.logger.mode, name=f"train-{cfg.drafter.name}")
+    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
+    data_settings = DistillSettings(**OmegaConf.to_container(cfg.data))
+    with accelerator.main_process_first():  # one process builds the cached set, the others read it
+        sequences, prompt_lens = build_sequences(model, tokenizer, data_settings)
+    layers = (settings.layers,) if cfg.drafter.name == "early_exit" else ()
+    data = teacher_pass(model, sequences, prompt_lens, layers=layers)
+    module, vocab, metrics = train(cfg.drafter.name, model, data, settings, logger.log_metrics, accelerator)
+    if accelerator.is_main_process:
+        path = checkpoint_file(cfg)
+        save_checkpoint(path, cfg.drafter.name, module, _module_settings(cfg.drafter.name, model, settings), model,
+                        vocab, cfg.model.name, metrics | {"train": dataclasses.asdict(settings)})
+        drafter_cfg = {k: v for k, v in OmegaConf.to_container(cfg.drafter, resolve=True).items()
+                       if k not in ("name", "train")}
+        metrics |= held_out_decode(drafter_cfg, path, model, tokenizer, sequences, prompt_lens, cfg.decode_prompts,
+                                   cfg.decode_max_new_tokens) if cfg.decode_prompts else {}
+        logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, 10**9)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(json.dumps({k: v for k, v in metrics.items() if k != "rank_accuracy"}, indent=1))
+        print(f"checkpoint: {path}")
+    logger.finish()
+
+
+def _module_settings(kind: str, model, settings: TrainSettings) -> dict:
+    """What rebuilds the module before its weights load."""
+    if kind == "eagle":
+        return {"target_config": model.config.to_dict()}
+    if kind == "medusa":
+        return {"hidden": model.config.hidden_size, "heads": settings.heads}
+    if kind == "early_exit":
+        return {"hidden": model.config.hidden_size, "layers": settings.layers}
+    return {"init_layers": list(settings.init_layers)}
+
+
+if __name__ == "__main__":
+    main()

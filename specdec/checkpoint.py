@@ -1,0 +1,93 @@
+"""Trained drafter checkpoints: weights, the settings that rebuild the module, and the target they
+were trained for.
+
+A checkpoint stores a *fingerprint* of its target (architecture plus the signs of a strided sample
+of every weight); a drafter refuses to run against any other target, since its heads read that
+target's hidden states. Shipped checkpoints live in ``specdec/checkpoints/`` and load by name
+(``"eagle-smollm2-135m"``); any path to a ``.pt`` file works too. Weights are stored in float16
+(small enough to commit) and loaded back in the target's dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+SHIPPED = Path(__file__).resolve().parent / "checkpoints"
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """A short hash of the target: its architecture, every weight's name and shape, and the signs of a
+    strided sample of each weight (signs survive a cast, so the same weights in float32 or bfloat16
+    agree, while any other training run differs almost surely)."""
+    h = hashlib.sha256()
+    config = model.config
+    h.update(json.dumps([config.model_type, config.vocab_size, config.hidden_size, config.num_hidden_layers]).encode())
+    for name, param in sorted(model.state_dict().items()):
+        sample = param.detach().flatten()[:: max(1, param.numel() // 256)][:256].float()
+        h.update(name.encode())
+        h.update(str(tuple(param.shape)).encode())
+        h.update(torch.sign(sample).to(torch.int8).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_path(name_or_path: str | Path) -> Path:
+    """A shipped checkpoint's name, or a path to a ``.pt`` file."""
+    path = Path(name_or_path)
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise FileNotFoundError(f"drafter checkpoint {str(path)!r} does not exist")
+        return path
+    shipped = SHIPPED / f"{name_or_path}.pt"
+    if not shipped.is_file():
+        names = sorted(p.stem for p in SHIPPED.glob("*.pt"))
+        raise FileNotFoundError(
+            f"no shipped drafter checkpoint {str(name_or_path)!r}: shipped ones are {names}; train one with "
+            "`python -m experiments.train_drafter drafter=<eagle|medusa|early_exit|draft_model>` or give a .pt path"
+        )
+    return shipped
+
+
+def save_checkpoint(path: str | Path, kind: str, module: torch.nn.Module, settings: dict, target: PreTrainedModel,
+                    vocab: torch.Tensor | None, target_name: str, metrics: dict | None = None) -> Path:
+    """Write a checkpoint: float16 weights of ``module``, its ``settings``, the reduced vocabulary and the
+    target's fingerprint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "kind": kind,
+        "settings": settings,
+        "state_dict": {k: v.detach().to(torch.float16) if v.is_floating_point() else v
+                       for k, v in module.state_dict().items()},
+        "vocab": None if vocab is None else vocab.to(torch.int32),
+        "target_fingerprint": fingerprint(target),
+        "target_name": target_name,
+        "metrics": metrics or {},
+    }, path)
+    return path
+
+
+def load_checkpoint(name_or_path: str | Path, kind: str) -> dict:
+    """Read a checkpoint of drafter ``kind``; raises ``ValueError`` for another kind."""
+    path = checkpoint_path(name_or_path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("kind") != kind:
+        raise ValueError(f"checkpoint {str(path)!r} holds a {ckpt.get('kind')!r} drafter, not {kind!r}")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def check_target(ckpt: dict, target: PreTrainedModel) -> None:
+    """Raise ``ValueError`` unless ``target`` is the model the checkpoint was trained for."""
+    mine = fingerprint(target)
+    if mine != ckpt["target_fingerprint"]:
+        raise ValueError(
+            f"drafter checkpoint {ckpt['path']!r} was trained for target {ckpt['target_name']!r} (fingerprint "
+            f"{ckpt['target_fingerprint']}), but this target's fingerprint is {mine}: its heads read that target's "
+            f"hidden states, so train one for this target with `python -m experiments.train_drafter "
+            f"drafter={ckpt['kind']} model.name=<this model>`"
+        )

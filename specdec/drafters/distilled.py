@@ -1,0 +1,71 @@
+"""A distilled draft model: the classic two-model setup, with a draft trained to imitate the target.
+
+The draft is a few decoder layers of the target's architecture, initialised from chosen target
+layers and trained on the target's own greedy outputs (``experiments.train_drafter
+drafter=draft_model``). It borrows the target's token embedding and its output head (optionally
+reduced to the frequent tokens), so a checkpoint holds only the draft's layers and norm. Once
+built it is an ordinary :class:`DraftModel` with its own KV cache, drafting chains or trees.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from specdec.checkpoint import check_target, load_checkpoint
+from specdec.drafters.draft_model import DraftModel
+from specdec.drafters.eagle import head_config
+from specdec.drafters.vocab import ReducedHead
+
+BORROWED = ("model.embed_tokens.", "lm_head.")
+
+
+def build_draft(target: PreTrainedModel, init_layers: list[int], vocab: Tensor | None = None) -> PreTrainedModel:
+    """A causal LM with ``len(init_layers)`` layers copied from the target's ``init_layers``, its final
+    norm, and the target's embedding and (reduced) output head, shared and frozen."""
+    total = target.config.num_hidden_layers
+    bad = [i for i in init_layers if not 0 <= i < total]
+    if not init_layers or bad:
+        raise ValueError(f"draft init_layers={init_layers} must be non-empty indices in [0, {total})")
+    config = head_config(target.config, len(init_layers))
+    config.vocab_size = target.config.vocab_size
+    draft = AutoModelForCausalLM.from_config(config).to(device=target.device, dtype=target.dtype)
+    with torch.no_grad():
+        for mine, theirs in zip(draft.model.layers, init_layers):
+            mine.load_state_dict(target.model.layers[theirs].state_dict())
+        draft.model.norm.load_state_dict(target.model.norm.state_dict())
+    draft.model.embed_tokens = target.get_input_embeddings()
+    draft.lm_head = ReducedHead(target.get_output_embeddings(), vocab)
+    for name, param in draft.named_parameters():
+        param.requires_grad_(not name.startswith(BORROWED))
+    return draft.eval()
+
+
+def own_weights(draft: PreTrainedModel) -> dict[str, Tensor]:
+    """The draft's trained weights: everything but the borrowed embedding and head."""
+    return {k: v for k, v in draft.state_dict().items() if not k.startswith(BORROWED)}
+
+
+class Distilled(DraftModel):
+    """A trained draft model from a checkpoint; built against the target in :meth:`check`."""
+
+    def __init__(self, checkpoint: dict, **kwargs) -> None:
+        super().__init__(None, **kwargs)
+        self.checkpoint = checkpoint
+        self._target_id: int | None = None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str = "draft_model-smollm2-135m", **kwargs) -> Distilled:
+        """A shipped checkpoint by name, or a ``.pt`` path written by ``experiments.train_drafter``."""
+        return cls(load_checkpoint(checkpoint, "draft_model"), **kwargs)
+
+    def check(self, target: torch.nn.Module) -> None:
+        if self._target_id == id(target):
+            return
+        check_target(self.checkpoint, target)
+        draft = build_draft(target, self.checkpoint["settings"]["init_layers"], self.checkpoint["vocab"])
+        draft.load_state_dict({k: v.to(target.dtype) for k, v in self.checkpoint["state_dict"].items()},
+                              strict=False)
+        self.model = draft
+        self._target_id = id(target)

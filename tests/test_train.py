@@ -1,0 +1,199 @@
+"""Training drafters on a tiny target: the loss falls, checkpoints round-trip, another target is refused,
+and the training command runs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import specdec
+from specdec.checkpoint import fingerprint, save_checkpoint
+from specdec.distill import teacher_pass
+from specdec.drafters import Distilled, Eagle, EarlyExit, Medusa
+from specdec.drafters.vocab import ReducedHead, frequent_tokens
+from specdec.train import KINDS, TrainSettings, train
+from specdec.tree import TreeSpec
+
+from conftest import tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+FROM_CHECKPOINT = {"eagle": Eagle, "medusa": Medusa, "early_exit": EarlyExit, "draft_model": Distilled}
+MODULE_SETTINGS = {
+    "eagle": lambda t, s: {"target_config": t.config.to_dict()},
+    "medusa": lambda t, s: {"hidden": t.config.hidden_size, "heads": s.heads},
+    "early_exit": lambda t, s: {"hidden": t.config.hidden_size, "layers": s.layers},
+    "draft_model": lambda t, s: {"init_layers": list(s.init_layers)},
+}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_llama(seed=3, layers=3, scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def distill_set(teacher):
+    """The teacher's greedy answers to 40 random prompts, and its hidden states over them."""
+    gen = torch.Generator().manual_seed(0)
+    sequences, prompt_lens = [], []
+    for _ in range(40):
+        prompt = torch.randint(3, 64, (1, 6), generator=gen)
+        out = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=40,
+                               eos_token_id=None, pad_token_id=0)
+        sequences.append(out[0])
+        prompt_lens.append(6)
+    return teacher_pass(teacher, sequences, prompt_lens, layers=(1,))
+
+
+def quick(kind: str, **overrides) -> TrainSettings:
+    base = dict(epochs=12, lr=3e-3, batch_size=4, seq_len=32, vocab=48, holdout=4, eval_every=1000, heads=3,
+                layers=1, init_layers=(0, 2), eval_depths=3)
+    return TrainSettings(**(base | overrides))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_lowers_the_loss(teacher, distill_set, kind):
+    losses = []
+    module, vocab, metrics = train(kind, teacher, distill_set, quick(kind),
+                                   log=lambda m, step: losses.append(m["train/loss"]))
+    assert len(losses) >= 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert vocab is not None and len(vocab) == 48
+    assert 0.0 <= metrics["val/top1_depth1"] <= 1.0
+    if kind == "medusa":
+        assert torch.tensor(metrics["rank_accuracy"]).shape == (3, 8)
+
+
+def test_eagle_per_depth_accuracy_is_logged(teacher, distill_set):
+    logged = []
+    train("eagle", teacher, distill_set, quick("eagle", epochs=1, eval_every=5),
+          log=lambda m, step: logged.append(m))
+    evals = [m for m in logged if "val/top1_depth3" in m]
+    assert evals and all(0.0 <= m["val/top1_depth2"] <= 1.0 for m in evals)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpoint_round_trip_is_lossless_and_refuses_another_target(teacher, distill_set, kind, tmp_path):
+    settings = quick(kind, epochs=2)
+    module, vocab, metrics = train(kind, teacher, distill_set, settings)
+    path = save_checkpoint(tmp_path / f"{kind}.pt", kind, module, MODULE_SETTINGS[kind](teacher, settings), teacher,
+                           vocab, "tiny-teacher", metrics)
+    drafter = FROM_CHECKPOINT[kind].from_checkpoint(str(path))
+    ids = distill_set.sequences[-1][None, :6]
+    expected = teacher.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=30,
+                                eos_token_id=None, pad_token_id=0)
+    out = specdec.generate(teacher, ids, drafter, max_new_tokens=30, eos_token_id=None, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    assert out.stats.tau > 1.0  # trained on this teacher's own outputs: some drafts are accepted
+
+    other = tiny_llama(seed=4, layers=3, scale=3.0)  # same architecture, other weights
+    assert fingerprint(other) != fingerprint(teacher)
+    with pytest.raises(ValueError, match="trained for target 'tiny-teacher'"):
+        specdec.generate(other, ids, FROM_CHECKPOINT[kind].from_checkpoint(str(path)), max_new_tokens=5)
+
+
+def test_checkpoint_of_another_kind_is_refused(teacher, distill_set, tmp_path):
+    module, vocab, _ = train("medusa", teacher, distill_set, quick("medusa", epochs=1))
+    path = save_checkpoint(tmp_path / "m.pt", "medusa", module, {"hidden": 32, "heads": 3}, teacher, vocab, "t")
+    with pytest.raises(ValueError, match="holds a 'medusa' drafter, not 'eagle'"):
+        Eagle.from_checkpoint(str(path))
+    with pytest.raises(FileNotFoundError, match="no shipped drafter checkpoint 'nope'"):
+        Eagle.from_checkpoint("nope")
+
+
+def test_fingerprint_ignores_dtype_but_not_weights(teacher):
+    assert fingerprint(teacher) == fingerprint(tiny_llama(seed=3, layers=3, scale=3.0).to(torch.bfloat16))
+    changed = tiny_llama(seed=3, layers=3, scale=3.0)
+    with torch.no_grad():
+        changed.model.layers[1].mlp.down_proj.weight.add_(0.5)
+    assert fingerprint(changed) != fingerprint(teacher)
+
+
+def test_reduced_head_scores_only_its_subset(teacher):
+    ids = torch.tensor([3, 7, 9])
+    head = ReducedHead(teacher.lm_head, ids)
+    hidden = torch.randn(2, 32)
+    full = head(hidden)
+    assert full.shape == (2, 64)
+    assert torch.isinf(full[:, [0, 1, 2, 4]]).all() and full[:, ids].isfinite().all()
+    assert torch.allclose(full[:, ids], teacher.lm_head(hidden)[:, ids])
+    assert head.label_index(torch.tensor([7, 5, 9])).tolist() == [1, -100, 2]
+    with pytest.raises(ValueError, match="reduced vocabulary ids"):
+        ReducedHead(teacher.lm_head, torch.tensor([64]))
+
+
+def test_frequent_tokens_counts_and_breaks_ties_by_id():
+    labels = [torch.tensor([5, 5, 5, 2, 2, 9]), torch.tensor([9, 1])]
+    assert frequent_tokens(labels, 2, 10).tolist() == [2, 5]  # 5 (3x), then 2 and 9 (2x each): 2 wins the tie
+    assert frequent_tokens(labels, 3, 10).tolist() == [2, 5, 9]
+
+
+def test_tree_from_accuracies_keeps_the_likeliest_nodes():
+    acc = torch.tensor([[0.6, 0.3, 0.05], [0.5, 0.2, 0.1]])
+    spec = TreeSpec.from_accuracies(acc, 4)
+    # node probabilities: [0] .6, [0,0] .3, [1] .3, [0,1] .12, [1,0] .15 -> keep .6, .3, .3, .15
+    paths = {(0,), (1,), (0, 0), (1, 0)}
+    got = set()
+    for node, parent in enumerate(spec.parents):
+        path = [spec.ranks[node]]
+        while parent >= 0:
+            path.insert(0, spec.ranks[parent])
+            parent = spec.parents[parent]
+        got.add(tuple(path))
+    assert got == paths
+    with pytest.raises(ValueError, match="budget=0"):
+        TreeSpec.from_accuracies(acc, 0)
+
+
+def test_train_drafter_command_end_to_end(tmp_path):
+    """`python -m experiments.train_drafter` on a tiny model with a tokenizer: builds the set, trains, saves,
+    decodes held-out prompts, logs to W&B offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model_dir = tmp_path / "tiny"
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w0").save_pretrained(model_dir)
+    tiny_llama(seed=3, layers=3, scale=3.0).save_pretrained(model_dir)
+    out = tmp_path / "eagle.pt"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT),
+           "SPECDEC_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.train_drafter", "drafter=eagle", f"model.name={model_dir}",
+         f"output={out}", "data.gsm8k_prompts=10", "data.self_prompts=4", "data.max_new_tokens=16",
+         "data.batch_size=8", "drafter.train.epochs=2", "drafter.train.vocab=32", "+drafter.train.holdout=3",
+         "drafter.train.seq_len=32", "decode_prompts=2", "decode_max_new_tokens=8", "logger=wandb",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.is_file()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0.0 <= metrics["val/top1_depth1"] <= 1.0 and metrics["decode/tau"] >= 1.0
+    assert list((tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb"))
+    assert list((tmp_path / "cache" / "distill").glob("sequences-*.pt"))
+
+
+def test_train_drafter_rejects_untrainable_drafters_and_bad_settings(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from experiments.schema import register, validate_training
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        with pytest.raises(ValueError, match="drafter='prompt_lookup' cannot be trained"):
+            validate_training(compose(config_name="train_drafter", overrides=["drafter=prompt_lookup"]))
+        with pytest.raises(ValueError, match="drafter.train.lrr is not a training setting"):
+            validate_training(compose(config_name="train_drafter", overrides=["+drafter.train.lrr=1"]))
+        with pytest.raises(ValueError, match="drafter.train.epochs=0"):
+            validate_training(compose(config_name="train_drafter", overrides=["drafter.train.epochs=0"]))
+        for kind in KINDS:
+            settings = validate_training(compose(config_name="train_drafter", overrides=[f"drafter={kind}"]))
+            assert settings.vocab > 0
