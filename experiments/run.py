@@ -30,8 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.schema import register, validate
 from specdec import load_model
-from specdec.benchmark import hf_generate, markdown_table, run_benchmark, specdec_generate, summarize
+from specdec.benchmark import (hf_generate, markdown_table, run_benchmark, specdec_generate, speedup_table,
+                               summarize)
 from specdec.data import SPEC_BENCH, load_prompts
+from specdec.drafters import Distilled
 from specdec.loggers import NullLogger, make_logger
 from specdec.report import write_report
 
@@ -82,9 +84,15 @@ def main(cfg: DictConfig) -> None:
     if cfg.hf_prompt_lookup_num_tokens:
         methods.append(hf_generate(model, n, "hf_prompt_lookup", sampling=sampling,
                                    prompt_lookup_num_tokens=cfg.hf_prompt_lookup_num_tokens))
+    if cfg.hf_assistant:  # transformers' own assisted generation, with our trained draft model as assistant
+        assistant = Distilled.from_checkpoint(cfg.hf_assistant)
+        assistant.check(model)
+        methods.append(hf_generate(model, n, "hf_assisted", sampling=sampling, assistant_model=assistant.model))
+    pad = {"min_verify_tokens": cfg.min_verify_tokens}
     methods += [specdec_generate(model, None, n, "specdec_no_draft", backend, sampling),
-                specdec_generate(model, drafter, n, f"specdec_{cfg.drafter.name}", backend, sampling)]
-    methods += [specdec_generate(model, d, n, f"specdec_{name}", backend, sampling) for name, d in variants.items()]
+                specdec_generate(model, drafter, n, f"specdec_{cfg.drafter.name}", backend, sampling, **pad)]
+    methods += [specdec_generate(model, d, n, f"specdec_{name}", backend, sampling, **pad)
+                for name, d in variants.items()]
     eos = model.generation_config.eos_token_id
     step = iter(range(10**9))
     rows = run_benchmark(methods, tokenizer, shard, progress=cfg.progress and state.is_main_process,
@@ -102,7 +110,8 @@ def main(cfg: DictConfig) -> None:
     processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
     title = (f"{cfg.model.name}, {cfg.dataset.name} ({len(prompts)} prompts), batch {cfg.batch_size}, {mode}, "
              f"{n} new tokens, {cfg.threads} threads{processes}; speedup vs model.generate()")
-    table = f"{title}\n\n{markdown_table(summary)}\n"
+    table = (f"{title}\n\n{markdown_table(summary)}\n\nSpeedup (tau) per task:\n\n"
+             f"{speedup_table(summary)}\n")
     write_outputs(out, rows, summary, table)
     write_report(out)  # report.md and the figures, beside the results
     logger.log_results(rows, summary, table)

@@ -72,7 +72,9 @@ class RunConfig:
     threads: int = 2
     batch_size: int = 1
     attention_backend: str = "auto"
+    min_verify_tokens: int = 1  # pad verification forwards with drafts to this many tokens (a CPU speed knob)
     hf_prompt_lookup_num_tokens: int = 10
+    hf_assistant: Optional[str] = None  # a distilled draft checkpoint run as transformers' assistant_model
     progress: bool = True
     variants: Any = field(default_factory=dict)
 
@@ -84,6 +86,7 @@ class DistillConfig:
     max_new_tokens: int = 192  # length of the target's answers
     batch_size: int = 48  # prompts per generate() call while building the set
     seed: int = 0
+    teacher_layers: list[int] = field(default_factory=lambda: [6])  # hidden states kept besides the last (early exit)
 
 
 @dataclass
@@ -146,6 +149,7 @@ def validate(cfg: DictConfig) -> None:
         ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
         ("threads", cfg.threads >= 1, ">= 1"),
         ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("min_verify_tokens", cfg.min_verify_tokens >= 1, ">= 1"),
         ("hf_prompt_lookup_num_tokens", cfg.hf_prompt_lookup_num_tokens >= 0, ">= 0 (0 turns it off)"),
         ("attention_backend", cfg.attention_backend in BACKENDS, f"one of {BACKENDS}"),
         ("logger.kind", cfg.logger.kind in LOGGERS, f"one of {LOGGERS}"),

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.schema import register, validate_training
 from specdec import generate, load_model
 from specdec.checkpoint import SHIPPED, save_checkpoint
-from specdec.distill import DistillSettings, build_sequences, teacher_pass
+from specdec.distill import DistillSettings, distill_set
 from specdec.loggers import NullLogger, make_logger
 from specdec.train import TrainSettings, train
 
@@ -72,11 +72,12 @@ def main(cfg: DictConfig) -> None:
         logger = make_logger(cfg.logger.kind, out_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger.project,
                              cfg.logger.mode, name=f"train-{cfg.drafter.name}")
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
-    data_settings = DistillSettings(**OmegaConf.to_container(cfg.data))
+    data_settings = DistillSettings(**{k: v for k, v in OmegaConf.to_container(cfg.data).items()
+                                       if k != "teacher_layers"})
+    layers = tuple(sorted(set(cfg.data.teacher_layers) | ({settings.layers} if cfg.drafter.name == "early_exit"
+                                                          else set())))
     with accelerator.main_process_first():  # one process builds the cached set, the others read it
-        sequences, prompt_lens = build_sequences(model, tokenizer, data_settings)
-    layers = (settings.layers,) if cfg.drafter.name == "early_exit" else ()
-    data = teacher_pass(model, sequences, prompt_lens, layers=layers)
+        data = distill_set(model, tokenizer, data_settings, layers)
     module, vocab, metrics = train(cfg.drafter.name, model, data, settings, logger.log_metrics, accelerator)
     if accelerator.is_main_process:
         path = checkpoint_file(cfg)
@@ -84,7 +85,7 @@ def main(cfg: DictConfig) -> None:
                         vocab, cfg.model.name, metrics | {"train": dataclasses.asdict(settings)})
         drafter_cfg = {k: v for k, v in OmegaConf.to_container(cfg.drafter, resolve=True).items()
                        if k not in ("name", "train")}
-        metrics |= held_out_decode(drafter_cfg, path, model, tokenizer, sequences, prompt_lens, cfg.decode_prompts,
+        metrics |= held_out_decode(drafter_cfg, path, model, tokenizer, data.sequences, data.prompt_lens, cfg.decode_prompts,
                                    cfg.decode_max_new_tokens) if cfg.decode_prompts else {}
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, 10**9)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -7,7 +7,18 @@ Chen et al. 2023, "Accelerating LLM Decoding with Speculative Sampling";
 Miao et al. 2024, "SpecInfer").
 """
 
-from specdec.drafters import Combined, DecodeState, Drafter, DraftModel, PromptLookup
+from specdec.drafters import (
+    Adaptive,
+    Combined,
+    DecodeState,
+    Distilled,
+    Drafter,
+    DraftModel,
+    Eagle,
+    EarlyExit,
+    Medusa,
+    PromptLookup,
+)
 from specdec.generate import SpecDecodeOutput, generate, speculative
 from specdec.models import DEFAULT_MODEL, load_model
 from specdec.sampling import Sampling
@@ -18,11 +29,16 @@ from specdec.verify import Acceptance, accept_greedy, accept_sampling
 __all__ = [
     "DEFAULT_MODEL",
     "Acceptance",
+    "Adaptive",
     "Combined",
     "DecodeState",
+    "Distilled",
     "DraftModel",
     "DraftTree",
     "Drafter",
+    "Eagle",
+    "EarlyExit",
+    "Medusa",
     "PromptLookup",
     "Sampling",
     "SpecDecodeOutput",

@@ -64,13 +64,14 @@ def hf_generate(model: PreTrainedModel, max_new_tokens: int, name: str = BASELIN
 
 
 def specdec_generate(model: PreTrainedModel, drafter: Drafter | None, max_new_tokens: int, name: str,
-                     attention_backend: str = "auto", sampling: dict | None = None) -> Method:
-    """``specdec.generate`` with ``drafter`` (``None``: the engine alone), greedy unless ``sampling``."""
+                     attention_backend: str = "auto", sampling: dict | None = None, **kwargs) -> Method:
+    """``specdec.generate`` with ``drafter`` (``None``: the engine alone), greedy unless ``sampling``;
+    extra ``kwargs`` (e.g. ``min_verify_tokens=6``) go to ``generate``."""
     sampling = sampling or {"do_sample": False}
 
     def run(ids, mask, streamer=None):
         out = generate(model, ids, drafter, attention_mask=mask, max_new_tokens=max_new_tokens, streamer=streamer,
-                       return_dict_in_generate=True, attention_backend=attention_backend, **sampling)
+                       return_dict_in_generate=True, attention_backend=attention_backend, **sampling, **kwargs)
         return out.sequences, out.stats
 
     return Method(name, run)
@@ -202,6 +203,20 @@ def summarize(rows: Sequence[dict], baseline: str = BASELINE) -> list[dict]:
                 "exact": sum(r["matches_baseline"] for r in sel) / len(sel),
             })
     return table
+
+
+def speedup_table(summary: Sequence[dict]) -> str:
+    """The summary with one row per method: speedup (tau) per task, then tokens/s overall."""
+    tasks = list(dict.fromkeys(r["task"] for r in summary))
+    lines = ["| method | " + " | ".join(tasks) + " | tok/s overall |", "|---|" + "---|" * (len(tasks) + 1)]
+    for method in dict.fromkeys(r["method"] for r in summary):
+        cells = []
+        for task in tasks:
+            r = next(r for r in summary if r["task"] == task and r["method"] == method)
+            cells.append(f"{r['speedup']:.2f}x" + ("" if r["tau"] is None else f" ({r['tau']:.2f})"))
+        overall = next(r for r in summary if r["task"] == "overall" and r["method"] == method)
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {overall['tokens_per_s']:.1f} |")
+    return "\n".join(lines)
 
 
 def _mean(values) -> float | None:

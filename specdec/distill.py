@@ -131,29 +131,46 @@ def self_written_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     return [t for t in texts if len(t) > 8]
 
 
+def _cached(directory: Path | None, name: str, build):
+    """``build()``'s result, kept in ``directory/name`` (default ``$SPECDEC_CACHE/distill``)."""
+    path = Path(directory or cache_dir() / "distill") / name
+    if path.is_file():
+        return torch.load(path)
+    value = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").rename(path)  # atomic: a concurrent reader sees all of it or nothing
+    return value
+
+
+def _key(value) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def build_sequences(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: DistillSettings,
                     directory: Path | None = None) -> tuple[list[Tensor], list[int]]:
     """Prompts + the target's greedy answers; read from the cache when built before with these settings."""
-    directory = Path(directory or cache_dir() / "distill")
-    key = hashlib.sha1(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:10]
-    path = directory / f"sequences-{fingerprint(model)}-{key}.pt"
-    if path.is_file():
-        saved = torch.load(path)
-        return saved["sequences"], saved["prompt_lens"]
-    texts = gsm8k_prompts(settings.gsm8k_prompts, settings.seed)
-    if settings.self_prompts:
-        texts += self_written_prompts(model, tokenizer, settings.self_prompts, settings.batch_size, settings.seed)
-    prompts = [encode(tokenizer, [{"role": "user", "content": t}]) for t in texts]
-    answers = _generate(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
-                        "target answers", do_sample=False)
-    sequences = [torch.cat([p, torch.tensor(a, dtype=torch.long)]) for p, a in zip(prompts, answers)]
-    prompt_lens = [len(p) for p in prompts]
-    order = random.Random(settings.seed).sample(range(len(sequences)), len(sequences))  # mixed for the holdout
-    sequences, prompt_lens = [sequences[i] for i in order], [prompt_lens[i] for i in order]
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save({"sequences": sequences, "prompt_lens": prompt_lens}, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").rename(path)
-    return sequences, prompt_lens
+    def build():
+        texts = gsm8k_prompts(settings.gsm8k_prompts, settings.seed)
+        if settings.self_prompts:
+            texts += self_written_prompts(model, tokenizer, settings.self_prompts, settings.batch_size, settings.seed)
+        prompts = [encode(tokenizer, [{"role": "user", "content": t}]) for t in texts]
+        answers = _generate(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
+                            "target answers", do_sample=False)
+        sequences = [torch.cat([p, torch.tensor(a, dtype=torch.long)]) for p, a in zip(prompts, answers)]
+        order = random.Random(settings.seed).sample(range(len(sequences)), len(sequences))  # mixed for the holdout
+        return {"sequences": [sequences[i] for i in order], "prompt_lens": [len(prompts[i]) for i in order]}
+
+    saved = _cached(directory, f"sequences-{fingerprint(model)}-{_key(asdict(settings))}.pt", build)
+    return saved["sequences"], saved["prompt_lens"]
+
+
+def distill_set(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: DistillSettings,
+                layers: tuple[int, ...] = (), directory: Path | None = None) -> DistillSet:
+    """The whole set: sequences and the teacher pass over them (each cached)."""
+    sequences, prompt_lens = build_sequences(model, tokenizer, settings, directory)
+    name = f"teacher-{fingerprint(model)}-{_key([asdict(settings), list(layers)])}.pt"
+    return DistillSet(**_cached(directory, name, lambda: vars(teacher_pass(model, sequences, prompt_lens, layers))))
 
 
 @torch.inference_mode()

@@ -134,6 +134,7 @@ def generate(
     streamer=None,
     generator: torch.Generator | None = None,
     attention_backend: str = "auto",
+    min_verify_tokens: int = 1,
     **kwargs,
 ) -> Tensor | SpecDecodeOutput:
     """Speculative ``model.generate``: identical output, fewer target forwards.
@@ -155,6 +156,9 @@ def generate(
             ``torch.manual_seed`` works as with ``model.generate``).
         attention_backend: tree attention: ``"auto"`` (the Triton kernel on CUDA, the torch
             reference elsewhere), ``"triton"`` or ``"reference"``.
+        min_verify_tokens: pad verification forwards that carry drafts to at least this many
+            tokens (padding is discarded); a speed knob for CPUs whose matrix products are slower
+            for 2-4 rows than for 6-8 (see :class:`~specdec.engine.SpeculativeDecoder`).
         **kwargs: ``max_new_tokens``, ``max_length``, ``min_new_tokens``, ``eos_token_id``,
             ``pad_token_id``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
             ``return_dict_in_generate``; anything else raises ``ValueError``.
@@ -199,7 +203,7 @@ def generate(
         streamer.put(input_ids.cpu())
     try:
         outputs, stats = decode(model, input_ids, drafter, sampling, max_new, generator, streamer, attention_mask,
-                                attention_backend)
+                                attention_backend, min_verify_tokens)
     finally:
         if streamer is not None:
             streamer.end()  # an iterator streamer's consumer must never wait forever

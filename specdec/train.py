@@ -27,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from specdec.distill import DistillSet
@@ -223,8 +224,7 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
     train_set, val_set = data.split(settings.holdout)
     vocab = None
     if settings.vocab:
-        answers = [lab[p:] for lab, p in zip(train_set.labels, train_set.prompt_lens)]
-        vocab = frequent_tokens(answers, settings.vocab, target.get_output_embeddings().weight.shape[0])
+        vocab = frequent_tokens(train_set.labels, settings.vocab, target.get_output_embeddings().weight.shape[0])
     head = ReducedHead(target.get_output_embeddings(), vocab).float()
     objective = Objective(kind, target, head, settings)
     exit_layer = settings.layers if kind == "early_exit" else None
@@ -242,7 +242,8 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
     rng = random.Random(settings.seed)
     objective.train()
     order: list[Chunk] = []
-    for step in range(steps):
+    bar = tqdm(range(steps), desc=f"train {kind}", disable=not accelerator.is_main_process)
+    for step in bar:
         if len(order) < settings.batch_size * accelerator.num_processes:
             refill = list(train_chunks)
             rng.shuffle(refill)
@@ -263,6 +264,7 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
             metrics |= evaluate(inner, val_batches)
         if accelerator.is_main_process:
             log(metrics, step)
+            bar.set_postfix({k.split("/")[-1]: round(v, 3) for k, v in metrics.items() if "loss" in k or "depth1" in k})
     final = evaluate(inner, val_batches)
     if kind == "medusa":
         final["rank_accuracy"] = rank_accuracy(inner, val_batches).tolist()

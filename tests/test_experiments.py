@@ -145,7 +145,11 @@ def test_tiny_run_logs_to_wandb_offline(tiny_run):
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * 3  # prompts x (generate, no draft, prompt lookup)
     assert all(r["matches_baseline"] for r in rows)
-    assert "Greedy output identical to `model.generate` on every prompt: yes" in (run_dir / "table.md").read_text()
+    table = (run_dir / "table.md").read_text()
+    assert "Greedy output identical to `model.generate` on every prompt: yes" in table
+    by_method = table.split("Speedup (tau) per task:")[1]
+    assert "| method | loop | other | overall | tok/s overall |" in by_method
+    assert by_method.count("| specdec_prompt_lookup | ") == 1 and "x (" in by_method
     assert (run_dir / "speedup.png").is_file() and "![speedup]" in (run_dir / "report.md").read_text()
 
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")

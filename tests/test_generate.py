@@ -216,3 +216,17 @@ def test_return_dict_carries_stats(target, draft):
     assert 0 <= stats.acceptance_rate <= 1
     assert stats.draft_time > 0 and stats.verify_time > 0
     assert len(stats.position_acceptance) == 3
+
+
+@pytest.mark.parametrize("kind", ["lookup", "draft-tree", "eagle"])
+def test_padded_verification_changes_nothing(target, draft, kind):
+    """min_verify_tokens pads forwards with discarded columns: same tokens, same acceptance."""
+    rows = [[5, 9, 13, 7, 5, 9, 13], [3, 4, 5, 3, 4], [12, 40]]
+    ids, mask = left_pad([torch.tensor(r) for r in rows], pad_id=0)
+    outs = [specdec.generate(target, ids, make_drafter(kind, 3, draft, target), attention_mask=mask,
+                             max_new_tokens=24, eos_token_id=None, pad_token_id=0, min_verify_tokens=m,
+                             return_dict_in_generate=True) for m in (1, 8)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert outs[0].stats.accepted == outs[1].stats.accepted
+    with pytest.raises(ValueError, match="min_verify_tokens=0"):
+        specdec.generate(target, ids, None, attention_mask=mask, max_new_tokens=4, min_verify_tokens=0)

@@ -97,3 +97,32 @@ def test_batch_of_trees_equals_generate_per_row(smollm, chat_ids, references):
         assert got[: len(expected)] == expected
         assert all(t == tokenizer.pad_token_id for t in got[len(expected):])
     assert out.stats.tau > 1.0
+
+
+SHIPPED = {
+    "eagle": lambda: specdec.drafters.Eagle.from_checkpoint("eagle-smollm2-135m", k=5, top_k=4, width=2, budget=12),
+    "medusa": lambda: specdec.drafters.Medusa.from_checkpoint("medusa-smollm2-135m", budget=12),
+    "early_exit": lambda: specdec.drafters.EarlyExit.from_checkpoint("early_exit-smollm2-135m", k=3),
+    "draft_model": lambda: specdec.drafters.Distilled.from_checkpoint("draft_model-smollm2-135m", k=4),
+}
+
+
+@pytest.mark.parametrize("kind", list(SHIPPED))
+def test_shipped_drafters_are_lossless_and_accepted(smollm, chat_ids, references, kind):
+    """Each shipped checkpoint loads against the embedded target, decodes the real prompts exactly as
+    model.generate does, and its drafts are accepted (it was trained for this target)."""
+    model, _ = smollm
+    drafter = SHIPPED[kind]()
+    taus = []
+    for ids, expected in zip(chat_ids, references):
+        out = specdec.generate(model, ids, drafter, max_new_tokens=64, do_sample=False, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, expected)
+        taus.append(out.stats.tau)
+    assert sum(taus) / len(taus) > 1.3, taus
+
+
+def test_shipped_checkpoint_refuses_another_target(smollm, truncated_draft):
+    """The truncated model has other weights (and layers): the shipped EAGLE head will not run on it."""
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="was trained for target 'smollm2-135m'"):
+        specdec.generate(truncated_draft, ids, SHIPPED["eagle"](), max_new_tokens=4)

@@ -80,3 +80,26 @@ class Drafter(ABC):
 
     def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:  # noqa: B027 - optional hook
         """Learn each row's outcome; ``state.tokens`` already holds the step's tokens."""
+
+
+class BuiltOnTarget:
+    """Mixin for drafters made of trained parts plus the target's own weights (its embedding, output
+    head or layers): :meth:`check` enforces the checkpoint's target fingerprint, then calls
+    :meth:`bind` once per target object."""
+
+    checkpoint: dict | None = None  # a loaded checkpoint (None: untrained parts, any target)
+    _bound: int | None = None
+
+    def bind(self, target: torch.nn.Module) -> None:
+        """Take what this drafter borrows from ``target``."""
+        raise NotImplementedError
+
+    def check(self, target: torch.nn.Module) -> None:
+        if self._bound == id(target):
+            return
+        if self.checkpoint is not None:
+            from specdec.checkpoint import check_target
+
+            check_target(self.checkpoint, target)
+        self.bind(target)
+        self._bound = id(target)

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from specdec.checkpoint import check_target, load_checkpoint
+from specdec.checkpoint import load_checkpoint
+from specdec.drafters.base import BuiltOnTarget
 from specdec.drafters.draft_model import DraftModel
 from specdec.drafters.eagle import head_config
 from specdec.drafters.vocab import ReducedHead
@@ -47,25 +48,20 @@ def own_weights(draft: PreTrainedModel) -> dict[str, Tensor]:
     return {k: v for k, v in draft.state_dict().items() if not k.startswith(BORROWED)}
 
 
-class Distilled(DraftModel):
+class Distilled(BuiltOnTarget, DraftModel):
     """A trained draft model from a checkpoint; built against the target in :meth:`check`."""
 
     def __init__(self, checkpoint: dict, **kwargs) -> None:
         super().__init__(None, **kwargs)
         self.checkpoint = checkpoint
-        self._target_id: int | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str = "draft_model-smollm2-135m", **kwargs) -> Distilled:
         """A shipped checkpoint by name, or a ``.pt`` path written by ``experiments.train_drafter``."""
         return cls(load_checkpoint(checkpoint, "draft_model"), **kwargs)
 
-    def check(self, target: torch.nn.Module) -> None:
-        if self._target_id == id(target):
-            return
-        check_target(self.checkpoint, target)
+    def bind(self, target: torch.nn.Module) -> None:
         draft = build_draft(target, self.checkpoint["settings"]["init_layers"], self.checkpoint["vocab"])
         draft.load_state_dict({k: v.to(target.dtype) for k, v in self.checkpoint["state_dict"].items()},
                               strict=False)
         self.model = draft
-        self._target_id = id(target)

@@ -21,8 +21,8 @@ from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig, 
 
 from specdec.attention import TreeMask
 from specdec.cache import new_cache, truncate
-from specdec.checkpoint import check_target, load_checkpoint
-from specdec.drafters.base import DecodeState
+from specdec.checkpoint import load_checkpoint
+from specdec.drafters.base import BuiltOnTarget, DecodeState
 from specdec.drafters.draft_model import DraftModel, _Row
 from specdec.drafters.vocab import ReducedHead
 from specdec.verify import Acceptance
@@ -74,7 +74,7 @@ class _EagleRow(_Row):
     feats: dict | None = None  # node (-1 = root) -> its predicted feature, while proposing
 
 
-class Eagle(DraftModel):
+class Eagle(BuiltOnTarget, DraftModel):
     """An EAGLE head proposing chains or trees (``k``, ``top_k``, ``width``, ``budget``, ``tree`` as in
     :class:`DraftModel`).
 
@@ -93,7 +93,6 @@ class Eagle(DraftModel):
         self.head, self.vocab, self.checkpoint = head.eval(), vocab, checkpoint
         self.embed: nn.Module | None = None
         self.lm: ReducedHead | None = None
-        self._target_id: int | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str = "eagle-smollm2-135m", **kwargs) -> Eagle:
@@ -104,15 +103,10 @@ class Eagle(DraftModel):
         head.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
         return cls(head, ckpt["vocab"], ckpt, **kwargs)
 
-    def check(self, target: torch.nn.Module) -> None:
-        if self._target_id == id(target):
-            return
-        if self.checkpoint is not None:
-            check_target(self.checkpoint, target)
+    def bind(self, target: torch.nn.Module) -> None:
         self.head.to(device=target.device, dtype=target.dtype)
         self.embed = target.get_input_embeddings()
         self.lm = ReducedHead(target.get_output_embeddings(), self.vocab)
-        self._target_id = id(target)
 
     def prefill(self, states: list[DecodeState]) -> None:
         self.rows = {}

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from specdec.checkpoint import check_target, load_checkpoint
-from specdec.drafters.base import DecodeState
+from specdec.checkpoint import load_checkpoint
+from specdec.drafters.base import BuiltOnTarget, DecodeState
 from specdec.drafters.draft_model import DraftModel, _Row
 from specdec.drafters.vocab import ReducedHead
 from specdec.verify import Acceptance
@@ -67,7 +67,7 @@ class ExitModel(nn.Module):
         return SimpleNamespace(logits=self.head(self.adapter(hidden[:, -logits_to_keep:])))
 
 
-class EarlyExit(DraftModel):
+class EarlyExit(BuiltOnTarget, DraftModel):
     """Drafts chains or trees (``k``, ``top_k``, ``width``, ``budget``, ``tree`` as in :class:`DraftModel`)
     with the target's first ``layers`` layers.
 
@@ -85,7 +85,6 @@ class EarlyExit(DraftModel):
             raise ValueError(f"EarlyExit layers={layers} must be >= 1")
         self.layers, self.adapter, self.vocab, self.checkpoint = layers, adapter, vocab, checkpoint
         self.decoder = None
-        self._target_id: int | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str = "early_exit-smollm2-135m", **kwargs) -> EarlyExit:
@@ -95,15 +94,10 @@ class EarlyExit(DraftModel):
         adapter.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
         return cls(ckpt["settings"]["layers"], adapter, ckpt["vocab"], ckpt, **kwargs)
 
-    def check(self, target: torch.nn.Module) -> None:
-        if self._target_id == id(target):
-            return
-        if self.checkpoint is not None:
-            check_target(self.checkpoint, target)
+    def bind(self, target: torch.nn.Module) -> None:
         adapter = self.adapter or ExitAdapter(target.config.hidden_size)
         adapter.to(device=target.device, dtype=target.dtype)
         self.model = ExitModel(target, self.layers, adapter, ReducedHead(target.get_output_embeddings(), self.vocab))
-        self._target_id = id(target)
 
     def attach(self, decoder) -> None:
         self.decoder = decoder

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from specdec.checkpoint import check_target, load_checkpoint
-from specdec.drafters.base import DecodeState, Drafter
+from specdec.checkpoint import load_checkpoint
+from specdec.drafters.base import BuiltOnTarget, DecodeState, Drafter
 from specdec.drafters.vocab import ReducedHead
 from specdec.tree import DraftTree, TreeSpec
 from specdec.verify import Acceptance
@@ -39,7 +39,7 @@ class MedusaHeads(nn.Module):
         return torch.stack([features + nn.functional.silu(block(features)) for block in self.blocks], dim=-2)
 
 
-class Medusa(Drafter):
+class Medusa(BuiltOnTarget, Drafter):
     """Proposes a static tree over the heads' top candidates.
 
     Args:
@@ -74,7 +74,6 @@ class Medusa(Drafter):
         self.spec_depths = spec_depths.tolist()
         self.lm: ReducedHead | None = None
         self.last: dict[int, Tensor | None] = {}
-        self._target_id: int | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str = "medusa-smollm2-135m", **kwargs) -> Medusa:
@@ -87,14 +86,9 @@ class Medusa(Drafter):
         kwargs.setdefault("rank_accuracy", None if accuracy is None else torch.tensor(accuracy))
         return cls(heads, ckpt["vocab"], checkpoint=ckpt, **kwargs)
 
-    def check(self, target: torch.nn.Module) -> None:
-        if self._target_id == id(target):
-            return
-        if self.checkpoint is not None:
-            check_target(self.checkpoint, target)
+    def bind(self, target: torch.nn.Module) -> None:
         self.heads.to(device=target.device, dtype=target.dtype)
         self.lm = ReducedHead(target.get_output_embeddings(), self.vocab)
-        self._target_id = id(target)
 
     def prefill(self, states: list[DecodeState]) -> None:
         self.last = {s.row: s.hidden[-1] if len(s.hidden) else None for s in states}
