@@ -51,10 +51,14 @@ def write_outputs(out: Path, rows: list[dict], summary: list[dict], table: str) 
     (out / "table.md").write_text(table)
 
 
+NOT_ARGUMENTS = ("name", "train", "min_verify_tokens")
+
+
 def build_drafter(node: DictConfig):
-    """A drafter from its config; ``name`` and the ``train`` block are not constructor arguments."""
+    """A drafter from its config; ``name``, the ``train`` block and a per-variant ``min_verify_tokens``
+    are not constructor arguments."""
     return instantiate({k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
-                        if k not in ("name", "train")})
+                        if k not in NOT_ARGUMENTS})
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
@@ -91,7 +95,8 @@ def main(cfg: DictConfig) -> None:
     pad = {"min_verify_tokens": cfg.min_verify_tokens}
     methods += [specdec_generate(model, None, n, "specdec_no_draft", backend, sampling),
                 specdec_generate(model, drafter, n, f"specdec_{cfg.drafter.name}", backend, sampling, **pad)]
-    methods += [specdec_generate(model, d, n, f"specdec_{name}", backend, sampling, **pad)
+    methods += [specdec_generate(model, d, n, f"specdec_{name}", backend, sampling,
+                                 min_verify_tokens=cfg.variants[name].get("min_verify_tokens", cfg.min_verify_tokens))
                 for name, d in variants.items()]
     eos = model.generation_config.eos_token_id
     step = iter(range(10**9))

@@ -4,8 +4,9 @@ were trained for.
 A checkpoint stores a *fingerprint* of its target (architecture plus the signs of a strided sample
 of every weight); a drafter refuses to run against any other target, since its heads read that
 target's hidden states. Shipped checkpoints live in ``specdec/checkpoints/`` and load by name
-(``"eagle-smollm2-135m"``); any path to a ``.pt`` file works too. Weights are stored in float16
-(small enough to commit) and loaded back in the target's dtype.
+(``"eagle-smollm2-135m"``); any path to a ``.pt`` file works too. Matrices are stored as int8 with
+a float16 scale per row (small enough to commit; drafts only, so the output is unaffected), the
+rest in float16; loading gives float32 back.
 """
 
 from __future__ import annotations
@@ -61,8 +62,7 @@ def save_checkpoint(path: str | Path, kind: str, module: torch.nn.Module, settin
     torch.save({
         "kind": kind,
         "settings": settings,
-        "state_dict": {k: v.detach().to(torch.float16) if v.is_floating_point() else v
-                       for k, v in module.state_dict().items()},
+        "state_dict": pack(module.state_dict()),
         "vocab": None if vocab is None else vocab.to(torch.int32),
         "target_fingerprint": fingerprint(target),
         "target_name": target_name,
@@ -78,7 +78,34 @@ def load_checkpoint(name_or_path: str | Path, kind: str) -> dict:
     if ckpt.get("kind") != kind:
         raise ValueError(f"checkpoint {str(path)!r} holds a {ckpt.get('kind')!r} drafter, not {kind!r}")
     ckpt["path"] = str(path)
+    ckpt["state_dict"] = unpack(ckpt["state_dict"])
     return ckpt
+
+
+def pack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Matrices to int8 rows with a float16 absmax scale each; other floats to float16."""
+    out = {}
+    for name, value in state.items():
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.dim() == 2:
+            scale = value.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 127
+            out[f"{name}::int8"] = (value.float() / scale).round().clamp(-127, 127).to(torch.int8)
+            out[f"{name}::scale"] = scale.to(torch.float16)
+        else:
+            out[name] = value.to(torch.float16) if value.is_floating_point() else value
+    return out
+
+
+def unpack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`pack`, in float32."""
+    out = {}
+    for name, value in state.items():
+        if name.endswith("::int8"):
+            base = name.removesuffix("::int8")
+            out[base] = value.float() * state[f"{base}::scale"].float()
+        elif not name.endswith("::scale"):
+            out[name] = value.float() if value.is_floating_point() else value
+    return out
 
 
 def check_target(ckpt: dict, target: PreTrainedModel) -> None:

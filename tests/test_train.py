@@ -52,7 +52,7 @@ def distill_set(teacher):
 
 
 def quick(kind: str, **overrides) -> TrainSettings:
-    base = dict(epochs=12, lr=3e-3, batch_size=4, seq_len=32, vocab=48, holdout=4, eval_every=1000, heads=3,
+    base = dict(epochs=6, lr=3e-3, batch_size=4, seq_len=32, vocab=48, holdout=4, eval_every=1000, heads=3,
                 layers=1, init_layers=(0, 2), eval_depths=3)
     return TrainSettings(**(base | overrides))
 
@@ -152,33 +152,54 @@ def test_tree_from_accuracies_keeps_the_likeliest_nodes():
         TreeSpec.from_accuracies(acc, 0)
 
 
-def test_train_drafter_command_end_to_end(tmp_path):
-    """`python -m experiments.train_drafter` on a tiny model with a tokenizer: builds the set, trains, saves,
-    decodes held-out prompts, logs to W&B offline."""
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny target with a word-level tokenizer, saved as a HF directory."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model_dir = tmp_path / "tiny"
+    model_dir = tmp_path_factory.mktemp("tiny")
     backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w0").save_pretrained(model_dir)
     tiny_llama(seed=3, layers=3, scale=3.0).save_pretrained(model_dir)
-    out = tmp_path / "eagle.pt"
+    return model_dir
+
+
+def train_command(tiny_dir, tmp_path, *launcher, drafter="eagle", extra=()):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT),
            "SPECDEC_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run(
-        [sys.executable, "-m", "experiments.train_drafter", "drafter=eagle", f"model.name={model_dir}",
-         f"output={out}", "data.gsm8k_prompts=10", "data.self_prompts=4", "data.max_new_tokens=16",
-         "data.batch_size=8", "drafter.train.epochs=2", "drafter.train.vocab=32", "+drafter.train.holdout=3",
-         "drafter.train.seq_len=32", "decode_prompts=2", "decode_max_new_tokens=8", "logger=wandb",
-         f"hydra.run.dir={tmp_path / 'run'}"],
+    return subprocess.run(
+        [sys.executable, *launcher, "-m", "experiments.train_drafter", f"drafter={drafter}", f"model.name={tiny_dir}",
+         f"output={tmp_path / 'drafter.pt'}", "data.gsm8k_prompts=10", "data.self_prompts=4",
+         "data.max_new_tokens=16", "data.batch_size=8", "data.teacher_layers=[1]", "drafter.train.epochs=2",
+         "drafter.train.vocab=32", "+drafter.train.holdout=3", "drafter.train.seq_len=32", "decode_prompts=2",
+         "decode_max_new_tokens=8", f"hydra.run.dir={tmp_path / 'run'}", *extra],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_train_drafter_command_end_to_end(tiny_dir, tmp_path):
+    """`python -m experiments.train_drafter` on a tiny model with a tokenizer: builds the set, trains, saves,
+    decodes held-out prompts, logs to W&B offline."""
+    done = train_command(tiny_dir, tmp_path, extra=["logger=wandb"])
     assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "drafter.pt"
     assert out.is_file()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0.0 <= metrics["val/top1_depth1"] <= 1.0 and metrics["decode/tau"] >= 1.0
     assert list((tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb"))
     assert list((tmp_path / "cache" / "distill").glob("sequences-*.pt"))
+
+
+def test_train_drafter_in_two_processes(tiny_dir, tmp_path):
+    """`accelerate launch --num_processes 2`: CPU processes over gloo, gradients synced, one checkpoint."""
+    done = train_command(tiny_dir, tmp_path, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                         drafter="early_exit", extra=["logger=csv", "threads=1", "drafter.train.layers=1"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "drafter.pt").is_file()
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps and all("train/loss" in s or "val/loss" in s for s in steps)
 
 
 def test_train_drafter_rejects_untrainable_drafters_and_bad_settings(tmp_path):

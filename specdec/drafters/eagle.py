@@ -44,6 +44,7 @@ class EagleHead(nn.Module):
         hidden = target_config.hidden_size
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.body = AutoModel.from_config(head_config(target_config))
+        self.body.get_input_embeddings().requires_grad_(False)  # inputs come in as embeddings: unused
 
     @classmethod
     def from_target(cls, target: PreTrainedModel) -> EagleHead:
