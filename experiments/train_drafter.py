@@ -32,7 +32,7 @@ from specdec import generate, load_model
 from specdec.checkpoint import SHIPPED, save_checkpoint
 from specdec.distill import DistillSettings, distill_set
 from specdec.loggers import NullLogger, make_logger
-from specdec.train import TrainSettings, train
+from specdec.train import TrainSettings, train, trained_weights
 
 register()
 
@@ -81,7 +81,7 @@ def main(cfg: DictConfig) -> None:
     module, vocab, metrics = train(cfg.drafter.name, model, data, settings, logger.log_metrics, accelerator)
     if accelerator.is_main_process:
         path = checkpoint_file(cfg)
-        save_checkpoint(path, cfg.drafter.name, module, _module_settings(cfg.drafter.name, model, settings), model,
+        save_checkpoint(path, cfg.drafter.name, trained_weights(cfg.drafter.name, module), _module_settings(cfg.drafter.name, model, settings), model,
                         vocab, cfg.model.name, metrics | {"train": dataclasses.asdict(settings)})
         drafter_cfg = {k: v for k, v in OmegaConf.to_container(cfg.drafter, resolve=True).items()
                        if k not in ("name", "train")}

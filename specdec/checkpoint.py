@@ -53,16 +53,17 @@ def checkpoint_path(name_or_path: str | Path) -> Path:
     return shipped
 
 
-def save_checkpoint(path: str | Path, kind: str, module: torch.nn.Module, settings: dict, target: PreTrainedModel,
-                    vocab: torch.Tensor | None, target_name: str, metrics: dict | None = None) -> Path:
-    """Write a checkpoint: float16 weights of ``module``, its ``settings``, the reduced vocabulary and the
-    target's fingerprint."""
+def save_checkpoint(path: str | Path, kind: str, state: dict[str, torch.Tensor], settings: dict,
+                    target: PreTrainedModel, vocab: torch.Tensor | None, target_name: str,
+                    metrics: dict | None = None) -> Path:
+    """Write a checkpoint: the trained weights ``state`` (packed), the ``settings`` that rebuild the module,
+    the reduced vocabulary and the target's fingerprint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({
         "kind": kind,
         "settings": settings,
-        "state_dict": pack(module.state_dict()),
+        "state_dict": pack(state),
         "vocab": None if vocab is None else vocab.to(torch.int32),
         "target_fingerprint": fingerprint(target),
         "target_name": target_name,

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from specdec.distill import DistillSet
-from specdec.drafters.distilled import build_draft
+from specdec.drafters.distilled import build_draft, own_weights
 from specdec.drafters.eagle import EagleHead
 from specdec.drafters.early_exit import ExitAdapter
 from specdec.drafters.medusa import MedusaHeads
@@ -269,6 +269,11 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
     if kind == "medusa":
         final["rank_accuracy"] = rank_accuracy(inner, val_batches).tolist()
     return inner.module, vocab, final
+
+
+def trained_weights(kind: str, module: nn.Module) -> dict[str, Tensor]:
+    """What a checkpoint keeps: the module's own weights (a draft model's borrowed embedding stays out)."""
+    return own_weights(module) if kind == "draft_model" else module.state_dict()
 
 
 def _batched(items: list, size: int) -> list[list]:

@@ -17,7 +17,7 @@ from specdec.checkpoint import fingerprint, save_checkpoint
 from specdec.distill import teacher_pass
 from specdec.drafters import Distilled, Eagle, EarlyExit, Medusa
 from specdec.drafters.vocab import ReducedHead, frequent_tokens
-from specdec.train import KINDS, TrainSettings, train
+from specdec.train import KINDS, TrainSettings, train, trained_weights
 from specdec.tree import TreeSpec
 
 from conftest import tiny_llama
@@ -83,8 +83,10 @@ def test_eagle_per_depth_accuracy_is_logged(teacher, distill_set):
 def test_checkpoint_round_trip_is_lossless_and_refuses_another_target(teacher, distill_set, kind, tmp_path):
     settings = quick(kind, epochs=2)
     module, vocab, metrics = train(kind, teacher, distill_set, settings)
-    path = save_checkpoint(tmp_path / f"{kind}.pt", kind, module, MODULE_SETTINGS[kind](teacher, settings), teacher,
-                           vocab, "tiny-teacher", metrics)
+    path = save_checkpoint(tmp_path / f"{kind}.pt", kind, trained_weights(kind, module),
+                           MODULE_SETTINGS[kind](teacher, settings), teacher, vocab, "tiny-teacher", metrics)
+    if kind == "draft_model":  # the borrowed embedding is not saved
+        assert not any("embed_tokens" in k for k in torch.load(path)["state_dict"])
     drafter = FROM_CHECKPOINT[kind].from_checkpoint(str(path))
     ids = distill_set.sequences[-1][None, :6]
     expected = teacher.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=30,
@@ -101,7 +103,8 @@ def test_checkpoint_round_trip_is_lossless_and_refuses_another_target(teacher, d
 
 def test_checkpoint_of_another_kind_is_refused(teacher, distill_set, tmp_path):
     module, vocab, _ = train("medusa", teacher, distill_set, quick("medusa", epochs=1))
-    path = save_checkpoint(tmp_path / "m.pt", "medusa", module, {"hidden": 32, "heads": 3}, teacher, vocab, "t")
+    path = save_checkpoint(tmp_path / "m.pt", "medusa", module.state_dict(), {"hidden": 32, "heads": 3}, teacher,
+                           vocab, "t")
     with pytest.raises(ValueError, match="holds a 'medusa' drafter, not 'eagle'"):
         Eagle.from_checkpoint(str(path))
     with pytest.raises(FileNotFoundError, match="no shipped drafter checkpoint 'nope'"):
@@ -218,3 +221,17 @@ def test_train_drafter_rejects_untrainable_drafters_and_bad_settings(tmp_path):
         for kind in KINDS:
             settings = validate_training(compose(config_name="train_drafter", overrides=[f"drafter={kind}"]))
             assert settings.vocab > 0
+
+
+def test_checkpoint_packing_keeps_weights_within_int8_precision():
+    from specdec.checkpoint import pack, unpack
+
+    torch.manual_seed(0)
+    state = {"w": torch.randn(16, 8), "b": torch.randn(8), "steps": torch.tensor(3)}
+    packed = pack(state)
+    assert packed["w::int8"].dtype == torch.int8 and packed["b"].dtype == torch.float16
+    back = unpack(packed)
+    assert set(back) == set(state)
+    row_max = state["w"].abs().amax(dim=1, keepdim=True)
+    assert ((back["w"] - state["w"]).abs() <= row_max / 127 * 0.51 + 1e-6).all()
+    assert torch.allclose(back["b"], state["b"], atol=1e-2) and int(back["steps"]) == 3
