@@ -36,6 +36,18 @@ def tiny_llama(vocab: int = 64, layers: int = 2, seed: int = 0, hidden: int = 32
     return model
 
 
+def save_with_tokenizer(model, path):
+    """``model`` as a HF directory with a word-level tokenizer (``w0`` ... ``w63``), as experiments load it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w0").save_pretrained(path)
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def target():
     return tiny_llama(seed=0, layers=2)

@@ -11,12 +11,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from experiments.schema import register, validate
 
-from conftest import tiny_llama
+from conftest import save_with_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -74,12 +72,7 @@ def test_bad_values_fail_naming_the_key(override, message):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w0").save_pretrained(path)
-    tiny_llama().save_pretrained(path)
-    return path
+    return save_with_tokenizer(tiny_llama(), tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from specdec.drafters.vocab import ReducedHead, frequent_tokens
 from specdec.train import KINDS, TrainSettings, train, trained_weights
 from specdec.tree import TreeSpec
 
-from conftest import tiny_llama
+from conftest import save_with_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 FROM_CHECKPOINT = {"eagle": Eagle, "medusa": Medusa, "early_exit": EarlyExit, "draft_model": Distilled}
@@ -158,15 +158,7 @@ def test_tree_from_accuracies_keeps_the_likeliest_nodes():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny target with a word-level tokenizer, saved as a HF directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    model_dir = tmp_path_factory.mktemp("tiny")
-    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w0").save_pretrained(model_dir)
-    tiny_llama(seed=3, layers=3, scale=3.0).save_pretrained(model_dir)
-    return model_dir
+    return save_with_tokenizer(tiny_llama(seed=3, layers=3, scale=3.0), tmp_path_factory.mktemp("tiny"))
 
 
 def train_command(tiny_dir, tmp_path, *launcher, drafter="eagle", extra=()):
