@@ -52,7 +52,7 @@ def distill_set(teacher):
 
 
 def quick(kind: str, **overrides) -> TrainSettings:
-    base = dict(epochs=6, lr=3e-3, batch_size=4, seq_len=32, vocab=48, holdout=4, eval_every=1000, heads=3,
+    base = dict(epochs=12, lr=3e-3, batch_size=4, seq_len=32, vocab=48, holdout=4, eval_every=1000, heads=3,
                 layers=1, init_layers=(0, 2), eval_depths=3)
     return TrainSettings(**(base | overrides))
 
