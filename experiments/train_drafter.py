@@ -2,7 +2,7 @@
 
     python -m experiments.train_drafter drafter=eagle          # also: medusa, early_exit, draft_model
     python -m experiments.train_drafter drafter=medusa drafter.train.heads=3 logger=csv
-    accelerate launch --num_processes 2 -m experiments.train_drafter drafter=eagle threads=1
+    accelerate launch --multi_gpu --num_processes 2 -m experiments.train_drafter drafter=eagle threads=1   # CPU: gloo
 
 1. builds (or reads from the cache) the self-distillation set: GSM8K training questions and
    prompts the target writes itself, answered greedily by the target (:mod:`specdec.distill`);
