@@ -79,10 +79,6 @@ class DistillSet:
     layer_features: dict[int, list[Tensor]]
     labels: list[Tensor]
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(s) for s in self.sequences)
-
     def split(self, holdout: int) -> tuple[DistillSet, DistillSet]:
         """The last ``holdout`` sequences apart (validation)."""
         def part(sl):

@@ -148,8 +148,9 @@ class SpeculativeDecoder:
             for b in range(B)
         ]
         self.start, self.end = pad.clone(), torch.full_like(pad, n - 1)
-        for state in self.states:  # one-token prompts: nothing cached, no hidden states
-            state.hidden = torch.empty(0, self.model.config.hidden_size, device=device)
+        if self.drafter.needs_hidden:  # one-token prompts: nothing cached, no hidden states
+            for state in self.states:
+                state.hidden = torch.empty(0, self.model.config.hidden_size, device=device)
         if n > 1:
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, n)
             out = self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1] if (pad > 0).any() else None,
