@@ -32,7 +32,7 @@ from specdec import generate, load_model
 from specdec.checkpoint import SHIPPED, save_checkpoint
 from specdec.distill import DistillSettings, distill_set
 from specdec.loggers import NullLogger, make_logger
-from specdec.train import TrainSettings, train, trained_weights
+from specdec.train import TrainSettings, module_settings, train, trained_weights
 
 register()
 
@@ -81,28 +81,19 @@ def main(cfg: DictConfig) -> None:
     module, vocab, metrics = train(cfg.drafter.name, model, data, settings, logger.log_metrics, accelerator)
     if accelerator.is_main_process:
         path = checkpoint_file(cfg)
-        save_checkpoint(path, cfg.drafter.name, trained_weights(cfg.drafter.name, module), _module_settings(cfg.drafter.name, model, settings), model,
+        kind = cfg.drafter.name
+        save_checkpoint(path, kind, trained_weights(kind, module), module_settings(kind, model, settings), model,
                         vocab, cfg.model.name, metrics | {"train": dataclasses.asdict(settings)})
         drafter_cfg = {k: v for k, v in OmegaConf.to_container(cfg.drafter, resolve=True).items()
                        if k not in ("name", "train")}
-        metrics |= held_out_decode(drafter_cfg, path, model, tokenizer, data.sequences, data.prompt_lens, cfg.decode_prompts,
-                                   cfg.decode_max_new_tokens) if cfg.decode_prompts else {}
+        if cfg.decode_prompts:
+            metrics |= held_out_decode(drafter_cfg, path, model, tokenizer, data.sequences, data.prompt_lens,
+                                       cfg.decode_prompts, cfg.decode_max_new_tokens)
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, 10**9)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         print(json.dumps({k: v for k, v in metrics.items() if k != "rank_accuracy"}, indent=1))
         print(f"checkpoint: {path}")
     logger.finish()
-
-
-def _module_settings(kind: str, model, settings: TrainSettings) -> dict:
-    """What rebuilds the module before its weights load."""
-    if kind == "eagle":
-        return {"target_config": model.config.to_dict()}
-    if kind == "medusa":
-        return {"hidden": model.config.hidden_size, "heads": settings.heads}
-    if kind == "early_exit":
-        return {"hidden": model.config.hidden_size, "layers": settings.layers}
-    return {"init_layers": list(settings.init_layers)}
 
 
 if __name__ == "__main__":

@@ -271,6 +271,17 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
     return inner.module, vocab, final
 
 
+def module_settings(kind: str, target: PreTrainedModel, settings: TrainSettings) -> dict:
+    """What a checkpoint needs to rebuild the module before its weights load."""
+    if kind == "eagle":
+        return {"target_config": target.config.to_dict()}
+    if kind == "medusa":
+        return {"hidden": target.config.hidden_size, "heads": settings.heads}
+    if kind == "early_exit":
+        return {"hidden": target.config.hidden_size, "layers": settings.layers}
+    return {"init_layers": list(settings.init_layers)}
+
+
 def trained_weights(kind: str, module: nn.Module) -> dict[str, Tensor]:
     """What a checkpoint keeps: the module's own weights (a draft model's borrowed embedding stays out)."""
     return own_weights(module) if kind == "draft_model" else module.state_dict()

@@ -17,19 +17,13 @@ from specdec.checkpoint import fingerprint, save_checkpoint
 from specdec.distill import teacher_pass
 from specdec.drafters import Distilled, Eagle, EarlyExit, Medusa
 from specdec.drafters.vocab import ReducedHead, frequent_tokens
-from specdec.train import KINDS, TrainSettings, train, trained_weights
+from specdec.train import KINDS, TrainSettings, module_settings, train, trained_weights
 from specdec.tree import TreeSpec
 
 from conftest import save_with_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 FROM_CHECKPOINT = {"eagle": Eagle, "medusa": Medusa, "early_exit": EarlyExit, "draft_model": Distilled}
-MODULE_SETTINGS = {
-    "eagle": lambda t, s: {"target_config": t.config.to_dict()},
-    "medusa": lambda t, s: {"hidden": t.config.hidden_size, "heads": s.heads},
-    "early_exit": lambda t, s: {"hidden": t.config.hidden_size, "layers": s.layers},
-    "draft_model": lambda t, s: {"init_layers": list(s.init_layers)},
-}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +78,7 @@ def test_checkpoint_round_trip_is_lossless_and_refuses_another_target(teacher, d
     settings = quick(kind, epochs=2)
     module, vocab, metrics = train(kind, teacher, distill_set, settings)
     path = save_checkpoint(tmp_path / f"{kind}.pt", kind, trained_weights(kind, module),
-                           MODULE_SETTINGS[kind](teacher, settings), teacher, vocab, "tiny-teacher", metrics)
+                           module_settings(kind, teacher, settings), teacher, vocab, "tiny-teacher", metrics)
     if kind == "draft_model":  # the borrowed embedding is not saved
         assert not any("embed_tokens" in k for k in torch.load(path)["state_dict"])
     drafter = FROM_CHECKPOINT[kind].from_checkpoint(str(path))

@@ -101,7 +101,7 @@ class Eagle(BuiltOnTarget, DraftModel):
         ckpt = load_checkpoint(checkpoint, "eagle")
         config = dict(ckpt["settings"]["target_config"])
         head = EagleHead(AutoConfig.for_model(config.pop("model_type"), **config))
-        head.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
+        head.load_state_dict(ckpt["state_dict"])
         return cls(head, ckpt["vocab"], ckpt, **kwargs)
 
     def bind(self, target: torch.nn.Module) -> None:

@@ -91,7 +91,7 @@ class EarlyExit(BuiltOnTarget, DraftModel):
         """A shipped checkpoint by name, or a ``.pt`` path written by ``experiments.train_drafter``."""
         ckpt = load_checkpoint(checkpoint, "early_exit")
         adapter = ExitAdapter(ckpt["settings"]["hidden"])
-        adapter.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
+        adapter.load_state_dict(ckpt["state_dict"])
         return cls(ckpt["settings"]["layers"], adapter, ckpt["vocab"], ckpt, **kwargs)
 
     def bind(self, target: torch.nn.Module) -> None:

@@ -81,7 +81,7 @@ class Medusa(BuiltOnTarget, Drafter):
         ckpt = load_checkpoint(checkpoint, "medusa")
         settings = ckpt["settings"]
         heads = MedusaHeads(settings["hidden"], settings["heads"])
-        heads.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
+        heads.load_state_dict(ckpt["state_dict"])
         accuracy = ckpt["metrics"].get("rank_accuracy")
         kwargs.setdefault("rank_accuracy", None if accuracy is None else torch.tensor(accuracy))
         return cls(heads, ckpt["vocab"], checkpoint=ckpt, **kwargs)
