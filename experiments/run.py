@@ -51,12 +51,13 @@ def write_outputs(out: Path, rows: list[dict], summary: list[dict], table: str) 
     (out / "table.md").write_text(table)
 
 
-NOT_ARGUMENTS = ("name", "train", "min_verify_tokens")
+ENGINE_KEYS = ("min_verify_tokens", "linear_backend")  # engine settings a variant may override
+NOT_ARGUMENTS = ("name", "train", *ENGINE_KEYS)
 
 
 def build_drafter(node: DictConfig):
-    """A drafter from its config; ``name``, the ``train`` block and a per-variant ``min_verify_tokens``
-    are not constructor arguments."""
+    """A drafter from its config; ``name``, the ``train`` block and a variant's engine settings
+    (``ENGINE_KEYS``) are not constructor arguments."""
     return instantiate({k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
                         if k not in NOT_ARGUMENTS})
 
@@ -92,11 +93,12 @@ def main(cfg: DictConfig) -> None:
         assistant = Distilled.from_checkpoint(cfg.hf_assistant)
         assistant.check(model)
         methods.append(hf_generate(model, n, "hf_assisted", sampling=sampling, assistant_model=assistant.model))
-    pad = {"min_verify_tokens": cfg.min_verify_tokens}
-    methods += [specdec_generate(model, None, n, "specdec_no_draft", backend, sampling),
-                specdec_generate(model, drafter, n, f"specdec_{cfg.drafter.name}", backend, sampling, **pad)]
+    engine = {key: cfg[key] for key in ENGINE_KEYS}
+    methods += [specdec_generate(model, None, n, "specdec_no_draft", backend, sampling,
+                                 linear_backend=cfg.linear_backend),
+                specdec_generate(model, drafter, n, f"specdec_{cfg.drafter.name}", backend, sampling, **engine)]
     methods += [specdec_generate(model, d, n, f"specdec_{name}", backend, sampling,
-                                 min_verify_tokens=cfg.variants[name].get("min_verify_tokens", cfg.min_verify_tokens))
+                                 **{key: cfg.variants[name].get(key, value) for key, value in engine.items()})
                 for name, d in variants.items()]
     eos = model.generation_config.eos_token_id
     step = iter(range(10**9))

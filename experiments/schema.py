@@ -13,6 +13,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from specdec.skinny import BACKENDS as LINEAR_BACKENDS
 from specdec_kernels.tree_attention.ops import BACKENDS
 
 LOGGERS = ("none", "csv", "wandb")
@@ -73,6 +74,7 @@ class RunConfig:
     batch_size: int = 1
     attention_backend: str = "auto"
     min_verify_tokens: int = 1  # pad verification forwards with drafts to this many tokens (a CPU speed knob)
+    linear_backend: str = "auto"  # the engine's linear layers: auto/skinny ((W @ x.T).T on CPU) or torch
     hf_prompt_lookup_num_tokens: int = 10
     hf_assistant: Optional[str] = None  # a distilled draft checkpoint run as transformers' assistant_model
     progress: bool = True
@@ -152,6 +154,7 @@ def validate(cfg: DictConfig) -> None:
         ("min_verify_tokens", cfg.min_verify_tokens >= 1, ">= 1"),
         ("hf_prompt_lookup_num_tokens", cfg.hf_prompt_lookup_num_tokens >= 0, ">= 0 (0 turns it off)"),
         ("attention_backend", cfg.attention_backend in BACKENDS, f"one of {BACKENDS}"),
+        ("linear_backend", cfg.linear_backend in LINEAR_BACKENDS, f"one of {LINEAR_BACKENDS}"),
         ("logger.kind", cfg.logger.kind in LOGGERS, f"one of {LOGGERS}"),
         ("logger.mode", cfg.logger.mode in ("offline", "online", "disabled"), "offline, online or disabled"),
         ("dataset.per_task", cfg.dataset.per_task is None or cfg.dataset.per_task >= 1, ">= 1 or null"),
@@ -165,6 +168,9 @@ def validate(cfg: DictConfig) -> None:
     for name, variant in cfg.variants.items():
         if "_target_" not in variant:
             raise ValueError(f"config variants.{name} has no _target_: give the drafter class to build")
+        if variant.get("linear_backend", "auto") not in LINEAR_BACKENDS:
+            raise ValueError(f"config variants.{name}.linear_backend={variant.linear_backend!r} is invalid: "
+                             f"it must be one of {LINEAR_BACKENDS}")
 
 
 def _get(cfg: DictConfig, key: str):

@@ -27,6 +27,8 @@ from specdec.attention import TreeMask, tree_attention_enabled
 from specdec.cache import commit_rows, new_cache, select_rows, truncate, zero_positions
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.sampling import Sampling
+from specdec.skinny import BACKENDS as LINEAR_BACKENDS
+from specdec.skinny import skinny_linears
 from specdec.stats import SpecStats
 from specdec.tree import DraftTree
 from specdec.verify import Acceptance, accept_greedy, accept_sampling
@@ -104,17 +106,22 @@ class SpeculativeDecoder:
             ``"triton"`` or ``"reference"``.
         min_verify_tokens: pad every verification forward that has drafts to at least this many
             tokens with padding columns (discarded): a knob for CPUs whose small matrix products are
-            slower for 2-4 rows than for 6-8 (MKL here: a forward of 2 tokens 74 ms, of 6 tokens 65 ms).
+            slower for 2-4 rows than for 6-8.
+        linear_backend: the linear layers' products, of the target and the drafter's networks:
+            ``"auto"``/``"skinny"`` (``(W @ x.T).T`` on CPU, see :mod:`specdec.skinny`) or ``"torch"``.
     """
 
     def __init__(
         self, model: PreTrainedModel, drafter: Drafter, sampling: Sampling, generator: torch.Generator | None = None,
-        attention_backend: str = "auto", min_verify_tokens: int = 1,
+        attention_backend: str = "auto", min_verify_tokens: int = 1, linear_backend: str = "auto",
     ) -> None:
         if min_verify_tokens < 1:
             raise ValueError(f"min_verify_tokens={min_verify_tokens} must be >= 1")
+        if linear_backend not in LINEAR_BACKENDS:
+            raise ValueError(f"linear_backend={linear_backend!r} is not one of {LINEAR_BACKENDS}")
         self.model, self.drafter, self.sampling, self.generator = model, drafter, sampling, generator
         self.attention_backend, self.min_verify_tokens = attention_backend, min_verify_tokens
+        self.linear_backend = linear_backend
         self.stats = SpecStats()
         self.cache = new_cache(model)
         self.states: list[DecodeState] = []  # active rows, in cache order
@@ -234,6 +241,7 @@ def decode(
     attention_mask: Tensor | None = None,
     attention_backend: str = "auto",
     min_verify_tokens: int = 1,
+    linear_backend: str = "auto",
 ) -> tuple[list[list[int]], SpecStats]:
     """Generate up to ``max_new_tokens`` tokens after each prompt, speculatively.
 
@@ -246,13 +254,14 @@ def decode(
         generator: random generator for every draw (``None``: torch's global one).
         streamer: a transformers streamer (batch size 1); gets each step's new tokens.
         attention_mask: ``(B, n)`` 0 on padding.
-        attention_backend, min_verify_tokens: see :class:`SpeculativeDecoder`.
+        attention_backend, min_verify_tokens, linear_backend: see :class:`SpeculativeDecoder`.
 
     Returns:
         Each row's new tokens (EOS included when hit) and the run's statistics.
     """
-    decoder = SpeculativeDecoder(model, drafter, sampling, generator, attention_backend, min_verify_tokens)
-    with tree_attention_enabled(model):
+    decoder = SpeculativeDecoder(model, drafter, sampling, generator, attention_backend, min_verify_tokens,
+                                 linear_backend)
+    with tree_attention_enabled(model), skinny_linears([model, *drafter.networks()], linear_backend):
         decoder.prefill(input_ids, attention_mask, max_new_tokens)
         while not decoder.done:
             new = decoder.step()

@@ -22,6 +22,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from specdec.drafters.base import Drafter
 from specdec.engine import NO_DRAFT, decode
 from specdec.sampling import Sampling
+from specdec.skinny import BACKENDS as LINEAR_BACKENDS
 from specdec.stats import SpecStats
 from specdec_kernels.tree_attention.ops import BACKENDS
 
@@ -135,6 +136,7 @@ def generate(
     generator: torch.Generator | None = None,
     attention_backend: str = "auto",
     min_verify_tokens: int = 1,
+    linear_backend: str = "auto",
     **kwargs,
 ) -> Tensor | SpecDecodeOutput:
     """Speculative ``model.generate``: identical output, fewer target forwards.
@@ -159,6 +161,9 @@ def generate(
         min_verify_tokens: pad verification forwards that carry drafts to at least this many
             tokens (padding is discarded); a speed knob for CPUs whose matrix products are slower
             for 2-4 rows than for 6-8 (see :class:`~specdec.engine.SpeculativeDecoder`).
+        linear_backend: how the linear layers of the target and the drafter's networks multiply:
+            ``"auto"`` or ``"skinny"`` (as ``(W @ x.T).T`` on CPU, 1.6x faster decoding here; see
+            :mod:`specdec.skinny`) or ``"torch"`` (``F.linear`` untouched).
         **kwargs: ``max_new_tokens``, ``max_length``, ``min_new_tokens``, ``eos_token_id``,
             ``pad_token_id``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
             ``return_dict_in_generate``; anything else raises ``ValueError``.
@@ -172,6 +177,8 @@ def generate(
     config = _resolve_config(model, generation_config, kwargs)
     if attention_backend not in BACKENDS:
         raise ValueError(f"tree attention backend {attention_backend!r} is not one of {BACKENDS}")
+    if linear_backend not in LINEAR_BACKENDS:
+        raise ValueError(f"linear_backend={linear_backend!r} is not one of {LINEAR_BACKENDS}")
     drafter = NO_DRAFT if drafter is None else drafter
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(
@@ -203,7 +210,7 @@ def generate(
         streamer.put(input_ids.cpu())
     try:
         outputs, stats = decode(model, input_ids, drafter, sampling, max_new, generator, streamer, attention_mask,
-                                attention_backend, min_verify_tokens)
+                                attention_backend, min_verify_tokens, linear_backend)
     finally:
         if streamer is not None:
             streamer.end()  # an iterator streamer's consumer must never wait forever

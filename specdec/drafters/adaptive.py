@@ -51,6 +51,9 @@ class Adaptive(Drafter):
     def check(self, target: torch.nn.Module) -> None:
         self.drafter.check(target)
 
+    def networks(self) -> list[torch.nn.Module]:
+        return self.drafter.networks()
+
     def attach(self, decoder) -> None:
         self.drafter.attach(decoder)
 

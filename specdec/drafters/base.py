@@ -71,6 +71,11 @@ class Drafter(ABC):
     def attach(self, decoder) -> None:  # noqa: B027 - optional hook
         """See the :class:`~specdec.engine.SpeculativeDecoder` before prefill (its cache, row ranges)."""
 
+    def networks(self) -> list[torch.nn.Module]:
+        """The networks this drafter runs; the engine routes their linear layers as it does the
+        target's (see :mod:`specdec.skinny`)."""
+        return []
+
     def prefill(self, states: list[DecodeState]) -> None:  # noqa: B027 - optional hook
         """See the prompts before the first step."""
 

@@ -40,6 +40,9 @@ class Combined(Drafter):
     def needs_hidden(self) -> bool:
         return any(drafter.needs_hidden for drafter in self.drafters)
 
+    def networks(self) -> list[torch.nn.Module]:
+        return [net for drafter in self.drafters for net in drafter.networks()]
+
     def attach(self, decoder) -> None:
         for drafter in self.drafters:
             drafter.attach(decoder)

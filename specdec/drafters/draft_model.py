@@ -93,6 +93,9 @@ class DraftModel(Drafter):
             model.config.num_hidden_layers = layers
         return cls(model, **kwargs)
 
+    def networks(self) -> list[torch.nn.Module]:
+        return [] if self.model is None else [self.model]
+
     def check(self, target: torch.nn.Module) -> None:
         mine, theirs = vocab_size(self.model), vocab_size(target)
         if mine != theirs:

@@ -104,6 +104,9 @@ class Eagle(BuiltOnTarget, DraftModel):
         head.load_state_dict(ckpt["state_dict"])
         return cls(head, ckpt["vocab"], ckpt, **kwargs)
 
+    def networks(self) -> list[nn.Module]:
+        return [self.head]
+
     def bind(self, target: torch.nn.Module) -> None:
         self.head.to(device=target.device, dtype=target.dtype)
         self.embed = target.get_input_embeddings()

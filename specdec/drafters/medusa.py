@@ -86,6 +86,9 @@ class Medusa(BuiltOnTarget, Drafter):
         kwargs.setdefault("rank_accuracy", None if accuracy is None else torch.tensor(accuracy))
         return cls(heads, ckpt["vocab"], checkpoint=ckpt, **kwargs)
 
+    def networks(self) -> list[torch.nn.Module]:
+        return [self.heads]
+
     def bind(self, target: torch.nn.Module) -> None:
         self.heads.to(device=target.device, dtype=target.dtype)
         self.lm = ReducedHead(target.get_output_embeddings(), self.vocab)

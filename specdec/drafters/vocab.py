@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from specdec.skinny import linear
+
 
 def frequent_tokens(labels: list[Tensor], n: int, vocab_size: int) -> Tensor:
     """The ``n`` most frequent tokens among ``labels`` (ties to the lower id), sorted by id."""
@@ -49,7 +51,7 @@ class ReducedHead(nn.Module):
 
     def reduced(self, hidden: Tensor) -> Tensor:
         """``(..., N)`` scores of the subset."""
-        return nn.functional.linear(hidden, self.weight, self.bias)
+        return linear(hidden, self.weight, self.bias)
 
     def forward(self, hidden: Tensor) -> Tensor:
         """``(..., V)`` logits, ``-inf`` off the subset."""
