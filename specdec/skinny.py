@@ -41,7 +41,7 @@ MAX_ROWS = 64  # past this many rows the usual product is as fast (prefill, trai
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, as ``(W @ x.T).T`` when ``x`` has 1 to ``MAX_ROWS`` rows on CPU."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 0 < rows <= MAX_ROWS or x.device.type != "cpu" or x.dtype != weight.dtype or x.requires_grad:
+    if not 0 < rows <= MAX_ROWS or x.device.type != "cpu" or x.dtype != weight.dtype:
         return nn.functional.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:

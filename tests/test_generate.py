@@ -31,7 +31,8 @@ def assert_rows_match_alone(model, rows, drafter, max_new_tokens, eos):
 
 
 KINDS = ["lookup", "lookup-tree", "draft", "draft-tree", "draft-static", "combined", "eagle", "eagle-tree",
-         "medusa", "early-exit", "early-exit-tree", "adaptive", "lookup-eagle"]
+         "medusa", "early-exit", "early-exit-tree", "adaptive", "lookup-eagle",
+         "lookup-else-eagle"]
 STATIC = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
 
 
@@ -62,6 +63,8 @@ def make_drafter(kind, k, draft, target):
         "early-exit-tree": lambda: EarlyExit(layers=1, vocab=half, k=k, top_k=2, width=2, budget=2 * k),
         "adaptive": lambda: Adaptive(DraftModel(draft, k=k, top_k=2), start=1),
         "lookup-eagle": lambda: Combined(PromptLookup(k=k, max_ngram=3), Eagle(EagleHead.from_target(target), k=k)),
+        "lookup-else-eagle": lambda: Combined(PromptLookup(k=k, max_ngram=3),
+                                              Eagle(EagleHead.from_target(target), k=k, top_k=2), fallback=True),
     }[kind]()
 
 
@@ -230,3 +233,27 @@ def test_padded_verification_changes_nothing(target, draft, kind):
     assert outs[0].stats.accepted == outs[1].stats.accepted
     with pytest.raises(ValueError, match="min_verify_tokens=0"):
         specdec.generate(target, ids, None, attention_mask=mask, max_new_tokens=4, min_verify_tokens=0)
+
+
+def test_fallback_runs_the_second_drafter_only_where_the_first_has_no_tree(target):
+    """Combined(fallback=True): each row's tree is lookup's when it matches, else EAGLE's alone."""
+    eagle = Eagle(EagleHead.from_target(target), k=2)
+    lookup = PromptLookup(k=3, max_ngram=2)
+    combined = Combined(lookup, eagle, fallback=True)
+    asked, made = [], []
+    real_eagle, real_combined = eagle.propose, combined.propose
+
+    def eagle_propose(states):
+        asked.append(len(states))
+        return real_eagle(states)
+
+    def combined_propose(states):
+        trees = real_combined(states)
+        made.append([len(t) for t in trees])
+        return trees
+
+    eagle.propose, combined.propose = eagle_propose, combined_propose
+    rows = [[5, 9, 2, 5, 9, 2, 7], [1, 2, 3, 4, 6, 8, 10]]  # row 0 repeats itself, row 1 not at first
+    assert_rows_match_alone(target, rows, combined, max_new_tokens=16, eos=None)
+    assert any(n < 2 for n in asked)  # some steps asked EAGLE for fewer rows than the batch
+    assert all(n <= 3 for step in made for n in step)  # never both trees: lookup's k=3 or EAGLE's chain of 2

@@ -94,11 +94,13 @@ def drafters(small_draft, small_target):
         "early_exit_tree": EarlyExit(layers=1, k=2, top_k=2, width=1),
         "adaptive_lookup_eagle": Adaptive(Combined(PromptLookup(k=3, max_ngram=2),
                                                    Eagle(EagleHead.from_target(small_target), k=2)), max_depth=3),
+        "lookup_else_eagle": Combined(PromptLookup(k=3, max_ngram=2),
+                                      Eagle(EagleHead.from_target(small_target), k=2, top_k=2, width=2), fallback=True),
     }
 
 
 NAMES = ["draft_chain", "draft_tree", "lookup_chain", "lookup_tree", "combined", "eagle_tree", "medusa_tree",
-         "early_exit_tree", "adaptive_lookup_eagle"]
+         "early_exit_tree", "adaptive_lookup_eagle", "lookup_else_eagle"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -7,6 +7,11 @@ own nodes. With sampling the siblings come from different proposals (point masse
 q for the model); recursive rejection stays exact for independently drawn siblings with their
 own q (SpecInfer's multi-draft verification, Miao et al. 2024), so point-mass nodes get one-hot
 q rows when any drafter sampled.
+
+With ``fallback=True`` a row takes only the first drafter with a non-empty tree, and later
+drafters do not run for it that step (lookup first, a model only where lookup finds no match):
+the forward stays as small as one drafter's tree, and the model's cost is paid only where it
+drafts. Drafters keep their state in step through ``commit`` either way.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ class Combined(Drafter):
     Args:
         drafters: proposed in this order; the acceptance rule tries their root children in
             the same order.
+        fallback: each row takes only the first non-empty tree, in this order.
     """
 
-    def __init__(self, *drafters: Drafter) -> None:
+    def __init__(self, *drafters: Drafter, fallback: bool = False) -> None:
         if len(drafters) < 2:
             raise ValueError(f"Combined needs at least 2 drafters, got {len(drafters)}")
-        self.drafters = drafters
+        self.drafters, self.fallback = drafters, fallback
         self._offsets: dict[int, list[int]] = {}  # row -> first node of each drafter's subtree
 
     def check(self, target: torch.nn.Module) -> None:
@@ -52,7 +58,17 @@ class Combined(Drafter):
             drafter.prefill(states)
 
     def propose(self, states: list[DecodeState]) -> list[DraftTree]:
-        per_drafter = [drafter.propose(states) for drafter in self.drafters]  # [drafter][row]
+        if not self.fallback:
+            per_drafter = [drafter.propose(states) for drafter in self.drafters]  # [drafter][row]
+        else:
+            per_drafter, waiting = [], list(range(len(states)))  # rows with no tree yet
+            for drafter in self.drafters:
+                trees = [DraftTree.empty(states[0].tokens.device) for _ in states]
+                if waiting:
+                    for r, tree in zip(waiting, drafter.propose([states[r] for r in waiting])):
+                        trees[r] = tree
+                    waiting = [r for r in waiting if not len(trees[r])]
+                per_drafter.append(trees)
         return [self._merge(state, [trees[r] for trees in per_drafter]) for r, state in enumerate(states)]
 
     def _merge(self, state: DecodeState, trees: list[DraftTree]) -> DraftTree:

@@ -147,6 +147,8 @@ class Eagle(BuiltOnTarget, DraftModel):
             truncate(row.cache, row.cached)  # drop the tree: its entries came from predicted features
             appended = state.tokens.shape[1] - row.seen
             m = min(len(state.hidden), appended)  # features of root + accepted nodes, each followed by a token
-            row.pending = (state.hidden[:m], state.tokens[0, row.seen : row.seen + m])
+            feats, toks = row.pending  # not yet fed when this row did not propose (Combined's fallback)
+            row.pending = (torch.cat([feats, state.hidden[:m]]),
+                           torch.cat([toks, state.tokens[0, row.seen : row.seen + m]]))
             row.seen = state.tokens.shape[1]
             row.fed, row.feats = {}, None

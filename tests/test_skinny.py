@@ -1,0 +1,110 @@
+"""Skinny linear products: same values as F.linear, routed only inside the block, and the engine's use."""
+
+import pytest
+import torch
+from torch import nn
+
+import specdec
+from specdec import PromptLookup
+from specdec.drafters import Eagle, EagleHead
+from specdec.skinny import MAX_ROWS, linear, skinny_linears
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (1, 1, 24), (2, 3, 24), (MAX_ROWS, 24), (MAX_ROWS + 1, 24), (2, 0, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_f_linear(shape, bias):
+    torch.manual_seed(0)
+    x, weight = torch.randn(*shape), torch.randn(40, 24)
+    b = torch.randn(40) if bias else None
+    got, want = linear(x, weight, b), nn.functional.linear(x, weight, b)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_gradients_equal_f_linear():
+    weight = torch.randn(8, 4, requires_grad=True)
+    x = torch.randn(2, 4, requires_grad=True)
+    linear(x, weight).square().sum().backward()
+    got = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    nn.functional.linear(x, weight).square().sum().backward()
+    torch.testing.assert_close(got, (x.grad, weight.grad))
+
+
+def calls_of_mm(monkeypatch):
+    calls = []
+    real = torch.mm
+
+    def counting(a, b):
+        calls.append(tuple(a.shape))
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "mm", counting)
+    return calls
+
+
+def test_routes_inside_the_block_only_and_restores(monkeypatch):
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    hooked = nn.Linear(6, 6)
+    hooked.forward = lambda x: x  # an instance forward (as accelerate's hooks set) is left alone
+    calls = calls_of_mm(monkeypatch)
+    x = torch.randn(2, 6)
+    want = model(x)
+    assert calls == []  # F.linear does not go through torch.mm
+    with skinny_linears([model, hooked]):
+        assert all("forward" in vars(layer) for layer in (model[0], model[2]))
+        got = model(x)
+        assert hooked(x) is x
+    assert calls == [(5, 6), (3, 5)]  # (W @ x.T) per layer, weight first
+    torch.testing.assert_close(got, want)
+    assert all("forward" not in vars(layer) for layer in (model[0], model[2]))
+    assert model[0](x).shape == (2, 5) and len(calls) == 2
+
+
+def test_restores_after_an_error_and_torch_backend_routes_nothing(monkeypatch):
+    model = nn.Linear(4, 4)
+    with pytest.raises(RuntimeError, match="boom"):
+        with skinny_linears([model]):
+            raise RuntimeError("boom")
+    assert "forward" not in vars(model)
+    with skinny_linears([model], backend="torch"):
+        assert "forward" not in vars(model)
+    with pytest.raises(ValueError, match="'fast'"):
+        with skinny_linears([model], backend="fast"):
+            pass
+
+
+@pytest.mark.parametrize("backend", ["skinny", "torch"])
+def test_generate_equal_under_each_backend_and_modules_restored(target, backend):
+    ids = torch.tensor([[5, 9, 2, 5, 9, 2, 7, 1]])
+    want = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                           pad_token_id=0, eos_token_id=None)
+    head = EagleHead.from_target(target)
+    for drafter in (PromptLookup(k=4), Eagle(head, k=3)):
+        got = specdec.generate(target, ids, drafter, max_new_tokens=20, eos_token_id=None, pad_token_id=0,
+                               linear_backend=backend)
+        assert got.tolist() == want.tolist()
+    linears = [m for net in (target, head) for m in net.modules() if isinstance(m, nn.Linear)]
+    assert linears and all("forward" not in vars(m) for m in linears)
+
+
+def test_engine_routes_the_drafters_networks(target, monkeypatch):
+    head = EagleHead.from_target(target)
+    seen = []
+    real = linear
+
+    def spy(x, weight, bias=None):
+        seen.append(weight.data_ptr())
+        return real(x, weight, bias)
+
+    monkeypatch.setattr("specdec.skinny.linear", spy)
+    ids = torch.tensor([[5, 9, 2, 5, 9, 2, 7, 1]])
+    specdec.generate(target, ids, Eagle(head, k=3), max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    assert head.fc.weight.data_ptr() in seen  # the EAGLE head's own layer
+    assert target.model.layers[0].mlp.up_proj.weight.data_ptr() in seen  # the target's
+
+
+def test_bad_backend_is_refused_before_decoding(target):
+    ids = torch.tensor([[5, 9, 2]])
+    with pytest.raises(ValueError, match="linear_backend='gemv'"):
+        specdec.generate(target, ids, None, max_new_tokens=4, linear_backend="gemv")
