@@ -48,6 +48,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         out = torch.mm(weight, torch.cat([flat, flat]).t())[:, :1].t()
     else:
         out = torch.mm(weight, flat.t()).t()
+    out = out.contiguous()  # row-major like F.linear's: later ops are slow on the transposed layout
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
