@@ -34,14 +34,14 @@ from specdec.tree import DraftTree
 from specdec.verify import Acceptance, accept_greedy, accept_sampling
 
 
-class _NoDraft(Drafter):
+class NoDraft(Drafter):
     """Plain decoding through the same engine: every tree is empty."""
 
     def propose(self, states: list[DecodeState]) -> list[DraftTree]:
         return [DraftTree.empty(s.tokens.device) for s in states]
 
 
-NO_DRAFT = _NoDraft()
+NO_DRAFT = NoDraft()
 
 
 def _cut(tokens: list[int], eos: tuple[int, ...], room: int) -> tuple[list[int], bool]:

@@ -60,6 +60,8 @@ def test_wrong_type_fails_naming_it():
         ("attention_backend=cuda", "attention_backend='cuda'"),
         ("logger.kind=tensorboard", "logger.kind='tensorboard'"),
         ("batch_size=0", "batch_size=0"),
+        ("linear_backend=fast", "linear_backend='fast'"),
+        ("+variants.plain={_target_:specdec.engine.NoDraft,linear_backend:fast}", "variants.plain.linear_backend='fast'"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, message):
@@ -128,7 +130,8 @@ def tiny_run(tiny_model_dir, prompts_file, tmp_path_factory):
     run_dir = tmp_path / "run"
     done = run_experiment(f"model.name={tiny_model_dir}", f"dataset.path={prompts_file}", "dataset.per_task=null",
                           "dataset.name=tiny", "max_new_tokens=12", "logger=wandb", "progress=false",
-                          "hf_prompt_lookup_num_tokens=0", "drafter.k=3", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+                          "hf_prompt_lookup_num_tokens=0", "drafter.k=3", f"hydra.run.dir={run_dir}",
+                          "+variants.plain_torch={_target_:specdec.engine.NoDraft,linear_backend:torch}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
 
@@ -136,8 +139,9 @@ def tiny_run(tiny_model_dir, prompts_file, tmp_path_factory):
 def test_tiny_run_logs_to_wandb_offline(tiny_run):
     run_dir = tiny_run
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 * 3  # prompts x (generate, no draft, prompt lookup)
+    assert len(rows) == 3 * 4  # prompts x (generate, no draft, prompt lookup, no draft with F.linear untouched)
     assert all(r["matches_baseline"] for r in rows)
+    assert sum(r["method"] == "specdec_plain_torch" for r in rows) == 3
     table = (run_dir / "table.md").read_text()
     assert "Greedy output identical to `model.generate` on every prompt: yes" in table
     by_method = table.split("Speedup (tau) per task:")[1]
