@@ -6,6 +6,11 @@ Layout: every layer holds ``(B, Hk, S, D)`` keys and values. Row b's committed t
 are stale and masked by tree attention. A verification forward appends the tree's nodes
 at ``[S, S + T)``; :func:`commit_rows` moves each row's root and accepted nodes to
 ``[end_b, ...)`` in place and crops the tail, touching only the columns that change.
+
+The layers are :class:`GrowingLayer`: transformers' ``DynamicLayer`` whose keys and values are
+views of buffers with room to spare, so a step writes its few new columns in place where
+``DynamicLayer`` concatenates (copies) the whole cache. Measured here on SmolLM2-135M with a
+1293-token prompt, 2 threads: ``torch.cat`` was a third of each step's time (about 49 ms of 120).
 """
 
 from __future__ import annotations
@@ -16,14 +21,63 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends in place: ``keys``/``values`` ``(B, Hk, S, D)`` are views of
+    ``(B, Hk, capacity, D)`` buffers. Anything that replaces ``keys``/``values`` with a view from the
+    buffers' start (crop, :func:`commit_rows`, :func:`truncate`) keeps them; a new tensor (a batch
+    selection) is copied into fresh buffers at the next ``update``."""
+
+    _key_buf: Tensor | None = None
+    _value_buf: Tensor | None = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, t = self.get_seq_length(), key_states.shape[-2]
+        if not self._in_buffers(key_states, n + t):
+            self._grow(key_states, n + t)
+        self._key_buf[:, :, n : n + t] = key_states
+        self._value_buf[:, :, n : n + t] = value_states
+        self.keys, self.values = self._key_buf[:, :, : n + t], self._value_buf[:, :, : n + t]
+        return self.keys, self.values
+
+    def _in_buffers(self, new: Tensor, length: int) -> bool:
+        """Whether keys/values still view the buffers from their start and ``length`` positions fit."""
+        buf = self._key_buf
+        if buf is None or length > buf.shape[2] or new.shape[:2] + new.shape[3:] != buf.shape[:2] + buf.shape[3:]:
+            return False
+        if not self.keys.numel():
+            return True
+        return all(t.data_ptr() == b.data_ptr() and t.stride() == b.stride()
+                   for t, b in ((self.keys, self._key_buf), (self.values, self._value_buf)))
+
+    def _grow(self, new: Tensor, length: int) -> None:
+        """Fresh buffers with room for ``length`` positions and more, holding the current keys/values."""
+        B, Hk, _, D = new.shape  # (B, Hk, T, D)
+        capacity = length + max(256, length // 2)
+        n = self.get_seq_length()
+        for name in ("key", "value"):
+            buf = new.new_empty(B, Hk, capacity, D)
+            if n:
+                buf[:, :, :n] = getattr(self, f"{name}s")
+            setattr(self, f"_{name}_buf", buf)
+        self.keys, self.values = self._key_buf[:, :, :n], self._value_buf[:, :, :n]
+
+    def reset(self) -> None:
+        self._key_buf = self._value_buf = None
+        super().reset()
+
+
 def new_cache(model) -> DynamicCache:
-    """An empty cache for ``model``."""
-    return DynamicCache(config=model.config)
+    """An empty cache for ``model``, its full-attention layers appending in place (:class:`GrowingLayer`)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def _layers(cache: DynamicCache):
     for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, GrowingLayer):
             raise ValueError(
                 f"cache layer {type(layer).__name__} is not supported: specdec needs full-attention layers "
                 "(no sliding window or linear attention)"

@@ -1,26 +1,36 @@
-"""Skinny matrix products: the linear layers of decoding, computed as ``(W @ x.T).T`` on CPU.
+"""Skinny matrix products: the linear layers of decoding, by the faster CPU product for their shape.
 
 Decoding multiplies a few rows of activations (one per token in the step: 1 for plain
 decoding, a tree's nodes for verification) by every weight matrix of the model, so the step
-is bound by reading the weights. ``F.linear`` computes ``x @ W.T``; with few rows in ``x``
-MKL's sgemm is slow on this 2-core machine, and its gemv (one row) reads the weights at a
-third of the bandwidth the same product reaches with the operands swapped. Measured here on
-SmolLM2-135M (float32, 2 threads, a 200-token cache), one target forward:
+is bound by reading the weights. ``F.linear`` computes ``x @ W.T`` with MKL, whose kernels for
+2-8 rows are slow on this 2-core machine, and whose gemv (one row) reads the weights at a third
+of the bandwidth the same product reaches with the operands swapped. So :func:`linear` takes
 
-======  =========  ==================
-tokens  F.linear   ``(W @ x.T).T``
-======  =========  ==================
-1       34 ms      22 ms
-2       57 ms      31 ms
-4       56 ms      33 ms
-8       59 ms      47 ms
-16      73 ms      57 ms
-64      150 ms     129 ms
-======  =========  ==================
+- ``(W @ x.T).T`` for 1-2 rows (one row computed as two: the 2-column product beats gemv), and
+  for up to ``MAX_ROWS`` rows of a small weight (attention projections), where oneDNN's per-call
+  cost shows;
+- oneDNN on a prepacked copy of the weight (made once per weight, kept while it lives unchanged)
+  for 3+ rows of a large weight (MLP, output head) and for prefill-sized inputs.
 
-A single row is computed as two (the row twice), since the 2-column product beats gemv. The
-result is the same product summed in a different order: it agrees with ``F.linear`` to float
-rounding (about 1e-7 relative), as any change of kernel or batch shape does.
+Measured here on SmolLM2-135M (float32, 2 threads, 200 cached tokens), one target forward
+through the engine's tree attention (``python -m experiments.bench_forward``):
+
+======  =========  ===========
+tokens  F.linear   this module
+======  =========  ===========
+1       57 ms      35 ms
+2       98 ms      33 ms
+4       92 ms      38 ms
+6       107 ms     42 ms
+8       99 ms      48 ms
+16      121 ms     63 ms
+200     410 ms     321 ms (prefill)
+======  =========  ===========
+
+The result is the same product summed in a different order: it agrees with ``F.linear`` to float
+rounding (about 1e-7 relative), as any change of kernel or batch shape does. Where gradients
+flow (training) only ``(W @ x.T).T`` is used. The packed copies cost memory: one more copy of
+the large weights (about 430 MB for the embedded default).
 
 :func:`skinny_linears` routes every ``nn.Linear`` of some modules through :func:`linear` for
 the duration of a ``with`` block, leaving the modules as they were afterwards.
@@ -28,6 +38,7 @@ the duration of a ``with`` block, leaving the modules as they were afterwards.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -35,15 +46,23 @@ import torch
 from torch import Tensor, nn
 
 BACKENDS = ("auto", "skinny", "torch")
-MAX_ROWS = 64  # past this many rows the usual product is as fast (prefill, training)
+MAX_ROWS = 64  # up to this many rows, small weights take (W @ x.T).T; past it, oneDNN (prefill)
+MIN_PACKED = 1 << 19  # weights this large take oneDNN from 3 rows; on smaller ones its per-call cost shows
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``, as ``(W @ x.T).T`` when ``x`` has 1 to ``MAX_ROWS`` rows on CPU."""
+    """``F.linear(x, weight, bias)``, by the faster product on CPU: ``(W @ x.T).T`` for 1-2 rows (and
+    for up to ``MAX_ROWS`` rows of a weight under ``MIN_PACKED`` elements, or when gradients flow),
+    oneDNN on a prepacked float32 weight for the rest."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 0 < rows <= MAX_ROWS or x.device.type != "cpu" or x.dtype != weight.dtype:
+    if not rows or x.device.type != "cpu" or x.dtype != weight.dtype:
         return nn.functional.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
+    if rows > 2 and (rows > MAX_ROWS or weight.numel() >= MIN_PACKED) and _packable(weight):
+        out = torch.ops.mkldnn._linear_pointwise(flat, _packed(weight), bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    if rows > MAX_ROWS:
+        return nn.functional.linear(x, weight, bias)
     if rows == 1:
         out = torch.mm(weight, torch.cat([flat, flat]).t())[:, :1].t()
     else:
@@ -52,6 +71,28 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _packable(weight: Tensor) -> bool:
+    """oneDNN takes it: float32, no gradient to record, a build with oneDNN."""
+    return (weight.dtype == torch.float32 and not (torch.is_grad_enabled() and weight.requires_grad)
+            and torch.backends.mkldnn.is_available())
+
+
+_PACKED: dict[int, tuple[weakref.ref, int, int, Tensor]] = {}  # id(weight) -> (weight, version, address, packed)
+
+
+def _packed(weight: Tensor) -> Tensor:
+    """``weight`` in oneDNN's blocked layout, made once and kept while the weight lives unchanged."""
+    key = id(weight)
+    entry = _PACKED.get(key)
+    if entry is None or entry[0]() is not weight or entry[1] != weight._version or entry[2] != weight.data_ptr():
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 4)
+        _PACKED[key] = (weakref.ref(weight, lambda _: _PACKED.pop(key, None)), weight._version, weight.data_ptr(),
+                        packed)
+        entry = _PACKED[key]
+    return entry[3]
 
 
 def _skinny_forward(module: nn.Linear):

@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from specdec.cache import commit_rows, new_cache
+from specdec.cache import GrowingLayer, commit_rows, new_cache, select_rows, truncate
 from specdec.drafters import Combined, DraftModel, PromptLookup
 from specdec.attention import tree_attention_enabled
 from specdec.engine import SpeculativeDecoder
@@ -105,3 +105,42 @@ def test_failed_verification_leaves_the_cache_whole(target, monkeypatch):
             decoder.step()
     assert_kv_close(kv(decoder.cache), before)
     assert decoder.states[0].tokens.shape[1] == prompt.shape[1] and decoder.stats.steps == 0
+
+
+def test_growing_layer_appends_in_place_and_survives_crops_and_row_selection():
+    """Every update equals concatenation; steps write into the same buffer; a crop (a view) is
+    overwritten by the next update; a batch selection (a new tensor) is copied into fresh buffers."""
+    torch.manual_seed(0)
+    layer, concat = GrowingLayer(), None
+    chunks = [torch.randn(2, 3, t, 4) for t in (5, 1, 3, 1)]
+    buffers = set()
+    for chunk in chunks:
+        keys, values = layer.update(chunk, -chunk)
+        concat = chunk if concat is None else torch.cat([concat, chunk], dim=2)
+        torch.testing.assert_close(keys, concat, rtol=0, atol=0)
+        torch.testing.assert_close(values, -concat, rtol=0, atol=0)
+        buffers.add(keys.data_ptr())
+    assert len(buffers) == 1 and layer.get_seq_length() == 10  # one allocation, no copies per step
+    layer.crop(-4)  # a rejected block
+    new = torch.randn(2, 3, 2, 4)
+    keys, _ = layer.update(new, new)
+    torch.testing.assert_close(keys, torch.cat([concat[:, :, :6], new], dim=2), rtol=0, atol=0)
+    assert keys.data_ptr() in buffers
+    layer.keys, layer.values = layer.keys[[1]], layer.values[[1]]  # a finished row left the batch
+    last = torch.randn(1, 3, 1, 4)
+    keys, values = layer.update(last, last)
+    torch.testing.assert_close(keys, torch.cat([concat[1:, :, :6], new[1:], last], dim=2), rtol=0, atol=0)
+    assert keys.data_ptr() not in buffers and keys.shape == (1, 3, 9, 4)
+
+
+def test_engine_cache_ops_keep_the_growing_buffers(target):
+    """commit_rows and truncate leave views of the same buffer; select_rows hands over a copy."""
+    cache = fresh_prefill(target, torch.tensor([[5, 6, 7, 8, 9, 10], [4, 4, 5, 5, 6, 6]]))
+    assert all(type(layer) is GrowingLayer for layer in cache.layers)
+    start = [layer.keys.data_ptr() for layer in cache.layers]
+    with torch.inference_mode():
+        commit_rows(cache, torch.tensor([3, 3]), [torch.tensor([4]), torch.tensor([3, 5])])
+        truncate(cache, 5)
+        assert [layer.keys.data_ptr() for layer in cache.layers] == start
+        select_rows(cache, torch.tensor([1]))
+    assert cache.get_seq_length() == 5 and cache.layers[0].keys.shape[0] == 1

@@ -7,7 +7,7 @@ from torch import nn
 import specdec
 from specdec import PromptLookup
 from specdec.drafters import Eagle, EagleHead
-from specdec.skinny import MAX_ROWS, linear, skinny_linears
+from specdec.skinny import MAX_ROWS, MIN_PACKED, linear, skinny_linears
 
 
 @pytest.mark.parametrize("shape", [(1, 24), (1, 1, 24), (2, 3, 24), (MAX_ROWS, 24), (MAX_ROWS + 1, 24), (2, 0, 24)])
@@ -19,6 +19,32 @@ def test_linear_equals_f_linear(shape, bias):
     got, want = linear(x, weight, b), nn.functional.linear(x, weight, b)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def assert_float32_product(got, x, weight, bias=None):
+    """Within the worst-case float32 rounding bound of a dot product (Higham's gamma_K) of the exact
+    float64 result; a product computed in lower precision (bf16, tf32) is far outside it."""
+    exact = nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    K = x.shape[-1] + (bias is not None)
+    gamma = K * 2.0**-24 / (1 - K * 2.0**-24)
+    scale = nn.functional.linear(x.double().abs(), weight.double().abs(),
+                                 None if bias is None else bias.double().abs())
+    assert ((got.double() - exact).abs() <= gamma * scale).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, MAX_ROWS, MAX_ROWS + 1])
+def test_large_weights_are_float32_products_and_follow_in_place_updates(rows):
+    """Weights past MIN_PACKED take oneDNN on a prepacked copy for 3+ rows: float32 products of the
+    current weight, including after an in-place change (training between generations)."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(MIN_PACKED // 256, 256), torch.randn(MIN_PACKED // 256)
+    x = torch.randn(rows, 256)
+    with torch.inference_mode():
+        got = linear(x, weight, bias)
+        assert got.shape == (rows, weight.shape[0])
+        assert_float32_product(got, x, weight, bias)
+        weight.mul_(-2)
+        assert_float32_product(linear(x, weight), x, weight)
 
 
 def test_linear_gradients_equal_f_linear():

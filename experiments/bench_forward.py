@@ -1,0 +1,72 @@
+"""What one verification forward costs by the number of tokens it carries: the cost model behind
+the draft sizes in configs/ (a draft of T - 1 tokens pays off only if tau grows more than the
+forward's cost does).
+
+    python -m experiments.bench_forward                       # embedded default, 2 threads
+    python -m experiments.bench_forward --cached 1000 --tokens 1 4 8 --repeats 20
+
+Times the target's forward over a chain of T tokens below a cached prefix, through the engine's
+tree attention, for each linear backend (``torch``: ``F.linear``; ``auto``: :mod:`specdec.skinny`),
+interleaved; and a prefill of the prefix with each. Prints a Markdown table of median
+milliseconds and the ratio to the same backend's 1-token forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from specdec import load_model
+from specdec.attention import TreeMask, tree_attention_enabled
+from specdec.cache import new_cache, truncate
+from specdec.skinny import skinny_linears
+
+BACKENDS = ("torch", "auto")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--cached", type=int, default=200, help="prefix length S in the cache")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 16, 32])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, _ = load_model(args.model)
+    prefix = torch.randint(0, model.config.vocab_size, (1, args.cached), generator=torch.Generator().manual_seed(0))
+    S = args.cached
+    times: dict[tuple[str, int | str], list[float]] = {}
+    with torch.inference_mode(), tree_attention_enabled(model):
+        cache = new_cache(model)
+        model(input_ids=prefix, cache=cache, use_cache=True)
+        for _ in range(args.repeats + 1):  # the first round warms up (allocations, packed weights)
+            for backend in BACKENDS:
+                with skinny_linears([model], backend):
+                    for T in args.tokens:
+                        ids = torch.randint(0, model.config.vocab_size, (1, T))
+                        tree = TreeMask(torch.tensor([0]), torch.tensor([S]), torch.ones(1, T, T, dtype=torch.bool).tril())
+                        t0 = time.perf_counter()
+                        model(input_ids=ids, position_ids=torch.arange(S, S + T)[None], cache=cache, use_cache=True,
+                              tree=tree)
+                        times.setdefault((backend, T), []).append(time.perf_counter() - t0)
+                        truncate(cache, S)
+                    t0 = time.perf_counter()
+                    model(input_ids=prefix, cache=new_cache(model), use_cache=True, logits_to_keep=1)
+                    times.setdefault((backend, "prefill"), []).append(time.perf_counter() - t0)
+    ms = {key: 1e3 * statistics.median(values[1:]) for key, values in times.items()}
+    print(f"{args.model}, {args.threads} threads, {S} cached tokens: median ms of one forward ({args.repeats} runs)\n")
+    print("| tokens | " + " | ".join(f"{b} ms | {b} / 1 token" for b in BACKENDS) + " |")
+    print("|---|" + "---|---|" * len(BACKENDS))
+    for T in args.tokens:
+        cells = [f"{ms[(b, T)]:.1f} | {ms[(b, T)] / ms[(b, 1)]:.2f}x" if (b, 1) in ms else f"{ms[(b, T)]:.1f} | -"
+                 for b in BACKENDS]
+        print(f"| {T} | " + " | ".join(cells) + " |")
+    print(f"| prefill of {S} | " + " | ".join(f"{ms[(b, 'prefill')]:.1f} | -" for b in BACKENDS) + " |")
+
+
+if __name__ == "__main__":
+    main()
