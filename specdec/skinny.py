@@ -29,7 +29,7 @@ tokens  F.linear   this module
 
 The result is the same product summed in a different order: it agrees with ``F.linear`` to float
 rounding (about 1e-7 relative), as any change of kernel or batch shape does. Where gradients
-flow (training) only ``(W @ x.T).T`` is used. The packed copies cost memory: one more copy of
+flow (training) only ``(W @ x.T).T`` and ``F.linear`` are used. The packed copies cost memory: one more copy of
 the large weights (about 430 MB for the embedded default).
 
 :func:`skinny_linears` routes every ``nn.Linear`` of some modules through :func:`linear` for
@@ -58,7 +58,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if not rows or x.device.type != "cpu" or x.dtype != weight.dtype:
         return nn.functional.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
-    if rows > 2 and (rows > MAX_ROWS or weight.numel() >= MIN_PACKED) and _packable(weight):
+    if rows > 2 and (rows > MAX_ROWS or weight.numel() >= MIN_PACKED) and _packable(x, weight):
         out = torch.ops.mkldnn._linear_pointwise(flat, _packed(weight), bias, "none", [], "")
         return out.reshape(*x.shape[:-1], weight.shape[0])
     if rows > MAX_ROWS:
@@ -73,10 +73,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _packable(weight: Tensor) -> bool:
-    """oneDNN takes it: float32, no gradient to record, a build with oneDNN."""
-    return (weight.dtype == torch.float32 and not (torch.is_grad_enabled() and weight.requires_grad)
-            and torch.backends.mkldnn.is_available())
+def _packable(x: Tensor, weight: Tensor) -> bool:
+    """oneDNN takes it: float32, a build with oneDNN, and no gradient to record (its op has no
+    backward: gradients would silently stop there)."""
+    return (weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 _PACKED: dict[int, tuple[weakref.ref, int, int, Tensor]] = {}  # id(weight) -> (weight, version, address, packed)

@@ -57,6 +57,25 @@ def test_linear_gradients_equal_f_linear():
     torch.testing.assert_close(got, (x.grad, weight.grad))
 
 
+@pytest.mark.parametrize("rows", [3, MAX_ROWS + 1])
+def test_gradients_flow_through_a_frozen_large_weight(rows):
+    """Training a head under the target's frozen output head (ReducedHead): the input's gradient
+    must come back, so the packed product (which has no backward) is not used. Both products sum
+    in their own order, so each is held to float64: at most twice F.linear's own error."""
+    torch.manual_seed(0)
+    weight = torch.randn(MIN_PACKED // 256, 256)  # frozen: requires_grad False
+    grads = {}
+    for name, fn, dtype in (("ours", linear, torch.float32), ("torch", nn.functional.linear, torch.float32),
+                            ("exact", nn.functional.linear, torch.float64)):
+        torch.manual_seed(1)
+        x = torch.randn(rows, 256, dtype=torch.float64).to(dtype).requires_grad_()
+        fn(x, weight.to(dtype)).square().sum().backward()
+        grads[name] = x.grad
+    assert grads["ours"] is not None
+    error = (grads["ours"].double() - grads["exact"]).abs().max()
+    assert error <= 2 * (grads["torch"].double() - grads["exact"]).abs().max()
+
+
 def calls_of_mm(monkeypatch):
     calls = []
     real = torch.mm
