@@ -4,11 +4,14 @@ forward's cost does).
 
     python -m experiments.bench_forward                       # embedded default, 2 threads
     python -m experiments.bench_forward --cached 1000 --tokens 1 4 8 --repeats 20
+    python -m experiments.bench_forward --linear-free    # also with every linear layer free
 
 Times the target's forward over a chain of T tokens below a cached prefix, through the engine's
 tree attention, for each linear backend (``torch``: ``F.linear``; ``auto``: :mod:`specdec.skinny`),
 interleaved; and a prefill of the prefix with each. Prints a Markdown table of median
-milliseconds and the ratio to the same backend's 1-token forward.
+milliseconds and the ratio to the same backend's 1-token forward. ``--linear-free`` adds a column
+where every linear layer returns zeros without computing anything: what the rest of the forward
+(norms, rotary embeddings, attention, the cache, the modules' Python) costs on its own.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -27,6 +31,30 @@ from specdec.skinny import skinny_linears
 BACKENDS = ("torch", "auto")
 
 
+@contextmanager
+def linear_free(model: torch.nn.Module):
+    """Every ``nn.Linear`` of ``model`` returns zeros of its output shape (made once per shape)."""
+    zeros: dict[tuple, torch.Tensor] = {}
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def free(layer: torch.nn.Linear):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            shape = (*x.shape[:-1], layer.out_features)
+            if shape not in zeros:
+                zeros[shape] = x.new_zeros(shape)
+            return zeros[shape]
+
+        return forward
+
+    for layer in layers:
+        layer.forward = free(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -34,18 +62,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 16, 32])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--linear-free", action="store_true", help="also time the forward with free linear layers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model)
     prefix = torch.randint(0, model.config.vocab_size, (1, args.cached), generator=torch.Generator().manual_seed(0))
     S = args.cached
+    backends = BACKENDS + (("linear-free",) if args.linear_free else ())
     times: dict[tuple[str, int | str], list[float]] = {}
     with torch.inference_mode(), tree_attention_enabled(model):
         cache = new_cache(model)
         model(input_ids=prefix, cache=cache, use_cache=True)
         for _ in range(args.repeats + 1):  # the first round warms up (allocations, packed weights)
-            for backend in BACKENDS:
-                with skinny_linears([model], backend):
+            for backend in backends:
+                with skinny_linears([model], backend) if backend != "linear-free" else linear_free(model):
                     for T in args.tokens:
                         ids = torch.randint(0, model.config.vocab_size, (1, T))
                         tree = TreeMask(torch.tensor([0]), torch.tensor([S]), torch.ones(1, T, T, dtype=torch.bool).tril())
@@ -59,13 +89,13 @@ def main() -> None:
                     times.setdefault((backend, "prefill"), []).append(time.perf_counter() - t0)
     ms = {key: 1e3 * statistics.median(values[1:]) for key, values in times.items()}
     print(f"{args.model}, {args.threads} threads, {S} cached tokens: median ms of one forward ({args.repeats} runs)\n")
-    print("| tokens | " + " | ".join(f"{b} ms | {b} / 1 token" for b in BACKENDS) + " |")
-    print("|---|" + "---|---|" * len(BACKENDS))
+    print("| tokens | " + " | ".join(f"{b} ms | {b} / 1 token" for b in backends) + " |")
+    print("|---|" + "---|---|" * len(backends))
     for T in args.tokens:
         cells = [f"{ms[(b, T)]:.1f} | {ms[(b, T)] / ms[(b, 1)]:.2f}x" if (b, 1) in ms else f"{ms[(b, T)]:.1f} | -"
-                 for b in BACKENDS]
+                 for b in backends]
         print(f"| {T} | " + " | ".join(cells) + " |")
-    print(f"| prefill of {S} | " + " | ".join(f"{ms[(b, 'prefill')]:.1f} | -" for b in BACKENDS) + " |")
+    print(f"| prefill of {S} | " + " | ".join(f"{ms[(b, 'prefill')]:.1f} | -" for b in backends) + " |")
 
 
 if __name__ == "__main__":

@@ -284,3 +284,30 @@ def test_draft_model_from_pretrained_keeps_first_layers(tiny_model_dir):
     assert (drafter.k, drafter.top_k) == (2, 2)
     with pytest.raises(ValueError, match="layers=5 must be in"):
         DraftModel.from_pretrained(str(tiny_model_dir), layers=5)
+
+
+def test_bench_forward_prints_every_width_and_restores_the_model(tiny_model_dir):
+    """The forward-cost benchmark runs on any model directory: one row per width plus the prefill,
+    a column pair per backend (linear-free included), and the model's layers as they were."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "experiments.bench_forward", "--model", str(tiny_model_dir),
+                           "--cached", "8", "--tokens", "1", "3", "--repeats", "2", "--linear-free"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("|")]
+    assert lines[0].count("/ 1 token") == 3  # torch, auto, linear-free
+    rows = {line.split("|")[1].strip(): line for line in lines[2:]}
+    assert set(rows) == {"1", "3", "prefill of 8"}
+    assert rows["1"].count("1.00x") == 3  # each backend against its own 1-token forward
+
+    import torch
+
+    from experiments.bench_forward import linear_free
+    from specdec import load_model
+
+    model, _ = load_model(tiny_model_dir)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode(), linear_free(model):
+        assert not model(ids).logits.any()  # the output head is free too: zeros
+    with torch.inference_mode():
+        assert model(ids).logits.any() and all("forward" not in vars(m) for m in model.modules())
