@@ -7,6 +7,7 @@ from torch import nn
 import specdec
 from specdec import PromptLookup
 from specdec.drafters import Eagle, EagleHead
+from specdec import skinny
 from specdec.skinny import MAX_ROWS, MIN_PACKED, linear, skinny_linears
 
 
@@ -33,18 +34,31 @@ def assert_float32_product(got, x, weight, bias=None):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, MAX_ROWS, MAX_ROWS + 1])
-def test_large_weights_are_float32_products_and_follow_in_place_updates(rows):
-    """Weights past MIN_PACKED take oneDNN on a prepacked copy for 3+ rows: float32 products of the
-    current weight, including after an in-place change (training between generations)."""
+def test_large_weights_are_float32_products_and_packed_copies_follow_every_write(rows):
+    """Weights past MIN_PACKED take oneDNN on a packed copy for 3+ rows inside a block: float32
+    products of the current weight, after an in-place change, a write through ``.data`` (which
+    keeps no version) and a change of an inference tensor (which has no version counter)."""
     torch.manual_seed(0)
-    weight, bias = torch.randn(MIN_PACKED // 256, 256), torch.randn(MIN_PACKED // 256)
+    weight, bias = torch.randn(MIN_PACKED // 256, 256), torch.randn(2 * MIN_PACKED // 256)[::2]  # a strided bias
     x = torch.randn(rows, 256)
     with torch.inference_mode():
-        got = linear(x, weight, bias)
-        assert got.shape == (rows, weight.shape[0])
-        assert_float32_product(got, x, weight, bias)
-        weight.mul_(-2)
+        frozen = torch.randn(MIN_PACKED // 256, 256)  # an inference tensor
+    for change in (lambda: None, lambda: weight.mul_(-2), lambda: weight.data.mul_(0.5), lambda: frozen.add_(1)):
+        with torch.inference_mode():
+            change()
+        with skinny_linears([]), torch.inference_mode():
+            got = linear(x, weight, bias)
+            assert got.shape == (rows, weight.shape[0])
+            assert_float32_product(got, x, weight, bias)
+            assert_float32_product(linear(x, frozen), x, frozen)
+        assert (id(weight) in skinny._PACKED) == (rows > 2)  # the packed product ran
+
+
+def test_no_packed_products_outside_a_block():
+    weight, x = torch.randn(MIN_PACKED // 256, 256), torch.randn(4, 256)
+    with torch.inference_mode():
         assert_float32_product(linear(x, weight), x, weight)
+    assert id(weight) not in skinny._PACKED
 
 
 def test_linear_gradients_equal_f_linear():
@@ -58,19 +72,24 @@ def test_linear_gradients_equal_f_linear():
 
 
 @pytest.mark.parametrize("rows", [3, MAX_ROWS + 1])
-def test_gradients_flow_through_a_frozen_large_weight(rows):
-    """Training a head under the target's frozen output head (ReducedHead): the input's gradient
-    must come back, so the packed product (which has no backward) is not used. Both products sum
-    in their own order, so each is held to float64: at most twice F.linear's own error."""
+@pytest.mark.parametrize("trained", ["input", "bias"])
+def test_gradients_flow_past_a_frozen_large_weight(rows, trained):
+    """Training under the target's frozen output head (ReducedHead), or a bias alone: the gradient
+    must come back, so the packed product (which has no backward) is not used, even in a block.
+    Both products sum in their own order, so each is held to float64: at most twice F.linear's error."""
     torch.manual_seed(0)
     weight = torch.randn(MIN_PACKED // 256, 256)  # frozen: requires_grad False
     grads = {}
     for name, fn, dtype in (("ours", linear, torch.float32), ("torch", nn.functional.linear, torch.float32),
                             ("exact", nn.functional.linear, torch.float64)):
         torch.manual_seed(1)
-        x = torch.randn(rows, 256, dtype=torch.float64).to(dtype).requires_grad_()
-        fn(x, weight.to(dtype)).square().sum().backward()
-        grads[name] = x.grad
+        x = torch.randn(rows, 256, dtype=torch.float64).to(dtype)
+        bias = torch.randn(weight.shape[0], dtype=torch.float64).to(dtype)
+        leaf = x if trained == "input" else bias
+        leaf.requires_grad_()
+        with skinny_linears([]):
+            fn(x, weight.to(dtype), bias).square().sum().backward()
+        grads[name] = leaf.grad
     assert grads["ours"] is not None
     error = (grads["ours"].double() - grads["exact"]).abs().max()
     assert error <= 2 * (grads["torch"].double() - grads["exact"]).abs().max()
@@ -119,16 +138,21 @@ def test_restores_after_an_error_and_torch_backend_routes_nothing(monkeypatch):
             pass
 
 
-@pytest.mark.parametrize("backend", ["skinny", "torch"])
-def test_generate_equal_under_each_backend_and_modules_restored(target, backend):
+@pytest.mark.parametrize("backend", ["skinny", "torch", "packed"])
+def test_generate_equal_under_each_backend_and_modules_restored(target, backend, monkeypatch):
+    """``packed``: every weight counts as large, so the tiny model's 3+ token forwards (trees,
+    EAGLE's nodes) take oneDNN on packed copies as the real model's MLP and head do."""
+    if backend == "packed":
+        monkeypatch.setattr(skinny, "MIN_PACKED", 0)
     ids = torch.tensor([[5, 9, 2, 5, 9, 2, 7, 1]])
     want = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
                            pad_token_id=0, eos_token_id=None)
     head = EagleHead.from_target(target)
-    for drafter in (PromptLookup(k=4), Eagle(head, k=3)):
+    for drafter in (PromptLookup(k=4), Eagle(head, k=3, top_k=2, budget=5)):
         got = specdec.generate(target, ids, drafter, max_new_tokens=20, eos_token_id=None, pad_token_id=0,
-                               linear_backend=backend)
+                               linear_backend="torch" if backend == "torch" else "auto")
         assert got.tolist() == want.tolist()
+    assert (id(target.lm_head.weight) in skinny._PACKED) == (backend == "packed")
     linears = [m for net in (target, head) for m in net.modules() if isinstance(m, nn.Linear)]
     assert linears and all("forward" not in vars(m) for m in linears)
 
