@@ -105,8 +105,8 @@ def _fingerprint(weight: Tensor) -> Tensor:
     """``(out, 2)``: the weight times two fixed random vectors; any change of a row changes its row here."""
     key = (weight.shape[1], weight.dtype)
     if key not in _PROBES:
-        _PROBES[key] = torch.randn(weight.shape[1], 2, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-    return torch.mm(weight, _PROBES[key])
+        _PROBES[key] = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    return torch.mm(weight, _PROBES[key].t())  # the transposed probe: MKL's fast path, as in linear()
 
 
 def _packed(weight: Tensor) -> Tensor:
