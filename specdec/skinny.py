@@ -9,7 +9,7 @@ of the bandwidth the same product reaches with the operands swapped. So :func:`l
 - ``(W @ x.T).T`` for 1-2 rows (one row computed as two: the 2-column product beats gemv), and
   for up to ``MAX_ROWS`` rows of a small weight (attention projections), where oneDNN's per-call
   cost shows;
-- oneDNN on a prepacked copy of the weight (made once per weight, kept while it lives unchanged)
+- oneDNN on a prepacked copy of the weight (made once, reused while the weight is unchanged)
   for 3+ rows of a large weight (MLP, output head) and for prefill-sized inputs.
 
 Measured here on SmolLM2-135M (float32, 2 threads, 200 cached tokens), one target forward
@@ -29,10 +29,10 @@ tokens  F.linear   this module
 
 The result is the same product summed in a different order: it agrees with ``F.linear`` to float
 rounding (about 1e-7 relative), as any change of kernel or batch shape does. Where gradients
-flow (training) only ``(W @ x.T).T`` and ``F.linear`` are used. The packed copies cost memory: one more copy of
-the weights (about 540 MB for the embedded default), kept while the weights live; packed
-products are used only inside a :func:`skinny_linears` block, and each packed copy is checked
-against its weight once per block (see :func:`_packed`).
+flow (training) only ``(W @ x.T).T`` and ``F.linear`` are used. Packed products are used only
+inside a :func:`skinny_linears` block, and each packed copy is checked against its weight once
+per block (see :func:`_packed`). The copies cost memory: the weights once more (about 540 MB for
+the embedded default), kept while the weights live.
 
 :func:`skinny_linears` routes every ``nn.Linear`` of some modules through :func:`linear` for
 the duration of a ``with`` block, leaving the modules as they were afterwards.
