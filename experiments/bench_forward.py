@@ -8,8 +8,9 @@ forward's cost does).
 
 Times the target's forward over a chain of T tokens below a cached prefix, through the engine's
 tree attention, for each linear backend (``torch``: ``F.linear``; ``auto``: :mod:`specdec.skinny`),
-interleaved; and a prefill of the prefix with each. Prints a Markdown table of median
-milliseconds and the ratio to the same backend's 1-token forward. ``--linear-free`` adds a column
+interleaved (each backend's first forward in a round untimed: it checks the packed weight copies,
+which the engine does once per ``generate`` call); and a prefill of the prefix with each. Prints a
+Markdown table of median milliseconds and the ratio to the same backend's 1-token forward. ``--linear-free`` adds a column
 where every linear layer returns zeros without computing anything: what the rest of the forward
 (norms, rotary embeddings, attention, the cache, the modules' Python) costs on its own.
 """
@@ -73,17 +74,22 @@ def main() -> None:
     with torch.inference_mode(), tree_attention_enabled(model):
         cache = new_cache(model)
         model(input_ids=prefix, cache=cache, use_cache=True)
+
+        def chain(T: int) -> None:
+            """One forward of T random tokens below the prefix, then the cache back to the prefix."""
+            ids = torch.randint(0, model.config.vocab_size, (1, T))
+            tree = TreeMask(torch.tensor([0]), torch.tensor([S]), torch.ones(1, T, T, dtype=torch.bool).tril())
+            model(input_ids=ids, position_ids=torch.arange(S, S + T)[None], cache=cache, use_cache=True, tree=tree)
+            truncate(cache, S)
+
         for _ in range(args.repeats + 1):  # the first round warms up (allocations, packed weights)
             for backend in backends:
                 with skinny_linears([model], backend) if backend != "linear-free" else linear_free(model):
+                    chain(max(args.tokens))  # untimed: a block's first packed product checks the copies (once per call)
                     for T in args.tokens:
-                        ids = torch.randint(0, model.config.vocab_size, (1, T))
-                        tree = TreeMask(torch.tensor([0]), torch.tensor([S]), torch.ones(1, T, T, dtype=torch.bool).tril())
                         t0 = time.perf_counter()
-                        model(input_ids=ids, position_ids=torch.arange(S, S + T)[None], cache=cache, use_cache=True,
-                              tree=tree)
+                        chain(T)
                         times.setdefault((backend, T), []).append(time.perf_counter() - t0)
-                        truncate(cache, S)
                     t0 = time.perf_counter()
                     model(input_ids=prefix, cache=new_cache(model), use_cache=True, logits_to_keep=1)
                     times.setdefault((backend, "prefill"), []).append(time.perf_counter() - t0)

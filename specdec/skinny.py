@@ -18,13 +18,13 @@ through the engine's tree attention (``python -m experiments.bench_forward``):
 ======  =========  ===========
 tokens  F.linear   this module
 ======  =========  ===========
-1       57 ms      35 ms
-2       98 ms      33 ms
-4       92 ms      38 ms
-6       107 ms     42 ms
-8       99 ms      48 ms
-16      121 ms     63 ms
-200     410 ms     321 ms (prefill)
+1       57 ms      33 ms
+2       95 ms      32 ms
+4       81 ms      38 ms
+6       82 ms      40 ms
+8       78 ms      46 ms
+16      93 ms      58 ms
+200     329 ms     291 ms (prefill)
 ======  =========  ===========
 
 The result is the same product summed in a different order: it agrees with ``F.linear`` to float
