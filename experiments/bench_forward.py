@@ -10,9 +10,10 @@ Times the target's forward over a chain of T tokens below a cached prefix, throu
 tree attention, for each linear backend (``torch``: ``F.linear``; ``auto``: :mod:`specdec.skinny`),
 interleaved (each backend's first forward in a round untimed: it checks the packed weight copies,
 which the engine does once per ``generate`` call); and a prefill of the prefix with each. Prints a
-Markdown table of median milliseconds and the ratio to the same backend's 1-token forward. ``--linear-free`` adds a column
-where every linear layer returns zeros without computing anything: what the rest of the forward
-(norms, rotary embeddings, attention, the cache, the modules' Python) costs on its own.
+Markdown table of median milliseconds and the ratio to the same backend's 1-token forward.
+``--linear-free`` adds a column where every linear layer returns zeros without computing anything:
+what the rest of the forward (norms, rotary embeddings, attention, the cache, the modules' Python)
+costs on its own.
 """
 
 from __future__ import annotations
