@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from specdec.report import write_report
+from specdec.tooling.report import write_report
 
 
 def main() -> None:

@@ -30,12 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.schema import register, validate
 from specdec import load_model
-from specdec.benchmark import (hf_generate, markdown_table, run_benchmark, specdec_generate, speedup_table,
+from specdec.tooling.benchmark import (hf_generate, markdown_table, run_benchmark, specdec_generate, speedup_table,
                                summarize)
-from specdec.data import SPEC_BENCH, load_prompts
+from specdec.tooling.data import SPEC_BENCH, load_prompts
 from specdec.drafters import Distilled
-from specdec.loggers import NullLogger, make_logger
-from specdec.report import write_report
+from specdec.tooling.loggers import NullLogger, make_logger
+from specdec.tooling.report import write_report
 
 register()
 

@@ -94,7 +94,7 @@ class DistillConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    drafter: Any = MISSING  # a drafter config with a `train` block (specdec.train.TrainSettings fields)
+    drafter: Any = MISSING  # a drafter config with a `train` block (specdec.training.train.TrainSettings fields)
     data: DistillConfig = field(default_factory=DistillConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     threads: int = 2
@@ -110,8 +110,8 @@ def register() -> None:
 
 
 def validate_training(cfg: DictConfig):
-    """Check a training config; returns the drafter's :class:`~specdec.train.TrainSettings`."""
-    from specdec.train import KINDS, TrainSettings
+    """Check a training config; returns the drafter's :class:`~specdec.training.train.TrainSettings`."""
+    from specdec.training.train import KINDS, TrainSettings
 
     if cfg.drafter.get("name") not in KINDS:
         raise ValueError(f"config drafter={cfg.drafter.get('name')!r} cannot be trained: use one of {KINDS}")

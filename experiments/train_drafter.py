@@ -5,9 +5,9 @@
     accelerate launch --multi_gpu --num_processes 2 -m experiments.train_drafter drafter=eagle threads=1   # CPU: gloo
 
 1. builds (or reads from the cache) the self-distillation set: GSM8K training questions and
-   prompts the target writes itself, answered greedily by the target (:mod:`specdec.distill`);
+   prompts the target writes itself, answered greedily by the target (:mod:`specdec.training.distill`);
 2. runs the target once over it for hidden states and greedy labels;
-3. trains the drafter (:mod:`specdec.train`), logging loss and per-depth top-1 accuracy;
+3. trains the drafter (:mod:`specdec.training.train`), logging loss and per-depth top-1 accuracy;
 4. saves the checkpoint where ``drafter=<name>`` loads it (``specdec/checkpoints/<checkpoint>.pt``,
    or ``output=path.pt``), with its settings and the target's fingerprint;
 5. decodes a few held-out prompts with it and logs acceptance per depth and tau.
@@ -29,10 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.schema import register, validate_training
 from specdec import generate, load_model
-from specdec.checkpoint import SHIPPED, save_checkpoint
-from specdec.distill import DistillSettings, distill_set
-from specdec.loggers import NullLogger, make_logger
-from specdec.train import TrainSettings, module_settings, train, trained_weights
+from specdec.training.checkpoint import SHIPPED, save_checkpoint
+from specdec.training.distill import DistillSettings, distill_set
+from specdec.tooling.loggers import NullLogger, make_logger
+from specdec.training.train import TrainSettings, module_settings, train, trained_weights
 
 register()
 

@@ -189,7 +189,7 @@ def test_tree_group_reaches_the_drafters():
 
 
 def test_report_writes_tables_and_figures(tiny_run, tmp_path):
-    from specdec.report import FIGURES, write_report
+    from specdec.tooling.report import FIGURES, write_report
 
     report = write_report(tiny_run, tmp_path / "report")
     text = report.read_text()
@@ -200,7 +200,7 @@ def test_report_writes_tables_and_figures(tiny_run, tmp_path):
 
 
 def test_report_of_a_missing_directory_is_a_clear_error(tmp_path):
-    from specdec.report import load_runs
+    from specdec.tooling.report import load_runs
 
     with pytest.raises(FileNotFoundError, match="no results.jsonl"):
         load_runs(tmp_path)
@@ -261,8 +261,8 @@ def test_slurm_launcher_config_composes():
 
 def test_two_turn_prompts_run_as_conversations(tiny_model_dir):
     from specdec import PromptLookup, load_model
-    from specdec.benchmark import hf_generate, run_benchmark, specdec_generate
-    from specdec.data import Prompt
+    from specdec.tooling.benchmark import hf_generate, run_benchmark, specdec_generate
+    from specdec.tooling.data import Prompt
 
     model, tokenizer = load_model(tiny_model_dir)
     prompts = [Prompt(1, "mt_bench", "writing", ("w5 w6 w7 w5 w6", "w9 w10 w9 w10"))]

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from transformers import GenerationConfig, TextIteratorStreamer
 
 import specdec
-from specdec.benchmark import left_pad
+from specdec.text import left_pad
 from specdec import Combined, DraftModel, PromptLookup
 from specdec.drafters import Adaptive, Eagle, EagleHead, EarlyExit, Medusa, MedusaHeads
 

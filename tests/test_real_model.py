@@ -9,7 +9,7 @@ import torch
 
 import specdec
 from specdec import DraftModel, PromptLookup
-from specdec.benchmark import left_pad
+from specdec.text import left_pad
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import specdec
-from specdec.checkpoint import fingerprint, save_checkpoint
-from specdec.distill import teacher_pass
+from specdec.training.checkpoint import fingerprint, save_checkpoint
+from specdec.training.distill import teacher_pass
 from specdec.drafters import Distilled, Eagle, EarlyExit, Medusa
 from specdec.drafters.vocab import ReducedHead, frequent_tokens
-from specdec.train import KINDS, TrainSettings, module_settings, train, trained_weights
+from specdec.training.train import KINDS, TrainSettings, module_settings, train, trained_weights
 from specdec.tree import TreeSpec
 
 from conftest import save_with_tokenizer, tiny_llama
@@ -210,7 +210,7 @@ def test_train_drafter_rejects_untrainable_drafters_and_bad_settings(tmp_path):
 
 
 def test_checkpoint_packing_keeps_weights_within_int8_precision():
-    from specdec.checkpoint import pack, unpack
+    from specdec.training.checkpoint import pack, unpack
 
     torch.manual_seed(0)
     state = {"w": torch.randn(16, 8), "b": torch.randn(8), "steps": torch.tensor(3)}

@@ -103,7 +103,7 @@ class BuiltOnTarget:
         if self._bound == id(target):
             return
         if self.checkpoint is not None:
-            from specdec.checkpoint import check_target
+            from specdec.training.checkpoint import check_target
 
             check_target(self.checkpoint, target)
         self.bind(target)

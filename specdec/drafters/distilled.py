@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from specdec.checkpoint import load_checkpoint
+from specdec.training.checkpoint import load_checkpoint
 from specdec.drafters.base import BuiltOnTarget
 from specdec.drafters.draft_model import DraftModel
 from specdec.drafters.eagle import head_config

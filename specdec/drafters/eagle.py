@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig, 
 
 from specdec.attention import TreeMask
 from specdec.cache import new_cache, truncate
-from specdec.checkpoint import load_checkpoint
+from specdec.training.checkpoint import load_checkpoint
 from specdec.drafters.base import BuiltOnTarget, DecodeState
 from specdec.drafters.draft_model import DraftModel, _Row
 from specdec.drafters.vocab import ReducedHead

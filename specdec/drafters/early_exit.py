@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from specdec.checkpoint import load_checkpoint
+from specdec.training.checkpoint import load_checkpoint
 from specdec.drafters.base import BuiltOnTarget, DecodeState
 from specdec.drafters.draft_model import DraftModel, _Row
 from specdec.drafters.vocab import ReducedHead

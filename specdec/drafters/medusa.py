@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from specdec.checkpoint import load_checkpoint
+from specdec.training.checkpoint import load_checkpoint
 from specdec.drafters.base import BuiltOnTarget, DecodeState, Drafter
 from specdec.drafters.vocab import ReducedHead
 from specdec.tree import DraftTree, TreeSpec

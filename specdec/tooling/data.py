@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MT_BENCH_LABELS = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 SPEC_BENCH = DATA_DIR / "spec_bench" / "question.jsonl"
 
 

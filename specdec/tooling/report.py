@@ -13,7 +13,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # figures without pyplot: no global backend, nothing to close
 
-from specdec.benchmark import markdown_table, summarize
+from specdec.tooling.benchmark import markdown_table, summarize
 
 
 def _variant(run_dir: Path) -> str:

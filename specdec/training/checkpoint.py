@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-SHIPPED = Path(__file__).resolve().parent / "checkpoints"
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
 
 
 def fingerprint(model: PreTrainedModel) -> str:

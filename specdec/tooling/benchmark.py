@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specdec.data import Prompt
+from specdec.text import encode, left_pad
+from specdec.tooling.data import Prompt
 from specdec.drafters.base import Drafter
 from specdec.generate import generate
 from specdec.stats import SpecStats
@@ -75,24 +76,6 @@ def specdec_generate(model: PreTrainedModel, drafter: Drafter | None, max_new_to
         return out.sequences, out.stats
 
     return Method(name, run)
-
-
-def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> torch.Tensor:
-    """``(n,)`` ids of a conversation through the chat template (plain text joined without one)."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                             return_dict=True)["input_ids"][0]
-    return tokenizer("\n".join(m["content"] for m in messages), return_tensors="pt").input_ids[0]
-
-
-def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, n)`` left-padded ids and their attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
-    return ids, mask
 
 
 def _batches(prompts: Sequence[Prompt], batch_size: int) -> list[list[Prompt]]:

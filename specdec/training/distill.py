@@ -21,9 +21,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specdec.benchmark import encode, left_pad
-from specdec.checkpoint import fingerprint
-from specdec.data import DATA_DIR
+from specdec.text import encode, left_pad
+from specdec.training.checkpoint import fingerprint
+from specdec.tooling.data import DATA_DIR
 from specdec.models import cache_dir
 
 GSM8K_TRAIN = DATA_DIR / "gsm8k_train" / "train.jsonl"

@@ -1,4 +1,4 @@
-"""Training drafters on the self-distillation set (:mod:`specdec.distill`); the target stays frozen.
+"""Training drafters on the self-distillation set (:mod:`specdec.training.distill`); the target stays frozen.
 
 One objective per drafter kind, all scored against the target's own greedy labels:
 
@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from specdec.distill import DistillSet
+from specdec.training.distill import DistillSet
 from specdec.drafters.distilled import build_draft, own_weights
 from specdec.drafters.eagle import EagleHead
 from specdec.drafters.early_exit import ExitAdapter

@@ -1,0 +1,1 @@
+"""Research tooling: the benchmark harness, reports and figures, loggers, prompt sets (the ``[experiments]`` extra)."""
