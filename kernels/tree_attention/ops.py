@@ -97,13 +97,14 @@ def _launch(q, k, v, prefix_start, prefix_end, tree_mask, scale, q_positions, k_
     Tk = tree_mask.shape[2]
     S = k.shape[2] - Tk
     bits = pack_tree_mask(tree_mask).to(q.device)
-    out = q.new_empty(B, H, T, Dv)
+    # the interpreter rounds float32 -> bfloat16 toward zero (triton 3.9): there the kernel stores float32
+    out = q.new_empty(B, H, T, Dv, dtype=torch.float32 if _interpreted_bf16(q) else q.dtype)
     block_dk, block_dv = (max(16, triton.next_power_of_2(d)) for d in (Dk, Dv))  # tl.dot needs >= 16
     block_m = 16 if T <= 16 else 32
     block_n = 32 if max(block_dk, block_dv) <= 64 else 16
     has_pos = sliding_window is not None or chunk_size is not None
     if has_pos:
-        q_positions, k_positions = q_positions.long(), k_positions.long()
+        q_positions, k_positions = (p.to(device=q.device, dtype=torch.int64) for p in (q_positions, k_positions))
         pos_strides = (*q_positions.stride(), *k_positions.stride())
     else:
         q_positions = k_positions = bits  # never read
@@ -120,12 +121,16 @@ def _launch(q, k, v, prefix_start, prefix_end, tree_mask, scale, q_positions, k_
         HAS_WINDOW=sliding_window is not None, HAS_CHUNK=chunk_size is not None, HAS_SOFTCAP=softcap is not None,
         HAS_SINKS=has_sinks,
     )
-    return out
+    return out.to(q.dtype)
+
+
+def _interpreted_bf16(q: Tensor) -> bool:
+    return q.dtype == torch.bfloat16 and not q.is_cuda
 
 
 def _float32_products(q: Tensor) -> bool:
     """float32 inputs always; bfloat16 too under the interpreter, whose bf16 ``tl.dot`` is wrong (triton 3.9)."""
-    return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda)
+    return q.dtype == torch.float32 or _interpreted_bf16(q)
 
 
 def kernel_available(device: torch.device) -> bool:
