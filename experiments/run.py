@@ -1,5 +1,9 @@
 """Benchmark a drafter against model.generate() on a prompt set (the README's main command).
 
+From the checkout ``python -m experiments.run``; from an installed wheel ``specdec-run`` (or
+``python -m specdec_experiments.run``), with the same arguments; ``--config-dir DIR`` adds your own
+configs to the search path.
+
     python -m experiments.run                            # the default: embedded SmolLM2, Spec-Bench sample
     python -m experiments.run dataset.per_task=10 drafter.k=8 logger=wandb
     python -m experiments.run +experiment=chain_vs_tree  # more drafters in the same run
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -25,17 +30,22 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.schema import register, validate
 from specdec import load_model
-from specdec.tooling.benchmark import (hf_generate, markdown_table, run_benchmark, specdec_generate, speedup_table,
-                               summarize)
-from specdec.tooling.data import SPEC_BENCH, load_prompts
 from specdec.drafters import Distilled
+from specdec.tooling.benchmark import (hf_generate, markdown_table, run_benchmark, specdec_generate, speedup_table,
+                                       summarize)
+from specdec.tooling.data import SPEC_BENCH, load_prompts
 from specdec.tooling.loggers import NullLogger, make_logger
-from specdec.tooling.report import write_report
+from specdec.tooling.report import FIGURES, write_report
+
+from . import CONFIG_DIR
+from .schema import register, validate
 
 register()
 
@@ -62,7 +72,31 @@ def build_drafter(node: DictConfig):
                         if k not in NOT_ARGUMENTS})
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def wandb_run(cfg: DictConfig, out: Path) -> dict:
+    """A readable name, tags and job type for the W&B run; in a sweep also its group (the sweep
+    directory) and a name made of the job's swept values, so two sweeps and their jobs stay apart."""
+    hydra_cfg = HydraConfig.get()
+    mode = "greedy" if not cfg.sampling.do_sample else "sampled"
+    tags = [cfg.drafter.name, cfg.dataset.name, Path(str(cfg.model.name)).name, mode, f"batch{cfg.batch_size}"]
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {"name": f"{cfg.drafter.name} {out.parent.name}/{out.name}", "tags": tags, "job_type": "benchmark"}
+    overrides = list(hydra_cfg.overrides.task)
+    swept = _swept_keys(sys.argv[1:])
+    label = " ".join(o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept) or f"job {hydra_cfg.job.num}"
+    return {"name": label, "group": f"sweep {hydra_cfg.sweep.dir}", "tags": [*tags, "sweep"], "job_type": "benchmark"}
+
+
+def _swept_keys(argv: list[str]) -> set[str]:
+    """Keys the command line sweeps (``tree.depth=4,8``); empty when it cannot be read (a launcher's
+    worker process)."""
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except OverrideParseException:
+        return set()
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     validate(cfg)  # before anything loads
     torch.set_num_threads(cfg.threads)
@@ -80,8 +114,8 @@ def main(cfg: DictConfig) -> None:
     out = Path(out[0])
     logger = NullLogger()
     if state.is_main_process:
-        logger = make_logger(cfg.logger.kind, out, OmegaConf.to_container(cfg, resolve=True), cfg.logger.project,
-                             cfg.logger.mode, name=out.name)
+        config = OmegaConf.to_container(cfg, resolve=True) | {"prompt_ids": [p.id for p in prompts]}
+        logger = make_logger(cfg.logger.kind, out, config, cfg.logger.project, cfg.logger.mode, **wandb_run(cfg, out))
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
 
     n, backend = cfg.max_new_tokens, cfg.attention_backend
@@ -101,10 +135,14 @@ def main(cfg: DictConfig) -> None:
                                  **{key: cfg.variants[name].get(key, value) for key, value in engine.items()})
                 for name, d in variants.items()]
     eos = model.generation_config.eos_token_id
-    step = iter(range(10**9))
+    steps: dict[tuple, int] = {}  # one history step per prompt (and turn), shared by its methods
+
+    def log_row(row: dict) -> None:
+        logger.log_row(row, steps.setdefault((str(row["prompt_id"]), row["turn"]), len(steps)))
+
     rows = run_benchmark(methods, tokenizer, shard, progress=cfg.progress and state.is_main_process,
                          batch_size=cfg.batch_size, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-                         on_row=lambda row: logger.log_row(row, next(step)), all_turns=cfg.dataset.all_turns)
+                         on_row=log_row, all_turns=cfg.dataset.all_turns)
     if state.num_processes > 1:
         (out / f"results.rank{state.process_index}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         state.wait_for_everyone()
@@ -112,8 +150,9 @@ def main(cfg: DictConfig) -> None:
             return
         rows = [json.loads(line) for rank in range(state.num_processes)
                 for line in (out / f"results.rank{rank}.jsonl").read_text().splitlines()]
-    summary = summarize(rows)
-    mode = "sampled" if sampling.get("do_sample") else "greedy"
+    greedy = not sampling.get("do_sample")
+    summary = summarize(rows, greedy=greedy)
+    mode = "greedy" if greedy else "sampled"
     processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
     title = (f"{cfg.model.name}, {cfg.dataset.name} ({len(prompts)} prompts), batch {cfg.batch_size}, {mode}, "
              f"{n} new tokens, {cfg.threads} threads{processes}; speedup vs model.generate()")
@@ -121,7 +160,7 @@ def main(cfg: DictConfig) -> None:
              f"{speedup_table(summary)}\n")
     write_outputs(out, rows, summary, table)
     write_report(out)  # report.md and the figures, beside the results
-    logger.log_results(rows, summary, table)
+    logger.log_results(rows, summary, table, figures={name: out / f"{name}.png" for name in FIGURES})
     logger.finish()
     print(table)
     print(f"results in {out}")

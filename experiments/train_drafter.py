@@ -1,4 +1,4 @@
-"""Train a drafter for the target on its own outputs, log to W&B, save a checkpoint.
+"""Train a drafter for the target on its own outputs, log to W&B, save a checkpoint (installed: ``specdec-train``).
 
     python -m experiments.train_drafter drafter=eagle          # also: medusa, early_exit, draft_model
     python -m experiments.train_drafter drafter=medusa drafter.train.heads=3 logger=csv
@@ -27,12 +27,14 @@ from accelerate import Accelerator
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.schema import register, validate_training
 from specdec import generate, load_model
 from specdec.training.checkpoint import SHIPPED, save_checkpoint
 from specdec.training.distill import DistillSettings, distill_set
 from specdec.tooling.loggers import NullLogger, make_logger
 from specdec.training.train import TrainSettings, module_settings, train, trained_weights
+
+from . import CONFIG_DIR
+from .schema import register, validate_training
 
 register()
 
@@ -61,7 +63,7 @@ def held_out_decode(drafter_cfg: dict, path: Path, model, tokenizer, sequences, 
         for d in range(depth)}
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train_drafter")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train_drafter")
 def main(cfg: DictConfig) -> None:
     settings = validate_training(cfg)  # before anything loads
     torch.set_num_threads(cfg.threads)
@@ -70,7 +72,8 @@ def main(cfg: DictConfig) -> None:
     logger = NullLogger()
     if accelerator.is_main_process:
         logger = make_logger(cfg.logger.kind, out_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger.project,
-                             cfg.logger.mode, name=f"train-{cfg.drafter.name}")
+                             cfg.logger.mode, name=f"train {cfg.drafter.name} {out_dir.name}",
+                             tags=[cfg.drafter.name, "train"], job_type="train")
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
     data_settings = DistillSettings(**{k: v for k, v in OmegaConf.to_container(cfg.data).items()
                                        if k != "teacher_layers"})

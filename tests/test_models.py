@@ -43,3 +43,18 @@ def test_embedded_default_loads(smollm):
     assert (config.vocab_size, config.num_hidden_layers, config.hidden_size) == (49152, 30, 576)
     assert model.dtype == torch.float32
     assert tokenizer.decode(tokenizer("Hello world").input_ids) == "Hello world"
+
+
+def test_conversion_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    """The same GGUF bytes at another path (a new virtualenv) reuse the converted copy; other bytes do not."""
+    from specdec.models import _dequantized_dir
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    first, moved, other = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf"
+    for path, content in ((first, b"GGUF" * 1000), (moved, b"GGUF" * 1000), (other, b"GGUF" * 999 + b"gguf")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    assert _dequantized_dir(first, torch.float32) == _dequantized_dir(moved, torch.float32)
+    assert _dequantized_dir(first, torch.float32) != _dequantized_dir(other, torch.float32)
+    assert _dequantized_dir(first, torch.float32) != _dequantized_dir(first, torch.bfloat16)
+    assert _dequantized_dir(first, torch.float32).parent == tmp_path / "cache"

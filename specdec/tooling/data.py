@@ -2,7 +2,8 @@
 
 Rows are ``{"question_id", "category", "turns": [...]}``. Spec-Bench's six tasks are
 the *task* of a prompt: its eight MT-bench labels (writing, roleplay, ...) form the
-one task ``mt_bench``, as in Spec-Bench's own reports.
+one task ``mt_bench``, as in Spec-Bench's own reports. The files are ``data/`` in the
+checkout and ``specdec/tooling/prompt_sets/`` in a wheel (:data:`DATA_DIR` is either).
 """
 
 from __future__ import annotations
@@ -13,7 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MT_BENCH_LABELS = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+
+
+def _data_dir() -> Path:
+    """The prompt sets: ``data/`` at the top of the checkout, which a wheel installs as
+    ``specdec/tooling/prompt_sets/`` (pyproject.toml's package-dir)."""
+    here = Path(__file__).resolve().parent
+    installed, checkout = here / "prompt_sets", here.parents[1] / "data"
+    return installed if (installed / "spec_bench").is_dir() else checkout
+
+
+DATA_DIR = _data_dir()
 SPEC_BENCH = DATA_DIR / "spec_bench" / "question.jsonl"
 
 

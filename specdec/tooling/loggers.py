@@ -17,7 +17,8 @@ from typing import Protocol
 class RunLogger(Protocol):
     def log_metrics(self, metrics: dict, step: int) -> None: ...
     def log_row(self, row: dict, step: int) -> None: ...
-    def log_results(self, rows: list[dict], summary: list[dict], table: str) -> None: ...
+    def log_results(self, rows: list[dict], summary: list[dict], table: str,
+                    figures: dict[str, Path] | None = None) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -30,7 +31,8 @@ class NullLogger:
     def log_row(self, row: dict, step: int) -> None:
         pass
 
-    def log_results(self, rows: list[dict], summary: list[dict], table: str) -> None:
+    def log_results(self, rows: list[dict], summary: list[dict], table: str,
+                    figures: dict[str, Path] | None = None) -> None:
         pass
 
     def finish(self) -> None:
@@ -53,7 +55,8 @@ class CsvLogger(NullLogger):
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    def log_results(self, rows: list[dict], summary: list[dict], table: str) -> None:
+    def log_results(self, rows: list[dict], summary: list[dict], table: str,
+                    figures: dict[str, Path] | None = None) -> None:
         columns = list(dict.fromkeys(k for row in rows for k in row))
         with self.path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
@@ -61,34 +64,62 @@ class CsvLogger(NullLogger):
             writer.writerows(_flat(r) for r in rows)
 
 
+ROW_METRICS = ("tokens_per_s", "tau", "acceptance_rate", "ttft_s", "tpot_s", "new_tokens", "seconds")
+SUMMARY_METRICS = ("tokens_per_s", "speedup", "tau", "acceptance_rate", "exact")
+
+
+def acceptance_rows(rows: list[dict]) -> list[list]:
+    """``[method, depth, acceptance, prompts]``: per-position acceptance, mean over the prompts that
+    drafted that deep, per method (the long format a line plot or a pivot wants)."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        curves = [r["position_acceptance"] for r in rows if r["method"] == method and r.get("position_acceptance")]
+        for d in range(max(map(len, curves), default=0)):
+            at = [c[d] for c in curves if len(c) > d]
+            out.append([method, d + 1, sum(at) / len(at), len(at)])
+    return out
+
+
 class WandbLogger:
-    """A W&B run: the resolved config, one step per result row, a results table and a summary."""
+    """A W&B run: the resolved config (prompt ids, batch size and turns are config or table columns,
+    never metrics), one history step per prompt with every method's tokens/s, tau and acceptance,
+    then the results, summary and per-position acceptance as tables, an acceptance plot, the
+    figures as images, and a summary keyed ``<task>/<method>/<metric>``. Sweeps pass a ``group``,
+    ``tags`` and a ``job_type`` so two sweeps stay apart."""
 
     def __init__(self, out_dir: Path, config: dict, project: str = "specdec", mode: str = "offline",
-                 name: str | None = None) -> None:
+                 name: str | None = None, group: str | None = None, tags: list[str] | None = None,
+                 job_type: str | None = None) -> None:
         import wandb
 
         self._wandb = wandb
-        self.run = wandb.init(project=project, dir=str(out_dir), config=config, name=name,
-                              mode=os.environ.get("WANDB_MODE", mode))
+        self.run = wandb.init(project=project, dir=str(out_dir), config=config, name=name, group=group,
+                              tags=tags, job_type=job_type, mode=os.environ.get("WANDB_MODE", mode))
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
 
     def log_row(self, row: dict, step: int) -> None:
-        numbers = {f"{row['method']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
-        numbers["prompt_index"] = step
-        self.run.log(numbers)
+        """One method's numbers on one prompt; rows of the same prompt share ``step`` (one history row)."""
+        self.run.log({f"{row['method']}/{k}": row[k] for k in ROW_METRICS if row.get(k) is not None}, step=step)
 
-    def log_results(self, rows: list[dict], summary: list[dict], table: str) -> None:
+    def log_results(self, rows: list[dict], summary: list[dict], table: str,
+                    figures: dict[str, Path] | None = None) -> None:
+        wandb = self._wandb
         flat = [_flat(r) for r in rows]
         columns = list(dict.fromkeys(k for row in flat for k in row))
-        self.run.log({
-            "results": self._wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in flat]),
-            "summary_table": self._wandb.Table(columns=list(summary[0]), data=[list(s.values()) for s in summary]),
-        })
+        acceptance = wandb.Table(columns=["method", "depth", "acceptance", "prompts"], data=acceptance_rows(rows))
+        logged = {
+            "results": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in flat]),
+            "summary_table": wandb.Table(columns=list(summary[0]), data=[list(s.values()) for s in summary]),
+            "position_acceptance": acceptance,
+            "position_acceptance_plot": wandb.plot.line(acceptance, "depth", "acceptance", stroke="method",
+                                                        title="Acceptance per draft depth"),
+        }
+        logged |= {f"figures/{name}": wandb.Image(str(path)) for name, path in (figures or {}).items()}
+        self.run.log(logged)
         for s in summary:
-            for key in ("tokens_per_s", "speedup", "tau", "exact"):
+            for key in SUMMARY_METRICS:
                 if s[key] is not None:
                     self.run.summary[f"{s['task']}/{s['method']}/{key}"] = s[key]
         self.run.summary["table"] = table
@@ -98,12 +129,12 @@ class WandbLogger:
 
 
 def make_logger(kind: str, out_dir: Path, config: dict, project: str = "specdec", mode: str = "offline",
-                name: str | None = None) -> RunLogger:
-    """``"none"``, ``"csv"`` or ``"wandb"``."""
+                name: str | None = None, **wandb_args) -> RunLogger:
+    """``"none"``, ``"csv"`` or ``"wandb"`` (``wandb_args``: group, tags, job_type)."""
     if kind == "none":
         return NullLogger()
     if kind == "csv":
         return CsvLogger(out_dir)
     if kind == "wandb":
-        return WandbLogger(out_dir, config, project, mode, name)
+        return WandbLogger(out_dir, config, project, mode, name, **wandb_args)
     raise ValueError(f"logger {kind!r} is not one of none, csv, wandb")
