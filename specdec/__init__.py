@@ -1,12 +1,12 @@
 """specdec: lossless speculative decoding for Hugging Face causal LMs.
 
-A drafter proposes a tree of tokens, the target verifies all of them in one
-forward pass, and an acceptance rule keeps the output exactly the target's
-(Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
-Chen et al. 2023, "Accelerating LLM Decoding with Speculative Sampling";
-Miao et al. 2024, "SpecInfer").
+A drafter proposes a tree of tokens, the target verifies all of them in one forward pass, and
+an acceptance rule keeps the output exactly the target's (Leviathan et al. 2023, "Fast Inference
+from Transformers via Speculative Decoding"; Chen et al. 2023, "Accelerating LLM Decoding with
+Speculative Sampling"; Miao et al. 2024, "SpecInfer").
 """
 
+from specdec.backends.cpu_linear import PackedWeights, packed_weights
 from specdec.drafters import (
     Adaptive,
     Combined,
@@ -18,9 +18,12 @@ from specdec.drafters import (
     EarlyExit,
     Medusa,
     PromptLookup,
+    Proposer,
+    TargetView,
 )
 from specdec.generate import SpecDecodeOutput, generate, speculative
 from specdec.models import DEFAULT_MODEL, load_model
+from specdec.options import Options
 from specdec.sampling import Sampling
 from specdec.stats import SpecStats
 from specdec.tree import DraftTree, TreeSpec
@@ -39,15 +42,20 @@ __all__ = [
     "Eagle",
     "EarlyExit",
     "Medusa",
+    "Options",
+    "PackedWeights",
     "PromptLookup",
+    "Proposer",
     "Sampling",
     "SpecDecodeOutput",
     "SpecStats",
+    "TargetView",
     "TreeSpec",
     "accept_greedy",
     "accept_sampling",
     "generate",
     "load_model",
+    "packed_weights",
     "speculative",
 ]
 __version__ = "0.1.0"

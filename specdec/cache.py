@@ -136,3 +136,44 @@ def truncate(cache: DynamicCache, length: int) -> None:
     for layer in _layers(cache):
         if layer.keys.shape[2] > length:
             layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+
+
+class RaggedCache:
+    """A cache of B rows of different lengths, as the engine and the model drafters keep them.
+
+    Row b's committed entries sit at ``[start_b, end_b)`` (``start_b`` skips left padding); a tree
+    forward appends its nodes at ``[S, S + T)`` for every row, and :meth:`commit` keeps each row's
+    accepted ones.
+
+    Attributes:
+        cache: the transformers cache the model reads and appends to.
+        start, end: ``(B,)`` each row's committed range.
+    """
+
+    def __init__(self, model, rows: int) -> None:
+        self.cache = new_cache(model)
+        self.start = torch.zeros(rows, dtype=torch.long)
+        self.end = torch.zeros(rows, dtype=torch.long)
+
+    @property
+    def length(self) -> int:
+        """S: columns held (the longest row's end, or more while a tree is appended)."""
+        return self.cache.get_seq_length()
+
+    @property
+    def lengths(self) -> Tensor:
+        """``(B,)`` committed entries per row."""
+        return self.end - self.start
+
+    def commit(self, kept: list[Tensor]) -> None:
+        """Keep row b's positions ``kept[b]`` (absolute, ascending, all ``>= end_b``) after its committed ones."""
+        self.end = commit_rows(self.cache, self.end, kept)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only batch rows ``rows``."""
+        select_rows(self.cache, rows)
+        self.start, self.end = self.start[rows], self.end[rows]
+
+    def truncate(self, length: int) -> None:
+        """Drop every column from ``length`` on (a tree's nodes, or a forward that failed part-way)."""
+        truncate(self.cache, length)

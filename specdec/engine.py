@@ -4,7 +4,9 @@ The target's KV cache holds every committed token of a row except the last, the
 *root* of the row's next draft (see :mod:`specdec.cache` for the ragged layout).
 Each step:
 
-1. **propose**: the drafter returns one :class:`~specdec.tree.DraftTree` per active row;
+1. **propose**: the call's proposer returns one :class:`~specdec.tree.DraftTree` per active row
+   (checked: one per row, in-vocabulary tokens, within the row's budget, q rows that are
+   distributions);
 2. **verify**: one target forward over ``[root, *nodes]`` of every row (padded to the
    largest tree) at positions ``root_position + depth``, through tree attention: each
    node sees its row's prefix and its own ancestors; this gives p at every node;
@@ -13,22 +15,27 @@ Each step:
 4. **commit**: each row's root and accepted nodes move to contiguous cache positions,
    tokens are appended (cut at EOS / ``max_new_tokens`` exactly where plain decoding
    stops), streamed and counted; finished rows leave the batch.
+
+Everything a call changes is its own (cache, proposer, row states): the model and the drafter
+object are only read, and the CPU products' route lives in a context of the call's own
+(:func:`decode` runs in a copy of the caller's ``contextvars`` context), so no exception or
+interrupt can leave anything behind that changes a later call.
 """
 
 from __future__ import annotations
 
+import contextvars
 import time
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from specdec.attention import TreeMask, tree_attention_enabled
-from specdec.cache import commit_rows, new_cache, select_rows, truncate, zero_positions
-from specdec.drafters.base import DecodeState, Drafter
-from specdec.sampling import Sampling
-from specdec.skinny import BACKENDS as LINEAR_BACKENDS
-from specdec.skinny import skinny_linears
+from specdec.attention import TreeMask, install_tree_attention, tree_forward
+from specdec.backends.cpu_linear import Route, install_linears, packed_weights, routed
+from specdec.cache import RaggedCache, zero_positions
+from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView
+from specdec.options import Options
 from specdec.stats import SpecStats
 from specdec.tree import DraftTree
 from specdec.verify import Acceptance, accept_greedy, accept_sampling
@@ -52,13 +59,6 @@ def _cut(tokens: list[int], eos: tuple[int, ...], room: int) -> tuple[list[int],
     return tokens[:room], len(tokens) >= room
 
 
-def _accept(tree: DraftTree, logits: Tensor, n_before: Tensor, sampling: Sampling, generator) -> Acceptance:
-    """Run the acceptance rule on ``(T + 1, V)`` target logits."""
-    if sampling.do_sample:
-        return accept_sampling(tree, sampling.probs(logits, n_before), generator)
-    return accept_greedy(tree, sampling.process(logits, n_before).argmax(dim=-1))
-
-
 def batch_trees(trees: list[DraftTree], roots: Tensor, root_positions: Tensor,
                 min_width: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """Pack the roots and trees of A rows into one verification input.
@@ -79,96 +79,127 @@ def batch_trees(trees: list[DraftTree], roots: Tensor, root_positions: Tensor,
         width = max(width, min_width)
     device = roots.device
     ids = torch.zeros(A, width, dtype=torch.long, device=device)
-    positions = root_positions[:, None].repeat(1, width)  # (A, T)
+    positions = root_positions[:, None].repeat(1, width).to(device)  # (A, T)
     mask = torch.eye(width, dtype=torch.bool, device=device).repeat(A, 1, 1)  # (A, T, T); padding: itself only
     ids[:, 0] = roots
     for a, tree in enumerate(trees):
         n = len(tree)
         if n:
-            ids[a, 1 : n + 1] = tree.tokens
-            positions[a, : n + 1] = tree.positions(int(root_positions[a]))
+            ids[a, 1 : n + 1] = tree.tokens.to(device)
+            positions[a, : n + 1] = tree.positions(int(root_positions[a])).to(device)
             mask[a, 1 : n + 1, 0] = True  # every node sees the root
-            mask[a, 1 : n + 1, 1 : n + 1] = tree.ancestors
+            mask[a, 1 : n + 1, 1 : n + 1] = tree.ancestors.to(device)
     return ids, positions, mask
 
 
+def check_trees(trees, states: list[DecodeState], vocab: int, where: str) -> None:
+    """Raise ``ValueError`` unless ``trees`` holds one well-formed tree per row within its budget."""
+    if not isinstance(trees, (list, tuple)) or len(trees) != len(states):
+        got = len(trees) if isinstance(trees, (list, tuple)) else type(trees).__name__
+        raise ValueError(f"drafter {where} returned {got} trees for {len(states)} rows: return one DraftTree per "
+                         "state, in the order of the states (DraftTree.empty() for a row with no draft)")
+    for state, tree in zip(states, trees):
+        if not isinstance(tree, DraftTree):
+            raise ValueError(f"drafter {where} returned a {type(tree).__name__} for row {state.row}: return DraftTree "
+                             "objects")
+        if not len(tree):
+            continue
+        bad = (tree.tokens < 0) | (tree.tokens >= vocab)
+        if bad.any():
+            raise ValueError(f"drafter {where} proposed token {int(tree.tokens[bad][0])} for row {state.row}, outside "
+                             f"the target's vocabulary [0, {vocab}): draft ids must be target token ids")
+        depth = int(tree.depths.max())
+        if depth > state.budget:
+            raise ValueError(f"drafter {where} proposed a tree {depth} deep for row {state.row}, past its budget "
+                             f"{state.budget}: keep drafts at most state.budget deep")
+
+
+def check_q(tree: DraftTree, vocab: int, row: int, where: str) -> None:
+    """Raise ``ValueError`` unless the tree's q rows are distributions over the target's vocabulary."""
+    q = tree.q
+    if q is None:
+        return
+    if q.shape != (len(tree), vocab):
+        raise ValueError(f"drafter {where}: q of row {row} has shape {tuple(q.shape)}, must be (T, V) = "
+                         f"({len(tree)}, {vocab}): one distribution over the target's vocabulary per node")
+    if not torch.isfinite(q).all() or (q < 0).any():
+        raise ValueError(f"drafter {where}: q of row {row} has negative or non-finite entries: q rows must be "
+                         "probabilities (e.g. a softmax)")
+    total = q.double().sum(dim=1)
+    if ((total - 1).abs() > 1e-4).any():
+        i = int(((total - 1).abs() > 1e-4).nonzero()[0])
+        raise ValueError(f"drafter {where}: q of node {i} of row {row} sums to {float(total[i]):.6f}, not 1 (within "
+                         "1e-4): normalise q rows (softmax over the processed logits)")
+
+
 class SpeculativeDecoder:
-    """The loop's state: target cache, per-row decoding states, drafter, stats.
+    """One call's loop state: target cache, per-row decoding states, the proposer, stats.
 
     ``prefill`` once, then ``step`` until ``done``; :func:`decode` does both.
 
     Args:
-        model: the target causal LM.
-        drafter: proposes the trees (``NO_DRAFT`` = plain decoding).
-        sampling: how p (and the drafter's q) are made from logits.
+        model: the target causal LM (tree attention installed).
+        drafter: the drafter whose proposer this call uses (``NO_DRAFT`` = plain decoding).
+        options: the call's settings.
         generator: random generator for every draw (``None``: torch's global one).
-        attention_backend: tree attention's ``"auto"`` (Triton on CUDA, torch elsewhere),
-            ``"triton"`` or ``"reference"``.
-        min_verify_tokens: pad every verification forward that has drafts to at least this many
-            tokens with padding columns (discarded): a knob for CPUs whose small matrix products are
-            slower for 2-4 rows than for 6-8.
-        linear_backend: the linear layers' products, of the target and the drafter's networks:
-            ``"auto"``/``"skinny"`` (``(W @ x.T).T`` on CPU, see :mod:`specdec.skinny`) or ``"torch"``.
     """
 
-    def __init__(
-        self, model: PreTrainedModel, drafter: Drafter, sampling: Sampling, generator: torch.Generator | None = None,
-        attention_backend: str = "auto", min_verify_tokens: int = 1, linear_backend: str = "auto",
-    ) -> None:
-        if min_verify_tokens < 1:
-            raise ValueError(f"min_verify_tokens={min_verify_tokens} must be >= 1")
-        if linear_backend not in LINEAR_BACKENDS:
-            raise ValueError(f"linear_backend={linear_backend!r} is not one of {LINEAR_BACKENDS}")
-        self.model, self.drafter, self.sampling, self.generator = model, drafter, sampling, generator
-        self.attention_backend, self.min_verify_tokens = attention_backend, min_verify_tokens
-        self.linear_backend = linear_backend
+    def __init__(self, model: PreTrainedModel, drafter: Drafter, options: Options,
+                 generator: torch.Generator | None = None) -> None:
+        self.model, self.options, self.generator = model, options, generator
+        self.sampling = options.sampling
         self.stats = SpecStats()
-        self.cache = new_cache(model)
+        self.cache: RaggedCache | None = None
         self.states: list[DecodeState] = []  # active rows, in cache order
         self.finished: dict[int, DecodeState] = {}
-        self.start = self.end = None  # (A,) each active row's cached range
-        drafter.check(model)  # binds drafters built on the target's weights; raises if it cannot serve it
-        drafter.attach(self)
+        self.vocab = model.get_input_embeddings().weight.shape[0]
+        self.name = type(drafter).__name__
+        self.view = TargetView(model, options, self._cache_rows)
+        self.proposer: Proposer = drafter.proposer(self.view)
+
+    def _cache_rows(self):
+        return self.cache.cache, self.cache.start, self.cache.end, [s.row for s in self.states]
 
     @property
     def done(self) -> bool:
         return not self.states
 
     @torch.inference_mode()
-    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int) -> None:
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None) -> None:
         """Fill the cache with each row's prompt less its last token (the first root).
 
         Args:
             input_ids: ``(B, n)`` left-padded prompts.
             attention_mask: ``(B, n)`` 0 on padding, or ``None``.
-            max_new_tokens: each row's output budget.
         """
         t0 = time.perf_counter()
         device = self.model.device
         input_ids = input_ids.to(device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
         B, n = input_ids.shape
-        pad = n - mask.sum(dim=1)  # (B,) left padding per row
+        pad = (n - mask.sum(dim=1)).cpu()  # (B,) left padding per row
         self.states = [
-            DecodeState(b, input_ids[b : b + 1, int(pad[b]) :], n - int(pad[b]), max_new_tokens, self.sampling,
-                        self.generator)
+            DecodeState(b, input_ids[b : b + 1, int(pad[b]) :], n - int(pad[b]), self.options.max_new_tokens,
+                        self.sampling, self.generator)
             for b in range(B)
         ]
-        self.start, self.end = pad.clone(), torch.full_like(pad, n - 1)
-        if self.drafter.needs_hidden:  # one-token prompts: nothing cached, no hidden states
+        self.cache = RaggedCache(self.model, B)
+        self.cache.start, self.cache.end = pad.clone(), torch.full_like(pad, n - 1)
+        hidden = self.proposer.needs_hidden
+        if hidden:  # one-token prompts: nothing cached, no hidden states
             for state in self.states:
-                state.hidden = torch.empty(0, self.model.config.hidden_size, device=device)
+                state.hidden = torch.empty(0, self.model.config.get_text_config().hidden_size, device=device)
         if n > 1:
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, n)
             out = self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1] if (pad > 0).any() else None,
-                             position_ids=positions[:, :-1], cache=self.cache, use_cache=True, logits_to_keep=1,
-                             output_hidden_states=self.drafter.needs_hidden)
+                             position_ids=positions[:, :-1], cache=self.cache.cache, use_cache=True, logits_to_keep=1,
+                             output_hidden_states=hidden)
             if (pad > 0).any():
-                zero_positions(self.cache, self.start)
-            if self.drafter.needs_hidden:
+                zero_positions(self.cache.cache, self.cache.start)
+            if hidden:
                 for b, state in enumerate(self.states):
                     state.hidden = out.hidden_states[-1][b, int(pad[b]) :]
-        self.drafter.prefill(self.states)
+        self.proposer.prefill(self.states)
         self.stats.prefill_time += time.perf_counter() - t0
 
     @torch.inference_mode()
@@ -176,31 +207,38 @@ class SpeculativeDecoder:
         """One propose -> verify -> accept -> commit; returns each active row's new tokens."""
         states, t0 = self.states, time.perf_counter()
         # 1. propose
-        trees = self.drafter.propose(states)
+        trees = self.proposer.propose(states)
+        check_trees(trees, states, self.vocab, self.name)
         depths = [int(tree.depths.max()) if len(tree) else 0 for tree in trees]
-        for state, depth in zip(states, depths):
-            if depth > state.budget:
-                raise RuntimeError(f"drafter proposed a tree {depth} deep for row {state.row}, past its budget {state.budget}")
         t1 = time.perf_counter()
 
         # 2. verify: p at every root and node of every row, in one forward
-        S = self.cache.get_seq_length()
+        cache = self.cache
+        S = cache.length
         roots = torch.cat([s.tokens[0, -1:] for s in states])  # (A,)
-        ids, positions, ancestors = batch_trees(trees, roots, self.end - self.start, self.min_verify_tokens)
-        tree_mask = TreeMask(self.start, self.end, ancestors, self.attention_backend)
+        ids, positions, ancestors = batch_trees(trees, roots, cache.lengths, self.options.min_verify_tokens)
+        device = self.model.device
+        tree_mask = TreeMask(cache.start.to(device), cache.end.to(device), ancestors, self.options.attention_backend)
+        hidden = self.proposer.needs_hidden
         try:
-            out = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True, tree=tree_mask,
-                             output_hidden_states=self.drafter.needs_hidden)
+            with tree_forward(self.model):
+                out = self.model(input_ids=ids, position_ids=positions, cache=cache.cache, use_cache=True,
+                                 tree=tree_mask, output_hidden_states=hidden)
+            if not tree_mask.calls:
+                raise ValueError(f"{type(self.model).__name__}: no attention layer received the tree mask in a "
+                                 "verification forward, so verification would be wrong; this model cannot be served")
             logits = out.logits  # (A, T, V)
-        except Exception:
-            truncate(self.cache, S)  # layers that ran already appended the tree: undo, keep the cache whole
+            for a, (state, tree) in enumerate(zip(states, trees)):
+                check_q(tree, logits.shape[-1], state.row, self.name)
+        except BaseException:
+            cache.truncate(S)  # layers that ran already appended the tree: undo, keep the cache whole
             raise
 
         # 3. accept, row by row (nothing changes until every row has its outcome)
         acceptances = []
         for a, (state, tree) in enumerate(zip(states, trees)):
             n_before = state.n_generated + positions[a, : len(tree) + 1] - positions[a, 0]  # (T_a + 1,)
-            acceptances.append(_accept(tree, logits[a, : len(tree) + 1], n_before, self.sampling, self.generator))
+            acceptances.append(self._accept(tree, logits[a, : len(tree) + 1], n_before))
 
         # 4. commit: tokens (cut at EOS / budget), roots and accepted paths to contiguous positions
         new_tokens, kept, finished = {}, [], []
@@ -210,12 +248,15 @@ class SpeculativeDecoder:
             state.tokens = torch.cat([state.tokens, state.tokens.new_tensor([new])], dim=1)
             new_tokens[state.row] = new
             kept.append(S + torch.tensor([0] + [1 + node for node in acceptance.path]))
-            if self.drafter.needs_hidden:
+            if hidden:
                 state.hidden = out.hidden_states[-1][a, kept[-1] - S]
+            if self.proposer.needs_logits:
+                state.logits, state.verified = logits[a, : len(tree) + 1], ids[a, : len(tree) + 1]
+            state.finished = done
             finished.append(done)
             self.stats.record(depths[a], len(tree), len(acceptance.path), len(new))
-        self.end = commit_rows(self.cache, self.end, kept)
-        self.drafter.commit(states, acceptances)
+        cache.commit(kept)
+        self.proposer.commit(states, acceptances)
         if any(finished):  # finished rows leave the batch
             keep = torch.tensor([a for a, done in enumerate(finished) if not done], dtype=torch.long)
             for state, done in zip(states, finished):
@@ -223,46 +264,61 @@ class SpeculativeDecoder:
                     self.finished[state.row] = state
             self.states = [states[a] for a in keep.tolist()]
             if self.states:
-                select_rows(self.cache, keep)
-                self.start, self.end = self.start[keep], self.end[keep]
+                cache.select(keep)
         self.stats.draft_time += t1 - t0
         self.stats.verify_time += time.perf_counter() - t1
         return new_tokens
+
+    def _accept(self, tree: DraftTree, logits: Tensor, n_before: Tensor) -> Acceptance:
+        """Run the acceptance rule on ``(T + 1, V)`` target logits."""
+        if self.sampling.do_sample:
+            return accept_sampling(tree, self.sampling.probs(logits, n_before), self.generator)
+        return accept_greedy(tree, self.sampling.process(logits, n_before).argmax(dim=-1))
+
+
+def prepare_target(model: PreTrainedModel, options: Options) -> None:
+    """Install what the engine needs on the target, once: tree attention, and the CPU products unless
+    ``linear_backend="torch"``. Raises ``ValueError`` for a model that cannot be served."""
+    install_tree_attention(model)
+    if options.linear_backend != "torch":
+        install_linears(model)
 
 
 def decode(
     model: PreTrainedModel,
     input_ids: Tensor,
     drafter: Drafter,
-    sampling: Sampling,
-    max_new_tokens: int,
+    options: Options,
     generator: torch.Generator | None = None,
     streamer=None,
     attention_mask: Tensor | None = None,
-    attention_backend: str = "auto",
-    min_verify_tokens: int = 1,
-    linear_backend: str = "auto",
 ) -> tuple[list[list[int]], SpecStats]:
-    """Generate up to ``max_new_tokens`` tokens after each prompt, speculatively.
+    """Generate up to ``options.max_new_tokens`` tokens after each prompt, speculatively.
 
     Args:
         model: the target causal LM.
         input_ids: ``(B, n)`` left-padded prompts, each at least one token.
-        drafter: proposes the trees (``NO_DRAFT`` = plain decoding).
-        sampling: how p (and the drafter's q) are made from logits.
-        max_new_tokens: each row's output budget.
+        drafter: makes the call's proposer (``NO_DRAFT`` = plain decoding).
+        options: the call's settings (sampling, backends, budget).
         generator: random generator for every draw (``None``: torch's global one).
         streamer: a transformers streamer (batch size 1); gets each step's new tokens.
         attention_mask: ``(B, n)`` 0 on padding.
-        attention_backend, min_verify_tokens, linear_backend: see :class:`SpeculativeDecoder`.
 
     Returns:
         Each row's new tokens (EOS included when hit) and the run's statistics.
     """
-    decoder = SpeculativeDecoder(model, drafter, sampling, generator, attention_backend, min_verify_tokens,
-                                 linear_backend)
-    with tree_attention_enabled(model), skinny_linears([model, *drafter.networks()], linear_backend):
-        decoder.prefill(input_ids, attention_mask, max_new_tokens)
+    prepare_target(model, options)
+    return contextvars.copy_context().run(_decode, model, input_ids, drafter, options, generator, streamer,
+                                          attention_mask)
+
+
+def _decode(model, input_ids, drafter, options, generator, streamer, attention_mask):
+    route = None
+    if options.linear_backend != "torch":
+        route = Route(packed_weights(model) if options.pack_weights else None)
+    with routed(route):
+        decoder = SpeculativeDecoder(model, drafter, options, generator)
+        decoder.prefill(input_ids, attention_mask)
         while not decoder.done:
             new = decoder.step()
             if streamer is not None:

@@ -11,6 +11,8 @@ same tensor (or, with ``return_dict_in_generate=True``, the same output class pl
 from __future__ import annotations
 
 import copy
+import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,12 +21,11 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from specdec.drafters.base import Drafter
-from specdec.engine import NO_DRAFT, decode
+from specdec.drafters.base import Drafter, as_drafter
+from specdec.engine import NO_DRAFT, decode, prepare_target
+from specdec.options import Options
 from specdec.sampling import Sampling
-from specdec.skinny import BACKENDS as LINEAR_BACKENDS
 from specdec.stats import SpecStats
-from specdec_kernels.tree_attention.ops import BACKENDS
 
 # generation settings with no speculative equivalent, and the value that means "off"
 _UNSUPPORTED = {
@@ -94,14 +95,30 @@ def _resolve_config(model: PreTrainedModel, generation_config: GenerationConfig 
 def _sampling(config: GenerationConfig) -> Sampling:
     eos = config.eos_token_id
     eos = () if eos is None else tuple([eos] if isinstance(eos, int) else eos)
+    if not config.do_sample:  # greedy ignores the sampling-only settings, as transformers does
+        return Sampling(eos_token_ids=eos, min_new_tokens=config.min_new_tokens or 0)
     return Sampling(
-        do_sample=bool(config.do_sample),
+        do_sample=True,
         temperature=config.temperature,
         top_k=config.top_k,
         top_p=config.top_p,
         eos_token_ids=eos,
         min_new_tokens=config.min_new_tokens or 0,
     )
+
+
+def _check_ids(input_ids: Tensor, vocab: int) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids of shape {tuple(input_ids.shape)} is empty or not (batch, length): "
+            "give at least one prompt token (e.g. the BOS token)"
+        )
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids have dtype {input_ids.dtype}: pass token ids as an integer tensor (torch.long)")
+    bad = (input_ids < 0) | (input_ids >= vocab)
+    if bad.any():
+        raise ValueError(f"input_ids holds token id {int(input_ids[bad][0])}, outside the model's vocabulary "
+                         f"[0, {vocab}): use the model's own tokenizer (padding with a valid id such as pad_token_id)")
 
 
 def _check_left_padding(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -112,6 +129,11 @@ def _check_left_padding(input_ids: Tensor, attention_mask: Tensor | None) -> Ten
         raise ValueError(
             f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
         )
+    values = torch.unique(attention_mask)
+    odd = [v for v in values.tolist() if v not in (0, 1)]
+    if odd:
+        raise ValueError(f"attention_mask holds the value {odd[0]!r}: it must hold only 0 (padding) and 1 (a token), "
+                         "as the tokenizer returns it")
     mask = attention_mask.bool()
     lengths = mask.sum(dim=1)
     cols = torch.arange(input_ids.shape[1], device=mask.device)
@@ -137,6 +159,7 @@ def generate(
     attention_backend: str = "auto",
     min_verify_tokens: int = 1,
     linear_backend: str = "auto",
+    pack_weights: bool = True,
     **kwargs,
 ) -> Tensor | SpecDecodeOutput:
     """Speculative ``model.generate``: identical output, fewer target forwards.
@@ -148,8 +171,9 @@ def generate(
         model: the target causal LM.
         input_ids: ``(B, n)`` prompt ids; rows of a batch are left-padded and verified
             together, each row accepting its own number of tokens per step.
-        drafter: a :class:`~specdec.drafters.base.Drafter`; ``None`` decodes plainly
-            through the same engine (a baseline).
+        drafter: a :class:`~specdec.drafters.base.Drafter` (or any object with ``propose(states)``);
+            ``None`` decodes plainly through the same engine (a baseline). The call makes its own
+            proposer from it, so one drafter object may serve concurrent calls.
         attention_mask: ``(B, n)``, 0 on left padding.
         generation_config: as for ``model.generate``; keyword arguments override it.
         streamer: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``);
@@ -163,7 +187,9 @@ def generate(
             for 2-4 rows than for 6-8 (see :class:`~specdec.engine.SpeculativeDecoder`).
         linear_backend: how the linear layers of the target and the drafter's networks multiply:
             ``"auto"`` or ``"skinny"`` (as ``(W @ x.T).T`` on CPU, 1.6x faster decoding here; see
-            :mod:`specdec.skinny`) or ``"torch"`` (``F.linear`` untouched).
+            :mod:`specdec.backends.cpu_linear`) or ``"torch"`` (``F.linear`` untouched).
+        pack_weights: let those products keep oneDNN-packed copies of large weights (faster for 3+
+            rows; costs the weights' memory once more, see :func:`specdec.packed_weights`).
         **kwargs: ``max_new_tokens``, ``max_length``, ``min_new_tokens``, ``eos_token_id``,
             ``pad_token_id``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
             ``return_dict_in_generate``; anything else raises ``ValueError``.
@@ -175,16 +201,8 @@ def generate(
         and time in prefill / draft / verify.
     """
     config = _resolve_config(model, generation_config, kwargs)
-    if attention_backend not in BACKENDS:
-        raise ValueError(f"tree attention backend {attention_backend!r} is not one of {BACKENDS}")
-    if linear_backend not in LINEAR_BACKENDS:
-        raise ValueError(f"linear_backend={linear_backend!r} is not one of {LINEAR_BACKENDS}")
-    drafter = NO_DRAFT if drafter is None else drafter
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(
-            f"input_ids of shape {tuple(input_ids.shape)} is empty or not (batch, length): "
-            "give at least one prompt token (e.g. the BOS token)"
-        )
+    drafter = NO_DRAFT if drafter is None else as_drafter(drafter)
+    _check_ids(input_ids, model.get_input_embeddings().weight.shape[0])
     lengths = _check_left_padding(input_ids, attention_mask)
     if streamer is not None and input_ids.shape[0] > 1:
         raise ValueError(f"streamer needs batch size 1, got {input_ids.shape[0]} rows")
@@ -192,25 +210,23 @@ def generate(
     max_new = config.max_new_tokens
     if max_new is None:
         max_new = config.max_length - input_ids.shape[1] if config.max_length is not None else _DEFAULT_NEW_TOKENS
-    if max_new <= 0:
-        raise ValueError(f"max_new_tokens={max_new} must be >= 1 (or max_length must exceed the prompt length)")
+    options = Options(max_new_tokens=max_new, sampling=_sampling(config), attention_backend=attention_backend,
+                      linear_backend=linear_backend, pack_weights=pack_weights, min_verify_tokens=min_verify_tokens)
     window = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if window is not None and longest + max_new > window:
         raise ValueError(
             f"prompt of {longest} tokens + max_new_tokens={max_new} exceeds the model's context window "
             f"of {window} positions: shorten the prompt or lower max_new_tokens"
         )
-    drafter.check(model)
-    sampling = _sampling(config)
+    prepare_target(model, options)  # refuses a model whose attention cannot carry the tree
     pad = config.pad_token_id
     if pad is None:
-        pad = sampling.eos_token_ids[0] if sampling.eos_token_ids else 0
+        pad = options.sampling.eos_token_ids[0] if options.sampling.eos_token_ids else 0
 
     if streamer is not None:
         streamer.put(input_ids.cpu())
     try:
-        outputs, stats = decode(model, input_ids, drafter, sampling, max_new, generator, streamer, attention_mask,
-                                attention_backend, min_verify_tokens, linear_backend)
+        outputs, stats = decode(model, input_ids, drafter, options, generator, streamer, attention_mask)
     finally:
         if streamer is not None:
             streamer.end()  # an iterator streamer's consumer must never wait forever
@@ -225,6 +241,26 @@ def generate(
     return sequences
 
 
+class _Speculative:
+    """The ``generate`` that :func:`speculative` puts on one model instance: the drafter of the innermost
+    open block of the calling thread (else of the latest open block), for as long as any block is open."""
+
+    def __init__(self, model: PreTrainedModel, previous, had_own: bool) -> None:
+        self.model, self.previous, self.had_own = weakref.ref(model), previous, had_own
+        self.blocks: list[tuple[object, int, Drafter]] = []  # (block, thread id, drafter), oldest first
+
+    def __call__(self, input_ids=None, **kwargs):
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs")
+        blocks = list(self.blocks)
+        mine = [b for b in blocks if b[1] == threading.get_ident()]
+        drafter = (mine or blocks)[-1][2]
+        return generate(self.model(), input_ids, drafter, **kwargs)
+
+
+_BLOCKS = threading.Lock()  # opening and closing speculative() blocks on any instance never interleave
+
+
 @contextmanager
 def speculative(model: PreTrainedModel, drafter: Drafter):
     """Make ``model.generate`` speculative on this instance, for the ``with`` block.
@@ -232,23 +268,26 @@ def speculative(model: PreTrainedModel, drafter: Drafter):
     >>> with speculative(model, PromptLookup()):
     ...     out = model.generate(input_ids, max_new_tokens=64)
 
-    Only this instance changes (an attribute that shadows the class's method), and
-    it is restored on exit; transformers itself is never patched.
+    Only this instance changes (an attribute that shadows the class's method) and only while a
+    block is open: blocks may overlap or nest, in one thread or several, and when the last one closes
+    the instance's own ``generate`` is back; transformers itself is never patched.
     """
+    drafter = as_drafter(drafter)
     drafter.check(model)
-    had_own = "generate" in vars(model)
-    previous = vars(model).get("generate")
-
-    def _generate(input_ids=None, **kwargs):
-        if input_ids is None:
-            input_ids = kwargs.pop("inputs")
-        return generate(model, input_ids, drafter, **kwargs)
-
-    model.generate = _generate
+    block = object()
+    with _BLOCKS:
+        current = vars(model).get("generate")
+        if not isinstance(current, _Speculative):
+            current = _Speculative(model, current, "generate" in vars(model))
+            model.generate = current
+        current.blocks.append((block, threading.get_ident(), drafter))
     try:
         yield model
     finally:
-        if had_own:
-            model.generate = previous
-        else:
-            del model.generate
+        with _BLOCKS:
+            current.blocks = [b for b in current.blocks if b[0] is not block]
+            if not current.blocks and vars(model).get("generate") is current:
+                if current.had_own:
+                    model.generate = current.previous
+                else:
+                    del model.generate

@@ -37,14 +37,16 @@ class Sampling:
     _warpers: LogitsProcessorList = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0 (use do_sample=False for greedy)")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 or None turns it off)")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         warpers = LogitsProcessorList()
-        if self.do_sample:  # the order of GenerationMixin._get_logits_processor
+        if self.do_sample:  # greedy ignores the sampling-only settings, as transformers does
+            if self.temperature is not None and not self.temperature > 0:
+                raise ValueError(f"temperature={self.temperature} must be > 0 when sampling "
+                                 "(use do_sample=False for greedy)")
+            if self.top_k is not None and self.top_k < 0:
+                raise ValueError(f"top_k={self.top_k} must be >= 0 (0 or None turns it off)")
+            if self.top_p is not None and not 0 < self.top_p <= 1:
+                raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+            # the order of GenerationMixin._get_logits_processor
             if self.temperature is not None and self.temperature != 1.0:
                 warpers.append(TemperatureLogitsWarper(self.temperature))
             if self.top_k:

@@ -105,6 +105,46 @@ class DraftTree:
             out.append(nodes[self.depths[nodes].argsort()])
         return out
 
+    def select(self, keep: Tensor) -> DraftTree:
+        """The subtree of nodes ``keep`` (ascending; every kept node's parent kept too), parents remapped.
+
+        ``keep: (T',)`` node indices; node ``i`` of the result is node ``keep[i]`` of this tree.
+        """
+        keep = keep.long().to(self.tokens.device)
+        remap = torch.full((len(self) + 1,), -1, dtype=torch.long, device=self.tokens.device)  # [-1] stays -1
+        remap[keep] = torch.arange(len(keep), device=self.tokens.device)
+        parents = self.parents[keep]
+        new_parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
+        if ((parents >= 0) & (new_parents < 0)).any():
+            raise ValueError("tree selection drops the parent of a kept node: keep whole root-side paths")
+        return DraftTree(self.tokens[keep], new_parents, None if self.q is None else self.q[keep])
+
+    @classmethod
+    def concat(cls, trees: list[DraftTree]) -> tuple[DraftTree, list[int]]:
+        """Trees side by side below one root, and the first node of each in the result.
+
+        If any tree has ``q``, point-mass trees get one-hot rows (every node then has its own q).
+        """
+        offsets, tokens, parents, offset = [], [], [], 0
+        for tree in trees:
+            offsets.append(offset)
+            tokens.append(tree.tokens)
+            parents.append(torch.where(tree.parents >= 0, tree.parents + offset, tree.parents))
+            offset += len(tree)
+        vocab = next((t.q.shape[1] for t in trees if t.q is not None), None)
+        q = None
+        if vocab is not None:
+            q = torch.cat([t.q if t.q is not None else torch.nn.functional.one_hot(t.tokens, vocab).float()
+                           for t in trees])
+        return cls(torch.cat(tokens), torch.cat(parents), q), offsets
+
+    @staticmethod
+    def split_path(path: list[int], offsets: list[int], total: int) -> list[list[int]]:
+        """An accepted path of a :meth:`concat` result as each part's own node indices (empty for
+        the parts it did not run through)."""
+        bounds = [*offsets[1:], total]
+        return [[node - lo for node in path if lo <= node < hi] for lo, hi in zip(offsets, bounds)]
+
     def _leaves(self) -> Tensor:
         has_child = torch.zeros(len(self), dtype=torch.bool, device=self.tokens.device)
         has_child[self.parents[self.parents >= 0]] = True

@@ -1,7 +1,7 @@
 """Drafters, all behind one protocol (:class:`Drafter`): one file each."""
 
 from specdec.drafters.adaptive import Adaptive
-from specdec.drafters.base import DecodeState, Drafter
+from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView
 from specdec.drafters.combined import Combined
 from specdec.drafters.distilled import Distilled
 from specdec.drafters.draft_model import DraftModel

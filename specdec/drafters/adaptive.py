@@ -4,16 +4,18 @@ The rule is transformers' ``num_assistant_tokens_schedule="heuristic"``, per row
 when a step accepts a path as deep as the tree, the next depth grows by ``grow``; otherwise it
 shrinks by ``shrink`` (never below ``min_depth`` nor above ``max_depth``). Easy text (copying,
 formulaic answers) gets long drafts; hard text stops paying for drafts that get rejected. Any
-drafter can be wrapped: its trees are cut to each row's depth, and a drafter with a ``k``
-attribute (draft models, EAGLE, early exit, prompt lookup) is asked for no deeper drafts than the
-deepest row needs, which saves its drafting time too.
+drafter can be wrapped: its proposer is asked for no deeper drafts than each row's depth (through
+:attr:`~specdec.drafters.base.DecodeState.max_depth`, which every library drafter honours; the wrapped
+drafter is never changed), and its trees are cut to that depth in case it does not.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from specdec.drafters.base import DecodeState, Drafter
+from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView, as_drafter
 from specdec.tree import DraftTree
 from specdec.verify import Acceptance
 
@@ -30,6 +32,7 @@ class Adaptive(Drafter):
 
     def __init__(self, drafter: Drafter, start: int | None = None, min_depth: int = 1, max_depth: int | None = None,
                  grow: int = 2, shrink: int = 1) -> None:
+        drafter = as_drafter(drafter)
         max_depth = max_depth if max_depth is not None else getattr(drafter, "k", None)
         if max_depth is None:
             raise ValueError("Adaptive needs max_depth= for a drafter without a `k` (draft depth) attribute")
@@ -40,60 +43,50 @@ class Adaptive(Drafter):
         self.drafter, self.min_depth, self.max_depth = drafter, min_depth, max_depth
         self.start = max_depth if start is None else max(min_depth, min(start, max_depth))
         self.grow, self.shrink = grow, shrink
-        self.depth: dict[int, int] = {}
-        self._kept: dict[int, list[int]] = {}  # row -> original node of each kept node
-        self._drafted: dict[int, int] = {}
-
-    @property
-    def needs_hidden(self) -> bool:
-        return self.drafter.needs_hidden
 
     def check(self, target: torch.nn.Module) -> None:
         self.drafter.check(target)
 
-    def networks(self) -> list[torch.nn.Module]:
-        return self.drafter.networks()
+    def proposer(self, view: TargetView) -> Proposer:
+        return _AdaptiveProposer(self, self.drafter.proposer(view))
 
-    def attach(self, decoder) -> None:
-        self.drafter.attach(decoder)
+
+class _AdaptiveProposer(Proposer):
+    """Each row's depth, and the inner proposer asked for drafts no deeper."""
+
+    def __init__(self, config: Adaptive, inner: Proposer) -> None:
+        self.config, self.inner = config, inner
+        self.needs_hidden, self.needs_logits = inner.needs_hidden, inner.needs_logits
+        self.depth: dict[int, int] = {}
+        self.kept: dict[int, list[int]] = {}  # row -> inner node of each kept node
+        self.drafted: dict[int, int] = {}
 
     def prefill(self, states: list[DecodeState]) -> None:
-        self.depth = {s.row: self.start for s in states}
-        self.drafter.prefill(states)
+        self.depth = {s.row: self.config.start for s in states}
+        self.inner.prefill(states)
 
     def propose(self, states: list[DecodeState]) -> list[DraftTree]:
-        has_k = hasattr(self.drafter, "k")
-        if has_k:
-            self.drafter.k = max(self.depth[s.row] for s in states)
-        try:
-            trees = self.drafter.propose(states)
-        finally:
-            if has_k:
-                self.drafter.k = self.max_depth
-        return [self._cut(s.row, tree) for s, tree in zip(states, trees)]
+        capped = [dataclasses.replace(s, max_depth=min(self.depth[s.row], s.budget)) for s in states]
+        return [self._cut(s.row, tree) for s, tree in zip(states, self.inner.propose(capped))]
 
     def _cut(self, row: int, tree: DraftTree) -> DraftTree:
         """The nodes no deeper than the row's depth (parents come first, so they stay)."""
         if not len(tree):
-            self._kept[row], self._drafted[row] = [], 0
+            self.kept[row], self.drafted[row] = [], 0
             return tree
         keep = (tree.depths <= self.depth[row]).nonzero().flatten()
-        remap = torch.full((len(tree) + 1,), -1, dtype=torch.long, device=tree.tokens.device)
-        remap[keep] = torch.arange(len(keep), device=tree.tokens.device)
-        parents = tree.parents[keep]
-        parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
-        self._kept[row] = keep.tolist()
-        self._drafted[row] = int(tree.depths[keep].max()) if len(keep) else 0
-        return DraftTree(tree.tokens[keep], parents, None if tree.q is None else tree.q[keep])
+        self.kept[row] = keep.tolist()
+        self.drafted[row] = int(tree.depths[keep].max()) if len(keep) else 0
+        return tree.select(keep)
 
     def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
-        inner = []
+        c, inner = self.config, []
         for state, result in zip(states, results):
-            drafted = self._drafted[state.row]
+            drafted = self.drafted.get(state.row, 0)
             if drafted:
                 full = len(result.path) >= drafted
-                depth = self.depth[state.row] + self.grow if full else self.depth[state.row] - self.shrink
-                self.depth[state.row] = max(self.min_depth, min(self.max_depth, depth))
-            kept = self._kept[state.row]
+                depth = self.depth[state.row] + c.grow if full else self.depth[state.row] - c.shrink
+                self.depth[state.row] = max(c.min_depth, min(c.max_depth, depth))
+            kept = self.kept.get(state.row, [])
             inner.append(Acceptance([kept[node] for node in result.path], result.next_token))
-        self.drafter.commit(states, inner)
+        self.inner.commit(states, inner)

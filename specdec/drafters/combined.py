@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.drafters.base import DecodeState, Drafter
+from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView, as_drafter
 from specdec.tree import DraftTree
 from specdec.verify import Acceptance
 
@@ -28,71 +28,57 @@ class Combined(Drafter):
 
     Args:
         drafters: proposed in this order; the acceptance rule tries their root children in
-            the same order.
+            the same order. The same drafter object may appear more than once.
         fallback: each row takes only the first non-empty tree, in this order.
     """
 
     def __init__(self, *drafters: Drafter, fallback: bool = False) -> None:
         if len(drafters) < 2:
             raise ValueError(f"Combined needs at least 2 drafters, got {len(drafters)}")
-        self.drafters, self.fallback = drafters, fallback
-        self._offsets: dict[int, list[int]] = {}  # row -> first node of each drafter's subtree
+        self.drafters, self.fallback = tuple(as_drafter(d) for d in drafters), fallback
 
     def check(self, target: torch.nn.Module) -> None:
         for drafter in self.drafters:
             drafter.check(target)
 
-    @property
-    def needs_hidden(self) -> bool:
-        return any(drafter.needs_hidden for drafter in self.drafters)
+    def proposer(self, view: TargetView) -> Proposer:
+        return _CombinedProposer([d.proposer(view) for d in self.drafters], self.fallback)
 
-    def networks(self) -> list[torch.nn.Module]:
-        return [net for drafter in self.drafters for net in drafter.networks()]
 
-    def attach(self, decoder) -> None:
-        for drafter in self.drafters:
-            drafter.attach(decoder)
+class _CombinedProposer(Proposer):
+    """One proposer per drafter; each row's trees side by side, and where each begins."""
+
+    def __init__(self, parts: list[Proposer], fallback: bool) -> None:
+        self.parts, self.fallback = parts, fallback
+        self.needs_hidden = any(p.needs_hidden for p in parts)
+        self.needs_logits = any(p.needs_logits for p in parts)
+        self.offsets: dict[int, tuple[list[int], int]] = {}  # row -> (first node of each part's tree, total)
 
     def prefill(self, states: list[DecodeState]) -> None:
-        for drafter in self.drafters:
-            drafter.prefill(states)
+        for part in self.parts:
+            part.prefill(states)
 
     def propose(self, states: list[DecodeState]) -> list[DraftTree]:
         if not self.fallback:
-            per_drafter = [drafter.propose(states) for drafter in self.drafters]  # [drafter][row]
+            per_part = [part.propose(states) for part in self.parts]  # [part][row]
         else:
-            per_drafter, waiting = [], list(range(len(states)))  # rows with no tree yet
-            for drafter in self.drafters:
+            per_part, waiting = [], list(range(len(states)))  # rows with no tree yet
+            for part in self.parts:
                 trees = [DraftTree.empty(states[0].tokens.device) for _ in states]
                 if waiting:
-                    for r, tree in zip(waiting, drafter.propose([states[r] for r in waiting])):
+                    for r, tree in zip(waiting, part.propose([states[r] for r in waiting])):
                         trees[r] = tree
                     waiting = [r for r in waiting if not len(trees[r])]
-                per_drafter.append(trees)
-        return [self._merge(state, [trees[r] for trees in per_drafter]) for r, state in enumerate(states)]
-
-    def _merge(self, state: DecodeState, trees: list[DraftTree]) -> DraftTree:
-        offsets, tokens, parents = [], [], []
-        for tree in trees:
-            offset = sum(map(len, trees[: len(offsets)]))
-            offsets.append(offset)
-            tokens.append(tree.tokens)
-            parents.append(torch.where(tree.parents >= 0, tree.parents + offset, tree.parents))
-        self._offsets[state.row] = offsets
-        vocab = next((t.q.shape[1] for t in trees if t.q is not None), None)
-        q = None
-        if vocab is not None:  # someone sampled: every node needs its own q row
-            q = torch.cat([t.q if t.q is not None else torch.nn.functional.one_hot(t.tokens, vocab).float()
-                           for t in trees])
-        return DraftTree(torch.cat(tokens), torch.cat(parents), q)
+                per_part.append(trees)
+        merged = []
+        for r, state in enumerate(states):
+            tree, offsets = DraftTree.concat([trees[r] for trees in per_part])
+            self.offsets[state.row] = (offsets, len(tree))
+            merged.append(tree)
+        return merged
 
     def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
-        for d, drafter in enumerate(self.drafters):
-            mine = []
-            for state, result in zip(states, results):
-                offsets = self._offsets[state.row]
-                lo = offsets[d]
-                hi = offsets[d + 1] if d + 1 < len(offsets) else float("inf")
-                path = [node - lo for node in result.path if lo <= node < hi]
-                mine.append(Acceptance(path, result.next_token))
-            drafter.commit(states, mine)
+        split = [DraftTree.split_path(result.path, *self.offsets.get(state.row, ([0] * len(self.parts), 0)))
+                 for state, result in zip(states, results)]
+        for p, part in enumerate(self.parts):
+            part.commit(states, [Acceptance(paths[p], result.next_token) for paths, result in zip(split, results)])

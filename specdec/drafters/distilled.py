@@ -4,7 +4,8 @@ The draft is a few decoder layers of the target's architecture, initialised from
 layers and trained on the target's own greedy outputs (``experiments.train_drafter
 drafter=draft_model``). It borrows the target's token embedding and its output head (optionally
 reduced to the frequent tokens), so a checkpoint holds only the draft's layers and norm. Once
-built it is an ordinary :class:`DraftModel` with its own KV cache, drafting chains or trees.
+built (once per target, device and dtype) it drafts like :class:`~specdec.drafters.DraftModel`, with
+its own KV cache.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from specdec.training.checkpoint import load_checkpoint
-from specdec.drafters.base import BuiltOnTarget
-from specdec.drafters.draft_model import DraftModel
+from specdec.drafters.base import Drafter, PerTarget, Proposer, TargetView
+from specdec.drafters.draft_model import GrowingProposer, LMNet, prepare
+from specdec.drafters.growth import TreeShape
+from specdec.training.checkpoint import check_target, load_checkpoint
+from specdec.tree import TreeSpec
 from specdec.drafters.eagle import head_config
 from specdec.drafters.vocab import ReducedHead
 
@@ -48,20 +51,44 @@ def own_weights(draft: PreTrainedModel) -> dict[str, Tensor]:
     return {k: v for k, v in draft.state_dict().items() if not k.startswith(BORROWED)}
 
 
-class Distilled(BuiltOnTarget, DraftModel):
-    """A trained draft model from a checkpoint; built against the target in :meth:`check`."""
+class Distilled(Drafter):
+    """A trained draft model from a checkpoint, built against each target it serves (chains or trees:
+    ``k``, ``top_k``, ``width``, ``budget``, ``tree`` as in :class:`~specdec.drafters.DraftModel`)."""
 
-    def __init__(self, checkpoint: dict, **kwargs) -> None:
-        super().__init__(None, **kwargs)
+    def __init__(self, checkpoint: dict, k: int = 4, top_k: int = 1, width: int | None = None,
+                 budget: int | None = None, tree: TreeSpec | list[list[int]] | None = None) -> None:
         self.checkpoint = checkpoint
+        self.shape = TreeShape.make(k, top_k, width, budget, tree)
+        self._drafts = PerTarget()
+
+    @property
+    def k(self) -> int:
+        return self.shape.k
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str = "draft_model-smollm2-135m", **kwargs) -> Distilled:
         """A shipped checkpoint by name, or a ``.pt`` path written by ``experiments.train_drafter``."""
         return cls(load_checkpoint(checkpoint, "draft_model"), **kwargs)
 
-    def bind(self, target: torch.nn.Module) -> None:
+    def draft_for(self, target: PreTrainedModel) -> PreTrainedModel:
+        """The draft LM built on ``target`` (its embedding and head), made once per target, device and dtype."""
+        return self._drafts.get(target, lambda: self._build(target))
+
+    def _build(self, target: PreTrainedModel) -> PreTrainedModel:
+        check_target(self.checkpoint, target)
         draft = build_draft(target, self.checkpoint["settings"]["init_layers"], self.checkpoint["vocab"])
-        draft.load_state_dict({k: v.to(target.dtype) for k, v in self.checkpoint["state_dict"].items()},
-                              strict=False)
-        self.model = draft
+        missing, unexpected = draft.load_state_dict(
+            {k: v.to(target.dtype) for k, v in self.checkpoint["state_dict"].items()}, strict=False)
+        trained_missing = [k for k in missing if not k.startswith(BORROWED)]
+        if trained_missing or unexpected:
+            raise ValueError(f"checkpoint {self.checkpoint['path']!r} does not fit its draft: missing "
+                             f"{trained_missing}, unexpected {unexpected}; retrain it with experiments.train_drafter")
+        return draft
+
+    def check(self, target: torch.nn.Module) -> None:
+        self.draft_for(target)
+
+    def proposer(self, view: TargetView) -> Proposer:
+        draft = self.draft_for(view.model)
+        prepare(draft, view)
+        return GrowingProposer(LMNet(draft, view), self.shape)

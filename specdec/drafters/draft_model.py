@@ -1,31 +1,29 @@
-"""An independent draft model: any causal LM sharing the target's vocabulary
-(Leviathan et al. 2023; Chen et al. 2023), with its own KV cache kept across steps.
+"""An independent draft model: any causal LM sharing the target's vocabulary (Leviathan et al. 2023;
+Chen et al. 2023), drafting chains or trees for every row at once, with its own ragged KV cache.
 
-With ``top_k > 1`` it grows a tree level by level (SpecInfer, Miao et al. 2024;
-EAGLE-2's dynamic trees, Li et al. 2024): at each depth the ``width`` most probable
-frontier nodes (by cumulative draft log-probability) are fed in one forward through
-tree attention, each gets ``top_k`` children, and greedy trees are reranked to a
-node ``budget`` at the end. With ``tree=TreeSpec`` (or a list of paths) the shape is
-static instead (Medusa / EAGLE-1): node ``[0, 1]`` is the second candidate below the
-first. The draft cache holds the nodes it fed; on commit it keeps
-the accepted ones, moved next to the prefix.
+Each step the draft first catches up on the committed tokens it has not seen (one forward for all
+rows, left-padded), then grows the tree level by level with :func:`~specdec.drafters.growth.grow`:
+one forward per depth for all rows, through tree attention. On commit the draft cache keeps the
+accepted nodes it fed, moved next to the prefix, and drops the rest.
 
-Greedy trees take the top-k tokens (point masses, ``q=None``). Sampled trees draw each
-node's children i.i.d. from q (after the target's temperature / top-k / top-p), which
-recursive rejection sampling needs to stay lossless; they are never pruned by value.
+The machinery here (:class:`GrowingProposer`, the per-call rows of a ragged draft cache) is what
+the other model drafters compose with their own networks: EAGLE's head, early exit's first layers,
+the distilled draft.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from specdec.attention import TreeMask, tree_attention_enabled
-from specdec.cache import commit_rows, new_cache
-from specdec.drafters.base import DecodeState, Drafter
+from specdec.attention import TreeMask, install_tree_attention
+from specdec.backends.cpu_linear import install_linears
+from specdec.cache import RaggedCache
+from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView
+from specdec.drafters.growth import Growth, Level, TreeShape, grow
 from specdec.tree import DraftTree, TreeSpec
 from specdec.verify import Acceptance
 
@@ -36,13 +34,155 @@ def vocab_size(model: PreTrainedModel) -> int:
     return getattr(head, "vocab_size", None) or head.weight.shape[0]
 
 
-@dataclass
-class _Row:
-    """One row's draft cache and the tree it last proposed."""
+def check_vocab(draft: PreTrainedModel, target: torch.nn.Module) -> None:
+    """Raise unless draft and target score the same vocabulary."""
+    mine, theirs = vocab_size(draft), vocab_size(target)
+    if mine != theirs:
+        raise ValueError(f"drafter vocab {mine} != target vocab {theirs}: draft and target must share a tokenizer")
 
-    cache: DynamicCache
-    cached: int = 0  # committed tokens held in the cache
-    fed: dict[int, int] = field(default_factory=dict)  # proposed node -> its cache position
+
+def prepare(network: torch.nn.Module, view: TargetView) -> None:
+    """Install tree attention (on a transformers model) and the CPU products on a drafter network, once."""
+    if isinstance(network, PreTrainedModel):
+        install_tree_attention(network)
+    if view.options.linear_backend != "torch":
+        install_linears(network)
+
+
+def chain_feed(counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-padded chains of ``counts[a]`` tokens per row, as one tree forward.
+
+    Returns ``valid (A, M)``, the ancestor mask ``(A, M, M)`` (each token sees the row's earlier ones,
+    padding only itself) and each column's offset within its chain ``(A, M)`` (padding: 0).
+    """
+    M = int(counts.max()) if len(counts) else 0
+    col = torch.arange(M)
+    valid = col[None, :] >= (M - counts)[:, None]  # (A, M)
+    causal = torch.ones(M, M, dtype=torch.bool).tril()
+    ancestors = (causal[None] & valid[:, None, :] & valid[:, :, None]) | torch.eye(M, dtype=torch.bool)[None]
+    offset = (col[None, :] - (M - counts)[:, None]).clamp(min=0)
+    return valid, ancestors, offset
+
+
+class RowTable:
+    """The rows a proposer's batched network holds, in its cache order, and the latest state of each.
+
+    ``full(states)`` lists every held row in order, rows not asked this step as stand-ins that draft
+    nothing (``max_depth=0``), so one forward serves them all.
+    """
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+        self.latest: dict[int, DecodeState] = {}
+
+    def add(self, states: list[DecodeState]) -> None:
+        for s in states:
+            if s.row not in self.latest and s.row not in self.order:
+                self.order.append(s.row)
+            self.latest[s.row] = s
+
+    def full(self, states: list[DecodeState]) -> tuple[list[DecodeState], list[int]]:
+        """Every held row's state (in order) and the position in it of each of ``states``."""
+        self.add(states)
+        asked = {s.row: s for s in states}
+        full = [asked.get(row) or dataclasses.replace(self.latest[row], max_depth=0) for row in self.order]
+        where = {row: a for a, row in enumerate(self.order)}
+        return full, [where[s.row] for s in states]
+
+    def drop_finished(self, states: list[DecodeState]) -> Tensor | None:
+        """Forget rows that finished; the kept rows' indices in the old order (``None``: all kept)."""
+        for s in states:
+            if s.row in self.latest:
+                self.latest[s.row] = s
+        done = {s.row for s in states if s.finished}
+        if not done & set(self.order):
+            return None
+        keep = [a for a, row in enumerate(self.order) if row not in done]
+        self.order = [self.order[a] for a in keep]
+        for row in done:
+            self.latest.pop(row, None)
+        return torch.tensor(keep, dtype=torch.long)
+
+
+class GrowingProposer(Proposer):
+    """A model drafter's proposer: :func:`grow` over a batched network (see :class:`LMNet` for the
+    interface a network gives: ``root``, ``expand``, ``commit``)."""
+
+    def __init__(self, net, shape: TreeShape) -> None:
+        self.net, self.shape = net, shape
+        self.needs_hidden = getattr(net, "needs_hidden", False)
+        self.growth: Growth | None = None
+        self.where: list[int] = []
+
+    def prefill(self, states: list[DecodeState]) -> None:
+        self.net.prefill(states)
+
+    @torch.inference_mode()
+    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
+        full, self.where = self.net.rows.full(states)
+        self.growth = grow(self.shape, self.net, full)
+        return [self.growth.trees[a] for a in self.where]
+
+    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
+        fed: dict[int, list[int]] = {}
+        if self.growth is not None:
+            asked = {self.net.rows.order[a]: a for a in self.where}
+            for state, result in zip(states, results):
+                if state.row in asked:
+                    fed[state.row] = self.growth.fed_index(asked[state.row], result.path)
+        self.growth = None
+        self.net.commit(states, fed)
+
+
+class LMNet:
+    """A causal LM as the draft network, with a ragged cache of every row's committed tokens."""
+
+    def __init__(self, model: PreTrainedModel, view: TargetView) -> None:
+        self.model, self.backend = model, view.options.attention_backend
+        self.rows = RowTable()
+        self.cache: RaggedCache | None = None
+        self.tree_start = 0  # cache columns before this step's tree
+
+    def prefill(self, states: list[DecodeState]) -> None:
+        self.rows.add(states)
+
+    def _forward(self, ids: Tensor, positions: Tensor, ancestors: Tensor, logits_to_keep: int = 0) -> Tensor:
+        device = self.model.device
+        mask = TreeMask(self.cache.start.to(device), self.cache.end.to(device), ancestors.to(device), self.backend)
+        return self.model(input_ids=ids.to(device), position_ids=positions.to(device), cache=self.cache.cache,
+                          use_cache=True, tree=mask, logits_to_keep=logits_to_keep).logits
+
+    def root(self, states: list[DecodeState]) -> Tensor:
+        if self.cache is None:
+            self.cache = RaggedCache(self.model, len(states))
+        seen = self.cache.lengths  # (A,) tokens of each row already in the draft cache
+        counts = torch.tensor([s.tokens.shape[1] for s in states]) - seen  # the root at least
+        valid, ancestors, offset = chain_feed(counts)
+        ids = torch.zeros(valid.shape, dtype=torch.long)
+        for a, s in enumerate(states):
+            ids[a, valid[a]] = s.tokens[0, int(seen[a]):].cpu()
+        S = self.cache.length
+        logits = self._forward(ids, seen[:, None] + offset, ancestors, logits_to_keep=1)  # (A, 1, V)
+        self.cache.commit([S + valid[a].nonzero().flatten() for a in range(len(states))])
+        self.tree_start = self.cache.length
+        return logits[:, -1]
+
+    def expand(self, level: Level) -> Tensor:
+        positions = (self.cache.lengths - 1)[:, None] + level.depth  # the root sits at lengths - 1
+        return self._forward(level.tokens, positions.expand_as(level.tokens), level.ancestors)  # (A, F, V)
+
+    def commit(self, states: list[DecodeState], fed: dict[int, list[int]]) -> None:
+        if self.cache is None:
+            return
+        kept = [torch.tensor([self.tree_start + j for j in fed.get(row, [])], dtype=torch.long)
+                for row in self.rows.order]
+        self.cache.commit(kept)  # accepted fed nodes next to the prefix; the rest of the tree goes
+        keep = self.rows.drop_finished(states)
+        if keep is not None:
+            if len(keep):
+                self.cache.select(keep)
+            else:
+                self.cache = None
 
 
 class DraftModel(Drafter):
@@ -56,27 +196,19 @@ class DraftModel(Drafter):
         budget: greedy trees keep their ``budget`` most probable nodes (default: all).
         tree: a static tree shape (``TreeSpec`` or list of paths of child ranks); overrides
             ``top_k``/``width``/``budget``, and ``k`` caps its depth.
-        attention_backend: tree attention backend of the draft's tree forwards.
     """
 
-    def __init__(self, model: PreTrainedModel | None, k: int = 4, top_k: int = 1, width: int | None = None,
-                 budget: int | None = None, tree: TreeSpec | list[list[int]] | None = None,
-                 attention_backend: str = "auto") -> None:
-        if k < 1:
-            raise ValueError(f"DraftModel k={k} must be >= 1")
-        if top_k < 1:
-            raise ValueError(f"DraftModel top_k={top_k} must be >= 1")
-        if budget is not None and budget < 1:
-            raise ValueError(f"DraftModel budget={budget} must be >= 1 (or None for no limit)")
-        self.model, self.k, self.top_k = model.eval() if model is not None else None, k, top_k
-        self.width = top_k if width is None else width
-        self.budget, self.attention_backend = budget, attention_backend
-        self.spec = TreeSpec.from_paths(tree) if isinstance(tree, list) else tree
-        self._spec_children: dict[int, list[tuple[int, int]]] = {}  # spec parent -> [(spec node, rank)]
-        if self.spec is not None:
-            for node, (parent, rank) in enumerate(zip(self.spec.parents, self.spec.ranks)):
-                self._spec_children.setdefault(parent, []).append((node, rank))
-        self.rows: dict[int, _Row] = {}
+    def __init__(self, model: PreTrainedModel, k: int = 4, top_k: int = 1, width: int | None = None,
+                 budget: int | None = None, tree: TreeSpec | list[list[int]] | None = None) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"DraftModel needs a causal LM (a transformers model), got {type(model).__name__}: "
+                             "for a trained drafter pass it directly as drafter=")
+        self.model = model.eval()
+        self.shape = TreeShape.make(k, top_k, width, budget, tree)
+
+    @property
+    def k(self) -> int:
+        return self.shape.k
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", layers: int | None = None,
@@ -93,115 +225,10 @@ class DraftModel(Drafter):
             model.config.num_hidden_layers = layers
         return cls(model, **kwargs)
 
-    def networks(self) -> list[torch.nn.Module]:
-        return [] if self.model is None else [self.model]
-
     def check(self, target: torch.nn.Module) -> None:
-        mine, theirs = vocab_size(self.model), vocab_size(target)
-        if mine != theirs:
-            raise ValueError(
-                f"drafter vocab {mine} != target vocab {theirs}: draft and target must share a tokenizer"
-            )
+        check_vocab(self.model, target)
 
-    def prefill(self, states: list[DecodeState]) -> None:
-        self.rows = {s.row: _Row(new_cache(self.model)) for s in states}
-
-    @torch.inference_mode()
-    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
-        with tree_attention_enabled(self.model):
-            return [self._propose_row(s, self.rows[s.row]) for s in states]
-
-    def _children(self, logits: Tensor, state: DecodeState, n_before: int, base: float, ranks: list[int]):
-        """(token, q row or None, cumulative log-prob) of the children of a node with ``logits: (V,)``:
-        greedy takes the candidates of the given ranks, sampling draws ``len(ranks)`` i.i.d. from q."""
-        scores = state.sampling.process(logits[None], n_before)[0]  # (V,)
-        logp = torch.log_softmax(scores, dim=-1)
-        if state.sampling.do_sample:
-            q = logp.exp()
-            toks = torch.multinomial(q, len(ranks), replacement=True, generator=state.generator).tolist()
-            return [(t, q, base + float(logp[t])) for t in toks]
-        top = logp.topk(max(ranks) + 1)
-        return [(int(top.indices[r]), None, base + float(top.values[r])) for r in ranks]
-
-    def _plan(self, node_spec: list[int | None], level: list[int], logps: list[float]) -> list[tuple[int, list]]:
-        """Which nodes of the last level to expand, each with (spec node, rank) of its children."""
-        if self.spec is None:
-            frontier = sorted(sorted(level, key=lambda i: -logps[i])[: self.width])
-            return [(node, [(None, r) for r in range(self.top_k)]) for node in frontier]
-        return [(node, self._spec_children[node_spec[node]]) for node in level
-                if node_spec[node] in self._spec_children]
-
-    def _propose_row(self, state: DecodeState, row: _Row) -> DraftTree:
-        depth = min(self.k, state.budget)
-        row.fed = {}
-        if depth == 0:
-            return DraftTree.empty(state.tokens.device)
-        root_logits = self._catch_up(state, row)  # (1, V)
-        tokens, parents, qs, logps, depths, node_spec = [], [], [], [], [], []
-        plan = [(-1, self._spec_children[-1] if self.spec else [(None, r) for r in range(self.top_k)])]
-        for d in range(1, depth + 1):
-            if d > 1:
-                plan = self._plan(node_spec, level, logps)
-                if not plan:
-                    break
-                root_logits = self._feed(row, [node for node, _ in plan], tokens, parents, d - 1)  # (|F|, V)
-            level = []
-            for f, (node, kids) in enumerate(plan):
-                base = logps[node] if node >= 0 else 0.0
-                children = self._children(root_logits[f], state, state.n_generated + d - 1, base, [r for _, r in kids])
-                for (spec_node, _), (tok, q, lp) in zip(kids, children):
-                    level.append(len(tokens))
-                    tokens.append(tok), parents.append(node), qs.append(q), logps.append(lp), depths.append(d)
-                    node_spec.append(spec_node)
-        keep = list(range(len(tokens)))
-        if self.spec is None and self.budget is not None and len(tokens) > self.budget and not state.sampling.do_sample:
-            # EAGLE-2 rerank: the most probable nodes; a child is never likelier than its parent
-            keep = sorted(sorted(keep, key=lambda i: (-logps[i], depths[i]))[: self.budget])
-        remap = {old: new for new, old in enumerate(keep)}
-        row.fed = {remap[old]: p for old, p in row.fed.items() if old in remap}
-        q = torch.stack([qs[i] for i in keep]).to(state.tokens.device) if state.sampling.do_sample else None
-        return DraftTree(
-            torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=state.tokens.device),
-            torch.tensor([remap[parents[i]] if parents[i] >= 0 else -1 for i in keep], dtype=torch.long,
-                         device=state.tokens.device),
-            q,
-        )
-
-    def _catch_up(self, state: DecodeState, row: _Row) -> Tensor:
-        """Feed the committed tokens the draft has not seen (the root last), plain causal attention;
-        ``(1, V)`` logits of the root's children."""
-        device = self.model.device
-        n = state.tokens.shape[1]
-        x = state.tokens[:, row.cached :].to(device)  # (1, new)
-        pos = torch.arange(row.cached, n, device=device)[None]
-        logits = self.model(input_ids=x, position_ids=pos, cache=row.cache, use_cache=True, logits_to_keep=1).logits
-        row.cached = n
-        return logits[0, -1:]
-
-    def _feed(self, row: _Row, frontier: list[int], tokens: list[int], parents: list[int], depth: int) -> Tensor:
-        """Run the draft on ``frontier`` nodes (all at ``depth``) through tree attention, after the
-        ``row.cached`` committed entries and the nodes fed before; ``(|F|, V)`` logits."""
-        device = self.model.device
-        for node in frontier:
-            row.fed[node] = row.cached + len(row.fed)
-        fed = sorted(row.fed, key=row.fed.get)  # nodes in cache order
-        tree = DraftTree(torch.tensor(tokens), torch.tensor(parents))
-        ancestors = tree.ancestors[frontier][:, fed]  # (|F|, Tk)
-        mask = TreeMask(torch.tensor([0], device=device), torch.tensor([row.cached], device=device),
-                        ancestors[None].to(device), self.attention_backend)
-        pos = torch.full((1, len(frontier)), row.cached - 1 + depth, device=device)
-        return self._forward_nodes(row, frontier, tokens, parents, pos, mask)
-
-    def _forward_nodes(self, row: _Row, frontier: list[int], tokens: list[int], parents: list[int], pos: Tensor,
-                       mask: TreeMask) -> Tensor:
-        """The draft's forward over the frontier nodes; ``(|F|, V)`` logits."""
-        ids = torch.tensor([[tokens[i] for i in frontier]], device=pos.device)
-        return self.model(input_ids=ids, position_ids=pos, cache=row.cache, use_cache=True, tree=mask).logits[0]
-
-    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
-        for state, result in zip(states, results):
-            row = self.rows[state.row]
-            kept = [row.fed[node] for node in result.path if node in row.fed]  # a prefix of the path
-            end = torch.tensor([row.cached])
-            row.cached = int(commit_rows(row.cache, end, [torch.tensor(kept, dtype=torch.long)])[0])
-            row.fed = {}
+    def proposer(self, view: TargetView) -> Proposer:
+        self.check(view.model)
+        prepare(self.model, view)
+        return GrowingProposer(LMNet(self.model, view), self.shape)

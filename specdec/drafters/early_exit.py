@@ -2,8 +2,9 @@
 the target drafts for itself with its first L layers, its final norm and its output head.
 
 No second model and no second KV cache: the draft attends over the target's own cached keys and
-values of those L layers (read in place, row by row, from the engine's cache), and its tree's
-entries are thrown away after proposing; the verification forward then writes every layer. A
+values of those L layers (read through the call's :meth:`~specdec.drafters.base.TargetView.prefix_cache`,
+all rows at once), and its tree's entries are thrown away after proposing; the verification forward
+then writes every layer. A
 trained adapter (a zero-initialised residual linear map after the norm, so an untrained one is
 plain early exit) and an optional reduced vocabulary make the exit cheaper and closer to the
 target's final layer.
@@ -18,11 +19,14 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from specdec.training.checkpoint import load_checkpoint
-from specdec.drafters.base import BuiltOnTarget, DecodeState
-from specdec.drafters.draft_model import DraftModel, _Row
+from specdec.attention import TreeMask
+from specdec.backends.cpu_linear import install_linears
+from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, TargetView, module_for
+from specdec.drafters.draft_model import GrowingProposer, RowTable
+from specdec.drafters.growth import Level, TreeShape
 from specdec.drafters.vocab import ReducedHead
-from specdec.verify import Acceptance
+from specdec.training.checkpoint import check_target, load_checkpoint
+from specdec.tree import TreeSpec
 
 
 class ExitAdapter(nn.Module):
@@ -67,24 +71,82 @@ class ExitModel(nn.Module):
         return SimpleNamespace(logits=self.head(self.adapter(hidden[:, -logits_to_keep:])))
 
 
-class EarlyExit(BuiltOnTarget, DraftModel):
-    """Drafts chains or trees (``k``, ``top_k``, ``width``, ``budget``, ``tree`` as in :class:`DraftModel`)
-    with the target's first ``layers`` layers.
+class ExitNet:
+    """The exit model as the draft network, attending over the target's own cached keys and values of
+    its first layers (copied once per step into a scratch cache that grows by the tree's nodes and is
+    dropped after the step). The root is fed first, as the tree's node 0."""
+
+    def __init__(self, model: ExitModel, view: TargetView) -> None:
+        self.model, self.view, self.backend = model, view, view.options.attention_backend
+        self.rows = _EngineRows(view, model.layers)
+        self.scratch: DynamicCache | None = None
+        self.start = self.end = None
+
+    def prefill(self, states: list[DecodeState]) -> None:
+        pass
+
+    def _forward(self, tokens: Tensor, positions: Tensor, ancestors: Tensor) -> Tensor:
+        device = self.model.device
+        mask = TreeMask(self.start.to(device), self.end.to(device), ancestors.to(device), self.backend)
+        return self.model(input_ids=tokens.to(device), position_ids=positions.to(device), cache=self.scratch,
+                          tree=mask).logits
+
+    def root(self, states: list[DecodeState]) -> Tensor:
+        kv, self.start, self.end = self.rows.kv, self.rows.start, self.rows.end
+        self.scratch = DynamicCache(config=self.model.truncated().config)
+        for layer, (keys, values) in zip(self.scratch.layers, kv):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values  # views: the next update copies them, the target's stay
+        roots = torch.cat([s.tokens[:, -1:] for s in states])  # (A, 1)
+        positions = (self.end - self.start)[:, None]  # the root's position: its row's committed count
+        logits = self._forward(roots, positions, torch.ones(len(states), 1, 1, dtype=torch.bool))
+        return logits[:, -1]
+
+    def expand(self, level: Level) -> Tensor:
+        A, F, N = level.ancestors.shape
+        ancestors = torch.cat([torch.ones(A, F, 1, dtype=torch.bool), level.ancestors.cpu()], dim=2)  # the root
+        positions = (self.end - self.start)[:, None] + level.depth
+        return self._forward(level.tokens, positions.expand_as(level.tokens), ancestors)
+
+    def commit(self, states: list[DecodeState], fed: dict[int, list[int]]) -> None:
+        self.scratch = None  # the target's cache gets the accepted tokens from the verification forward
+
+
+class _EngineRows(RowTable):
+    """Early exit's rows are the engine's: their order and ranges are read each step through the view."""
+
+    def __init__(self, view: TargetView, layers: int) -> None:
+        super().__init__()
+        self.view, self.layers = view, layers
+
+    def full(self, states: list[DecodeState]) -> tuple[list[DecodeState], list[int]]:
+        self.kv, self.start, self.end, self.order = self.view.prefix_cache(self.layers)
+        return super().full(states)
+
+
+class EarlyExit(Drafter):
+    """Drafts chains or trees (``k``, ``top_k``, ``width``, ``budget``, ``tree`` as in
+    :class:`~specdec.drafters.DraftModel`) with the target's first ``layers`` layers.
 
     Args:
         layers: exit after this many layers.
         adapter: trained :class:`ExitAdapter` (``None``: untrained, plain early exit).
         vocab: token ids the exit head scores (``None``: all).
-        checkpoint: the loaded checkpoint, whose target :meth:`check` enforces.
+        checkpoint: the loaded checkpoint, whose target fingerprint is enforced.
     """
 
     def __init__(self, layers: int = 6, adapter: ExitAdapter | None = None, vocab: Tensor | None = None,
-                 checkpoint: dict | None = None, **kwargs) -> None:
-        super().__init__(None, **kwargs)
+                 checkpoint: dict | None = None, k: int = 4, top_k: int = 1, width: int | None = None,
+                 budget: int | None = None, tree: TreeSpec | list[list[int]] | None = None) -> None:
         if layers < 1:
             raise ValueError(f"EarlyExit layers={layers} must be >= 1")
         self.layers, self.adapter, self.vocab, self.checkpoint = layers, adapter, vocab, checkpoint
-        self.decoder = None
+        self.shape = TreeShape.make(k, top_k, width, budget, tree)
+        self._bound = PerTarget()
+
+    @property
+    def k(self) -> int:
+        return self.shape.k
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str = "early_exit-smollm2-135m", **kwargs) -> EarlyExit:
@@ -94,36 +156,21 @@ class EarlyExit(BuiltOnTarget, DraftModel):
         adapter.load_state_dict(ckpt["state_dict"])
         return cls(ckpt["settings"]["layers"], adapter, ckpt["vocab"], ckpt, **kwargs)
 
-    def bind(self, target: torch.nn.Module) -> None:
-        adapter = self.adapter or ExitAdapter(target.config.hidden_size)
-        adapter.to(device=target.device, dtype=target.dtype)
-        self.model = ExitModel(target, self.layers, adapter, ReducedHead(target.get_output_embeddings(), self.vocab))
+    def _bind(self, target: torch.nn.Module) -> tuple[ExitAdapter, ReducedHead]:
+        if self.checkpoint is not None:
+            check_target(self.checkpoint, target)
+        total = target.config.num_hidden_layers
+        if not 1 <= self.layers < total:
+            raise ValueError(f"early exit layers={self.layers} must be in [1, {total - 1}] for this target")
+        adapter = module_for(self.adapter or ExitAdapter(target.config.hidden_size), target)
+        return adapter, ReducedHead(target.get_output_embeddings(), self.vocab)
 
-    def attach(self, decoder) -> None:
-        self.decoder = decoder
+    def check(self, target: torch.nn.Module) -> None:
+        self._bound.get(target, lambda: self._bind(target))
 
-    def prefill(self, states: list[DecodeState]) -> None:
-        self.rows = {}
-
-    @torch.inference_mode()
-    def propose(self, states: list[DecodeState]):
-        if self.decoder is None:
-            raise RuntimeError("EarlyExit drafts from the target's cache: run it through specdec.generate")
-        trees = []
-        for a, state in enumerate(states):  # states come in the engine's cache order
-            self.rows[state.row] = self._borrow(a)
-            trees.append(self._propose_row(state, self.rows[state.row]))
-        return trees
-
-    def _borrow(self, a: int) -> _Row:
-        """Row ``a``'s first ``layers`` layers of the target's cache, as the start of a scratch cache."""
-        d = self.decoder
-        start, end = int(d.start[a]), int(d.end[a])
-        cache = DynamicCache(config=self.model.truncated().config)
-        for i, layer in enumerate(d.cache.layers[: self.layers]):
-            if layer.is_initialized and end > start:
-                cache.update(layer.keys[a : a + 1, :, start:end], layer.values[a : a + 1, :, start:end], i)
-        return _Row(cache, cached=end - start)
-
-    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
-        self.rows = {}  # the scratch caches go; the target's cache already holds the accepted tokens
+    def proposer(self, view: TargetView) -> Proposer:
+        adapter, head = self._bound.get(view.model, lambda: self._bind(view.model))
+        if view.options.linear_backend != "torch":
+            install_linears(adapter)
+        model = ExitModel(view.model, self.layers, adapter, head)
+        return GrowingProposer(ExitNet(model, view), self.shape)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from specdec.training.checkpoint import load_checkpoint
-from specdec.drafters.base import BuiltOnTarget, DecodeState, Drafter
+from specdec.backends.cpu_linear import install_linears
+from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, TargetView, module_for
+from specdec.training.checkpoint import check_target, load_checkpoint
 from specdec.drafters.vocab import ReducedHead
 from specdec.tree import DraftTree, TreeSpec
 from specdec.verify import Acceptance
@@ -39,7 +40,7 @@ class MedusaHeads(nn.Module):
         return torch.stack([features + nn.functional.silu(block(features)) for block in self.blocks], dim=-2)
 
 
-class Medusa(BuiltOnTarget, Drafter):
+class Medusa(Drafter):
     """Proposes a static tree over the heads' top candidates.
 
     Args:
@@ -50,14 +51,14 @@ class Medusa(BuiltOnTarget, Drafter):
         budget: nodes of the default tree.
         rank_accuracy: ``(K, R)`` how often head d's rank-r candidate was right (from training).
         k: cap on the depth (default: all heads).
-        checkpoint: the loaded checkpoint, whose target :meth:`check` enforces.
+        checkpoint: the loaded checkpoint, whose target fingerprint is enforced.
     """
-
-    needs_hidden = True
 
     def __init__(self, heads: MedusaHeads, vocab: Tensor | None = None, tree: TreeSpec | list | None = None,
                  budget: int = 16, rank_accuracy: Tensor | None = None, k: int | None = None,
                  checkpoint: dict | None = None) -> None:
+        if not isinstance(heads, MedusaHeads):
+            raise ValueError(f"Medusa needs MedusaHeads, got {type(heads).__name__}: use Medusa.from_checkpoint(...)")
         depth = len(heads) if k is None else min(k, len(heads))
         if depth < 1:
             raise ValueError(f"Medusa k={k} must be >= 1")
@@ -72,8 +73,7 @@ class Medusa(BuiltOnTarget, Drafter):
         self.heads, self.vocab, self.checkpoint, self.spec = heads.eval(), vocab, checkpoint, tree
         self.k = depth
         self.spec_depths = spec_depths.tolist()
-        self.lm: ReducedHead | None = None
-        self.last: dict[int, Tensor | None] = {}
+        self._bound = PerTarget()
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str = "medusa-smollm2-135m", **kwargs) -> Medusa:
@@ -86,19 +86,36 @@ class Medusa(BuiltOnTarget, Drafter):
         kwargs.setdefault("rank_accuracy", None if accuracy is None else torch.tensor(accuracy))
         return cls(heads, ckpt["vocab"], checkpoint=ckpt, **kwargs)
 
-    def networks(self) -> list[torch.nn.Module]:
-        return [self.heads]
+    def _bind(self, target: torch.nn.Module) -> tuple[MedusaHeads, ReducedHead]:
+        if self.checkpoint is not None:
+            check_target(self.checkpoint, target)
+        return module_for(self.heads, target), ReducedHead(target.get_output_embeddings(), self.vocab)
 
-    def bind(self, target: torch.nn.Module) -> None:
-        self.heads.to(device=target.device, dtype=target.dtype)
-        self.lm = ReducedHead(target.get_output_embeddings(), self.vocab)
+    def check(self, target: torch.nn.Module) -> None:
+        self._bound.get(target, lambda: self._bind(target))
+
+    def proposer(self, view: TargetView) -> Proposer:
+        heads, lm = self._bound.get(view.model, lambda: self._bind(view.model))
+        if view.options.linear_backend != "torch":
+            install_linears(heads)
+        return _MedusaProposer(self, heads, lm)
+
+
+class _MedusaProposer(Proposer):
+    """Each row's last target feature, and the heads' static tree over it."""
+
+    needs_hidden = True
+
+    def __init__(self, medusa: Medusa, heads: MedusaHeads, lm: ReducedHead) -> None:
+        self.medusa, self.heads, self.lm = medusa, heads, lm
+        self.last: dict[int, Tensor | None] = {}
 
     def prefill(self, states: list[DecodeState]) -> None:
         self.last = {s.row: s.hidden[-1] if len(s.hidden) else None for s in states}
 
     @torch.inference_mode()
     def propose(self, states: list[DecodeState]) -> list[DraftTree]:
-        ready = [s for s in states if self.last[s.row] is not None and min(self.k, s.budget) > 0]
+        ready = [s for s in states if self.last.get(s.row) is not None and min(self.medusa.k, s.budget) > 0]
         logits = {}
         if ready:
             out = self.lm(self.heads(torch.stack([self.last[s.row] for s in ready])))  # (A, K, V)
@@ -108,21 +125,22 @@ class Medusa(BuiltOnTarget, Drafter):
 
     def _tree(self, state: DecodeState, logits: Tensor) -> DraftTree:
         """The static shape filled from the heads' candidates: greedy takes ranks, sampling draws from q."""
-        depth = min(self.k, state.budget)
-        keep = [i for i, d in enumerate(self.spec_depths) if d <= depth]  # a prefix-closed subset, in order
+        m = self.medusa
+        depth = min(m.k, state.budget)
+        keep = [i for i, d in enumerate(m.spec_depths) if d <= depth]  # a prefix-closed subset, in order
         scores = torch.cat([state.sampling.process(logits[d : d + 1], state.n_generated + d) for d in range(depth)])
         device = state.tokens.device
         remap = {old: new for new, old in enumerate(keep)} | {-1: -1}
-        parents = torch.tensor([remap[self.spec.parents[i]] for i in keep], dtype=torch.long, device=device)
+        parents = torch.tensor([remap[m.spec.parents[i]] for i in keep], dtype=torch.long, device=device)
         if not state.sampling.do_sample:
-            ranked = scores.topk(max(self.spec.ranks[i] for i in keep) + 1, dim=-1).indices  # (depth, R)
-            tokens = [int(ranked[self.spec_depths[i] - 1, self.spec.ranks[i]]) for i in keep]
+            ranked = scores.topk(max(m.spec.ranks[i] for i in keep) + 1, dim=-1).indices  # (depth, R)
+            tokens = [int(ranked[m.spec_depths[i] - 1, m.spec.ranks[i]]) for i in keep]
             return DraftTree(torch.tensor(tokens, dtype=torch.long, device=device), parents)
         q = torch.softmax(scores, dim=-1)  # (depth, V); a node's children are i.i.d. draws of the next head
-        rows = q[[self.spec_depths[i] - 1 for i in keep]].to(device)
+        rows = q[[m.spec_depths[i] - 1 for i in keep]].to(device)
         tokens = torch.multinomial(rows, 1, generator=state.generator)[:, 0]
         return DraftTree(tokens, parents, rows)
 
     def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
         for state in states:
-            self.last[state.row] = state.hidden[-1]
+            self.last[state.row] = None if state.finished else state.hidden[-1]

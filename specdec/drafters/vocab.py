@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from specdec.skinny import linear
+from specdec.backends.cpu_linear import linear
 
 
 def frequent_tokens(labels: list[Tensor], n: int, vocab_size: int) -> Tensor:

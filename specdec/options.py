@@ -1,0 +1,54 @@
+"""The settings of one decode call, validated once and passed whole.
+
+:func:`specdec.generate` resolves its keyword arguments into one frozen :class:`Options`; the
+engine, the verification forward and every proposer (their own tree forwards too) read the same
+object, so a setting given to ``generate`` reaches every forward that needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specdec.sampling import Sampling
+
+ATTENTION_BACKENDS = ("auto", "triton", "reference")
+LINEAR_BACKENDS = ("auto", "skinny", "torch")
+
+
+@dataclass(frozen=True)
+class Options:
+    """How one call decodes.
+
+    Attributes:
+        max_new_tokens: each row's output budget (>= 1).
+        sampling: how p (and a drafter's q) are made from logits; see :class:`~specdec.sampling.Sampling`.
+        attention_backend: tree attention: ``"auto"`` (the Triton kernel on CUDA, the torch reference
+            elsewhere), ``"triton"`` or ``"reference"``; the target's verification and the drafters'
+            tree forwards alike.
+        linear_backend: the CPU linear products of the target and the drafter's networks:
+            ``"auto"``/``"skinny"`` (see :mod:`specdec.backends.cpu_linear`) or ``"torch"`` (``F.linear``).
+        pack_weights: let the CPU products keep oneDNN-packed copies of large weights (faster for
+            3+ rows, costs the weights' memory once more; see :class:`~specdec.backends.cpu_linear.PackedWeights`).
+        min_verify_tokens: pad verification forwards that carry drafts to at least this many tokens
+            (padding is discarded); a speed knob for CPUs whose products are slow for 2-4 rows.
+    """
+
+    max_new_tokens: int = 20
+    sampling: Sampling = field(default_factory=Sampling)
+    attention_backend: str = "auto"
+    linear_backend: str = "auto"
+    pack_weights: bool = True
+    min_verify_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1 "
+                             "(or max_length must exceed the prompt length)")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"tree attention backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
+        if self.linear_backend not in LINEAR_BACKENDS:
+            raise ValueError(f"linear_backend={self.linear_backend!r} is not one of {LINEAR_BACKENDS}")
+        if not isinstance(self.min_verify_tokens, int) or self.min_verify_tokens < 1:
+            raise ValueError(f"min_verify_tokens={self.min_verify_tokens} must be >= 1")
+        if not isinstance(self.sampling, Sampling):
+            raise ValueError(f"sampling={self.sampling!r} must be a specdec.Sampling")
