@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.masking_utils import (
@@ -35,6 +37,7 @@ from specdec_kernels.tree_attention import (
     tree_attention_reference,
     unpack_tree_mask,
 )
+from specdec_kernels.tree_attention.kernel import _tanh
 from specdec_kernels.tree_attention.ops import kernel_available
 
 needs_kernel = pytest.mark.skipif(
@@ -348,6 +351,39 @@ def test_kernel_reads_no_block_outside_the_window(kw):
     k[:, :, :64], v[:, :, :64] = float("nan"), float("nan")  # positions 0..63: outside every window / chunk
     out = tree_attention(q, k, v, start, end, mask, backend="triton", k_positions=k_positions, **kw)
     torch.testing.assert_close(out, expected)
+
+
+@needs_kernel
+def test_kernel_reads_nothing_past_the_head_dims():
+    """Dk = 24, Dv = 12 padded to 32 and 16: q, k, v are views into wider tensors whose extra
+    columns are NaN, which must not be read (0 * NaN would reach the output)."""
+    case = make_case(2, 4, 2, 6, 19, 24, 12, torch.float32, seed=4)
+    expected = run(case, "reference", sliding_window=5, softcap=2.0)
+    wide = {}
+    for name in ("q", "k", "v"):
+        t = getattr(case, name)
+        padded = torch.full((*t.shape[:3], 40), float("nan"))
+        padded[..., :t.shape[3]] = t
+        wide[name] = padded[..., :t.shape[3]]
+    out = run(SimpleNamespace(**{**vars(case), **wide}), "triton", sliding_window=5, softcap=2.0)
+    torch.testing.assert_close(out, expected)
+
+
+@triton.jit
+def _tanh_kernel(X, Y, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, _tanh(tl.load(X + offs)))
+
+
+@needs_kernel
+def test_kernel_tanh_is_within_two_ulps():
+    """The softcap's tanh (exp and a Taylor series: the interpreter has no libdevice) against float64."""
+    x = torch.cat([torch.linspace(-30, 30, 2048), torch.logspace(-8, 0.5, 1024), -torch.logspace(-8, 0.5, 1024)])
+    y = torch.empty_like(x)
+    _tanh_kernel[(1,)](x, y, N=x.numel())
+    exact = torch.tanh(x.double())
+    ulps = (y.double() - exact).abs() / (exact.abs().float().double() * 2.0**-23)
+    assert ulps.max() <= 2.0, ulps.max()
 
 
 @needs_kernel
