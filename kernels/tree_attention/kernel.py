@@ -8,7 +8,7 @@ Grouped-query attention: query head h reads KV head ``h // GROUP``.
 
 Optional, each a constexpr switch (off: the code of plain tree attention): a sliding window
 and chunks over position ids (a key stays visible when ``p_k > p_q - window`` and when
-``p_k`` lies in the query's chunk; blocks with nothing visible load no K/V), Gemma-2 logit
+``p_k`` lies in the query's chunk; prefix blocks with nothing visible load no K/V), Gemma-2 logit
 softcapping, gpt-oss attention sinks (the running max starts at the head's sink logit with
 a normaliser of 1, so the sink joins the denominator and the max, and adds no value).
 Head dims are padded to BLOCK_DK / BLOCK_DV (powers of two) with masked loads; the value
