@@ -152,7 +152,8 @@ def run_benchmark(
                     "tpot_s": (start + seconds - clock.first) / (n_new - 1) if clock and clock.first and n_new > 1
                     else None,
                     "tau": stats.tau if stats else None,
-                    "acceptance_rate": stats.acceptance_rate if stats else None,
+                    "acceptance_rate": stats.acceptance_rate if stats and stats.drafted else None,
+                    "drafted": stats.drafted if stats else None,
                     "position_acceptance": stats.position_acceptance if stats else None,
                 })
                 bar.update()

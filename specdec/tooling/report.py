@@ -180,8 +180,8 @@ def _caption(jobs: list[Job], rows: list[dict], swept: list[str]) -> str:
 
 
 def _se(values: list[float]) -> float:
-    """Standard error of the mean (0 for a single value)."""
-    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    """Standard error of the mean (NaN, which draws no error bar, for a single value)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
 
 
 def _prompt_key(row: dict) -> tuple:
@@ -211,7 +211,8 @@ def _colors(runs: Runs) -> dict[str, str]:
 
 
 def _wrap(text: str, width_in: float, fontsize: float = 10) -> str:
-    return textwrap.fill(text, max(20, int(width_in * 144 / fontsize)))
+    """``text`` in lines that fit ``width_in`` inches at ``fontsize`` points (about 0.7 em a character)."""
+    return textwrap.fill(text, max(20, int(0.95 * width_in * 100 / fontsize)))
 
 
 def _figure(runs: Runs, width: float, height: float, nrows: int, ncols: int, note: str, **kwargs):
@@ -241,7 +242,7 @@ def speedup_figure(runs: Runs) -> Figure:
     colors = _colors(runs)
     series = [s for s in runs.series if not s.startswith(BASELINE)]
     facets = runs.facets
-    width = min(11.0, max(6.5, 1.2 + 0.16 * len(tasks) * max(1, len(series))))
+    width = min(12.0, max(6.5, 1.2 + 0.16 * len(tasks) * max(1, len(series)))) + 2.0  # + the legend
     fig, axes = _figure(runs, width, 1.6 + 3.0 * len(facets) + 0.25 * math.ceil(len(series) / 3), len(facets), 1,
                         "bars: Spec-Bench speedup, mean tokens/s over that of model.generate() on the same prompts "
                         "(prefill included); error bars: ±1 standard error over prompts of the per-prompt speedup",
@@ -258,17 +259,16 @@ def speedup_figure(runs: Runs) -> Figure:
                     values.append(got[0])
                     errors.append(_se(got[1]))
             if xs:
-                ax.bar(xs, values, bar, yerr=errors, color=colors[name], label=_label(name, 60).replace("\n", " "),
+                ax.bar(xs, values, bar, yerr=errors, color=colors[name], label=_label(name, 28),
                        error_kw={"elinewidth": 0.8, "capsize": 1.5}, gid=name)
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="model.generate() (= 1)")
         ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right", rotation_mode="anchor")
         ax.set_xlim(-0.5, len(tasks) - 0.5)
         ax.set_ylabel("speedup (×)")
         ax.grid(axis="y", linewidth=0.3)
         _facet_title(ax, facet)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(3, max(1, len(labels))), fontsize=8,
-               frameon=False)
+    fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False)
     return fig
 
 
@@ -276,7 +276,8 @@ def tau_figure(runs: Runs) -> Figure:
     """Horizontal bars: mean accepted tokens per step (tau) per series, error bars over prompts,
     the prompts themselves as points."""
     colors = _colors(runs)
-    series = [s for s in runs.series if any(r["tau"] is not None for r in runs.rows if r["series"] == s)]
+    series = [s for s in runs.series if _speculative(s.split(" (")[0])
+              and any(r["tau"] is not None for r in runs.rows if r["series"] == s)]
     facets = runs.facets
     fig, axes = _figure(runs, 7.0, 1.6 + 0.45 * max(1, len(series)) * len(facets), len(facets), 1,
                         "tau: new tokens per target forward (Spec-Bench's mean accepted tokens), mean over prompts; "
@@ -305,7 +306,7 @@ def acceptance_figure(runs: Runs) -> Figure:
     """Curves: acceptance at each draft depth, mean over prompts with a ±1 standard error band, per series."""
     colors = _colors(runs)
     facets = runs.facets
-    fig, axes = _figure(runs, 7.0, 1.6 + 3.0 * len(facets), len(facets), 1,
+    fig, axes = _figure(runs, 9.0, 1.6 + 3.0 * len(facets), len(facets), 1,
                         "acceptance at depth d: share of steps whose draft reached depth d that accepted its token "
                         "there; band: ±1 standard error over prompts", sharex=True, sharey=True)
     for ax, facet in zip(axes[:, 0], facets):
@@ -318,8 +319,7 @@ def acceptance_figure(runs: Runs) -> Figure:
                 depths.append(d + 1)
                 means.append(statistics.mean(at))
                 errors.append(_se(at))
-            ax.plot(depths, means, marker="o", markersize=3, color=colors[name], label=_label(name, 60).replace("\n", " "),
-                    gid=name)
+            ax.plot(depths, means, marker="o", markersize=3, color=colors[name], label=_label(name, 28), gid=name)
             ax.fill_between(depths, [m - e for m, e in zip(means, errors)], [m + e for m, e in zip(means, errors)],
                             color=colors[name], alpha=0.15, linewidth=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -332,7 +332,7 @@ def acceptance_figure(runs: Runs) -> Figure:
     axes[-1, 0].set_xlabel("draft depth")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if labels:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(2, len(labels)), fontsize=8, frameon=False)
+        fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False)
     return fig
 
 
