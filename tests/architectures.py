@@ -514,9 +514,15 @@ def _where(path: str) -> str:
 
 
 def _specdec_dirs() -> tuple[str, ...]:
-    import specdec_kernels
+    """The library's source folders: specdec and its kernels package."""
+    packages = [specdec]
+    try:
+        import specdec_kernels
 
-    return tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (specdec, specdec_kernels))
+        packages.append(specdec_kernels)
+    except ImportError:
+        pass
+    return tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in packages)
 
 
 def _first_diff(got: list[int], want: list[int]) -> str:
