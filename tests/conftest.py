@@ -36,6 +36,16 @@ def tiny_llama(vocab: int = 64, layers: int = 2, seed: int = 0, hidden: int = 32
     return model
 
 
+def attentive(model, factor: float = 4.0):
+    """``model`` with its query and key projections scaled by ``factor``, so attention is far from uniform
+    (random init gives near-uniform attention, under which a wrong mask can go unnoticed)."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("q_proj", "k_proj")):
+                module.weight.mul_(factor)
+    return model
+
+
 def save_with_tokenizer(model, path):
     """``model`` as a HF directory with a word-level tokenizer (``w0`` ... ``w63``), as experiments load it."""
     from tokenizers import Tokenizer, models, pre_tokenizers

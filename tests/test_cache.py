@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 
 from specdec.cache import GrowingLayer, commit_rows, new_cache, select_rows, truncate
 from specdec.drafters import Combined, DraftModel, PromptLookup
-from specdec.attention import tree_attention_enabled
-from specdec.engine import SpeculativeDecoder
+from specdec.drafters.draft_model import LMNet
+from specdec.engine import SpeculativeDecoder, prepare_target
+from specdec.options import Options
 from specdec.sampling import Sampling
 
 
@@ -53,21 +54,29 @@ def test_cache_equals_fresh_prefill_after_steps(target, draft, prompts, kind, k,
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    decoder = SpeculativeDecoder(target, drafter, sampling, torch.Generator().manual_seed(0))
-    with tree_attention_enabled(target):
-        decoder.prefill(ids, mask, max_new_tokens=64)
-        for _ in range(steps):
-            decoder.step()
-            for a, state in enumerate(decoder.states):
-                tokens = state.tokens
-                start, end = int(decoder.start[a]), int(decoder.end[a])
-                assert end - start == tokens.shape[1] - 1  # everything but the root
-                assert_kv_close(kv(decoder.cache, a, start, end), kv(fresh_prefill(target, tokens[:, :-1])))
-                models = [d for d in getattr(drafter, "drafters", [drafter]) if isinstance(d, DraftModel)]
-                for model_drafter in models:
-                    row = model_drafter.rows[state.row]
-                    assert row.cache.get_seq_length() == row.cached
-                    assert_kv_close(kv(row.cache), kv(fresh_prefill(draft, tokens[:, : row.cached])))
+    options = Options(max_new_tokens=64, sampling=sampling)
+    prepare_target(target, options)
+    decoder = SpeculativeDecoder(target, drafter, options, torch.Generator().manual_seed(0))
+    decoder.prefill(ids, mask)
+    parts = getattr(decoder.proposer, "parts", [decoder.proposer])
+    nets = [p.net for p in parts if isinstance(getattr(p, "net", None), LMNet)]
+    for _ in range(steps):
+        decoder.step()
+        cache = decoder.cache
+        for a, state in enumerate(decoder.states):
+            tokens = state.tokens
+            start, end = int(cache.start[a]), int(cache.end[a])
+            assert end - start == tokens.shape[1] - 1  # everything but the root
+            assert_kv_close(kv(cache.cache, a, start, end), kv(fresh_prefill(target, tokens[:, :-1])))
+        for net in nets:  # each draft row holds exactly the committed tokens it was fed, as a fresh prefill
+            if net.cache is None:
+                continue
+            assert net.cache.length == int(net.cache.end.max())  # no tree columns left behind
+            for b, row in enumerate(net.rows.order):
+                tokens = net.rows.latest[row].tokens
+                start, end = int(net.cache.start[b]), int(net.cache.end[b])
+                assert end - start <= tokens.shape[1]
+                assert_kv_close(kv(net.cache.cache, b, start, end), kv(fresh_prefill(draft, tokens[:, : end - start])))
 
 
 def test_commit_gathers_a_branch(target):
@@ -96,14 +105,15 @@ def test_failed_verification_leaves_the_cache_whole(target, monkeypatch):
     """The verify forward fails inside the first attention layer (the Triton kernel is not
     available on CPU without the interpreter): the cache is cut back, nothing is committed."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    decoder = SpeculativeDecoder(target, PromptLookup(k=3), Sampling(), attention_backend="triton")
+    options = Options(max_new_tokens=10, attention_backend="triton")
+    prepare_target(target, options)
+    decoder = SpeculativeDecoder(target, PromptLookup(k=3), options)
     prompt = torch.tensor([[5, 6, 7, 5, 6, 7, 5]])
-    with tree_attention_enabled(target):
-        decoder.prefill(prompt, None, max_new_tokens=10)
-        before = [(k.clone(), v.clone()) for k, v in kv(decoder.cache)]  # copies: the cache writes in place
-        with pytest.raises(ValueError, match="needs CUDA tensors"):
-            decoder.step()
-    assert_kv_close(kv(decoder.cache), before)
+    decoder.prefill(prompt, None)
+    before = [(k.clone(), v.clone()) for k, v in kv(decoder.cache.cache)]  # copies: the cache writes in place
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        decoder.step()
+    assert_kv_close(kv(decoder.cache.cache), before)
     assert decoder.states[0].tokens.shape[1] == prompt.shape[1] and decoder.stats.steps == 0
 
 

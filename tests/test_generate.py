@@ -8,7 +8,7 @@ from transformers import GenerationConfig, TextIteratorStreamer
 
 import specdec
 from specdec.text import left_pad
-from specdec import Combined, DraftModel, PromptLookup
+from specdec import Combined, DraftModel, Drafter, PromptLookup, Proposer
 from specdec.drafters import Adaptive, Eagle, EagleHead, EarlyExit, Medusa, MedusaHeads
 
 
@@ -235,25 +235,38 @@ def test_padded_verification_changes_nothing(target, draft, kind):
         specdec.generate(target, ids, None, attention_mask=mask, max_new_tokens=4, min_verify_tokens=0)
 
 
+class Spy(Drafter):
+    """Wraps a drafter: records how many rows each step asked its proposer for, and the trees' sizes."""
+
+    def __init__(self, inner):
+        self.inner, self.asked, self.made = inner, [], []
+
+    def proposer(self, view):
+        inner, spy = self.inner.proposer(view), self
+
+        class Recording(Proposer):
+            needs_hidden, needs_logits = inner.needs_hidden, inner.needs_logits
+
+            def prefill(self, states):
+                inner.prefill(states)
+
+            def propose(self, states):
+                spy.asked.append(len(states))
+                trees = inner.propose(states)
+                spy.made.append([len(t) for t in trees])
+                return trees
+
+            def commit(self, states, results):
+                inner.commit(states, results)
+
+        return Recording()
+
+
 def test_fallback_runs_the_second_drafter_only_where_the_first_has_no_tree(target):
     """Combined(fallback=True): each row's tree is lookup's when it matches, else EAGLE's alone."""
-    eagle = Eagle(EagleHead.from_target(target), k=2)
-    lookup = PromptLookup(k=3, max_ngram=2)
-    combined = Combined(lookup, eagle, fallback=True)
-    asked, made = [], []
-    real_eagle, real_combined = eagle.propose, combined.propose
-
-    def eagle_propose(states):
-        asked.append(len(states))
-        return real_eagle(states)
-
-    def combined_propose(states):
-        trees = real_combined(states)
-        made.append([len(t) for t in trees])
-        return trees
-
-    eagle.propose, combined.propose = eagle_propose, combined_propose
+    eagle = Spy(Eagle(EagleHead.from_target(target), k=2))
+    combined = Spy(Combined(PromptLookup(k=3, max_ngram=2), eagle, fallback=True))
     rows = [[5, 9, 2, 5, 9, 2, 7], [1, 2, 3, 4, 6, 8, 10]]  # row 0 repeats itself, row 1 not at first
     assert_rows_match_alone(target, rows, combined, max_new_tokens=16, eos=None)
-    assert any(n < 2 for n in asked)  # some steps asked EAGLE for fewer rows than the batch
-    assert all(n <= 3 for step in made for n in step)  # never both trees: lookup's k=3 or EAGLE's chain of 2
+    assert any(n < 2 for n in eagle.asked)  # some steps asked EAGLE for fewer rows than the batch
+    assert all(n <= 3 for step in combined.made for n in step)  # never both trees: lookup's k=3 or EAGLE's chain of 2

@@ -13,6 +13,7 @@ import specdec.engine
 from specdec.drafters import (Adaptive, Combined, DraftModel, Eagle, EagleHead, EarlyExit, Medusa, MedusaHeads,
                               PromptLookup)
 from specdec.engine import decode
+from specdec.options import Options
 from specdec.sampling import Sampling
 from specdec.verify import Acceptance
 
@@ -21,6 +22,7 @@ from conftest import tiny_llama
 V, N_TOKENS, N_SAMPLES = 6, 3, 3000
 PROMPT = torch.tensor([[1, 3, 4, 5, 3, 4, 5, 3, 4]])  # repeats, so lookup has matches to offer
 SAMPLING = Sampling(do_sample=True, temperature=0.9, top_k=5, eos_token_ids=())
+OPTIONS = Options(max_new_tokens=N_TOKENS, sampling=SAMPLING)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def sample_counts(model, drafter) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1234)
     counts = torch.zeros(V**N_TOKENS)
     for _ in range(N_SAMPLES):
-        (tokens,), _ = decode(model, PROMPT, drafter, SAMPLING, N_TOKENS, gen)
+        (tokens,), _ = decode(model, PROMPT, drafter, OPTIONS, gen)
         index = 0
         for tok in tokens:
             index = index * V + tok
@@ -137,7 +139,7 @@ def test_sampling_in_a_batch_matches_target(small_target, small_draft):
     drafter = DraftModel(small_draft, k=2, top_k=2)
     counts = torch.zeros(V**N_TOKENS)
     for _ in range(N_SAMPLES):
-        (tokens, _), _ = decode(small_target, ids, drafter, SAMPLING, N_TOKENS, gen, attention_mask=mask)
+        (tokens, _), _ = decode(small_target, ids, drafter, OPTIONS, gen, attention_mask=mask)
         index = 0
         for tok in tokens:
             index = index * V + tok

@@ -68,6 +68,7 @@ class _Packed:
     weight: weakref.ref
     fingerprint: Tensor  # (out, 2) the weight times a fixed random probe
     packed: Tensor
+    nbytes: int  # the weight's own size (oneDNN's blocked layout holds the same elements; its storage is opaque)
 
 
 class PackedWeights:
@@ -87,10 +88,16 @@ class PackedWeights:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __reduce__(self):
+        return PackedWeights, ()  # a copied or pickled model starts with no packed copies of its own
+
+    def __deepcopy__(self, memo) -> PackedWeights:
+        return PackedWeights()
+
     @property
     def nbytes(self) -> int:
-        """Memory held by the packed copies."""
-        return sum(e.packed.untyped_storage().nbytes() for e in list(self._entries.values()))
+        """Memory held by the packed copies (each the size of its weight)."""
+        return sum(e.nbytes for e in list(self._entries.values()))
 
     def clear(self) -> None:
         """Free every packed copy (the next call packs again what it needs)."""
@@ -111,19 +118,24 @@ class PackedWeights:
             fingerprint = self._fingerprint(weight.detach())
             if entry is None or entry.weight() is not weight or not torch.equal(entry.fingerprint, fingerprint):
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 4)
-                entry = _Packed(weakref.ref(weight, self._forget(key)), fingerprint, packed)
+                entry = _Packed(weakref.ref(weight, self._forget(key)), fingerprint, packed,
+                                weight.numel() * weight.element_size())
                 with self._lock:
                     self._entries[key] = entry
         checked.add(key)
         return entry.packed
 
     def _forget(self, key: int):
-        entries = weakref.ref(self._entries)
+        """A weakref callback: drop the entry of a weight that died (unless its id was reused since)."""
+        owner = weakref.ref(self)
 
-        def forget(_) -> None:
-            d = entries()
-            if d is not None:
-                d.pop(key, None)
+        def forget(dead: weakref.ref) -> None:
+            packs = owner()
+            if packs is not None:
+                with packs._lock:
+                    entry = packs._entries.get(key)
+                    if entry is not None and entry.weight is dead:
+                        del packs._entries[key]
 
         return forget
 

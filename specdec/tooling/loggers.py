@@ -95,13 +95,19 @@ class WandbLogger:
         self._wandb = wandb
         self.run = wandb.init(project=project, dir=str(out_dir), config=config, name=name, group=group,
                               tags=tags, job_type=job_type, mode=os.environ.get("WANDB_MODE", mode))
+        self._per_prompt: set[str] = set()
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
 
     def log_row(self, row: dict, step: int) -> None:
-        """One method's numbers on one prompt; rows of the same prompt share ``step`` (one history row)."""
-        self.run.log({f"{row['method']}/{k}": row[k] for k in ROW_METRICS if row.get(k) is not None}, step=step)
+        """One method's numbers on one prompt; rows of the same prompt share ``step`` (one history row).
+        They stay out of the run summary, which holds the aggregates of :meth:`log_results` only."""
+        metrics = {f"{row['method']}/{k}": row[k] for k in ROW_METRICS if row.get(k) is not None}
+        for key in metrics.keys() - self._per_prompt:
+            self.run.define_metric(key, summary="none")
+            self._per_prompt.add(key)
+        self.run.log(metrics, step=step)
 
     def log_results(self, rows: list[dict], summary: list[dict], table: str,
                     figures: dict[str, Path] | None = None) -> None:

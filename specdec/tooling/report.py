@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure  # figures without pyplot: no global backend, nothing to close
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from specdec.tooling.benchmark import BASELINE, markdown_table, summarize
 
@@ -311,15 +311,18 @@ def acceptance_figure(runs: Runs) -> Figure:
                         "there; band: ±1 standard error over prompts", sharex=True, sharey=True)
     for ax, facet in zip(axes[:, 0], facets):
         rows = [r for r in runs.rows if r["facet"] == facet and r.get("position_acceptance")]
-        for name in dict.fromkeys(r["series"] for r in rows):
+        names = list(dict.fromkeys(r["series"] for r in rows))
+        for i, name in enumerate(names):
             curves = [r["position_acceptance"] for r in rows if r["series"] == name]
+            dodge = 0.06 * (i - (len(names) - 1) / 2)  # equal curves side by side, not hidden behind each other
             depths, means, errors = [], [], []
             for d in range(max(map(len, curves))):
                 at = [c[d] for c in curves if len(c) > d]
-                depths.append(d + 1)
+                depths.append(d + 1 + dodge)
                 means.append(statistics.mean(at))
                 errors.append(_se(at))
-            ax.plot(depths, means, marker="o", markersize=3, color=colors[name], label=_label(name, 28), gid=name)
+            ax.plot(depths, means, marker="osD^v<>"[i % 7], markersize=3.5, color=colors[name], label=_label(name, 28),
+                    gid=name)
             ax.fill_between(depths, [m - e for m, e in zip(means, errors)], [m + e for m, e in zip(means, errors)],
                             color=colors[name], alpha=0.15, linewidth=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -364,7 +367,10 @@ def latency_figure(runs: Runs) -> Figure:
             ax.set_yticks(range(len(names)), [_label(n) for n in names], fontsize=8)
             ax.set_ylim(len(names) - 0.5, -0.5)
             ax.set_xlabel(label)
-            ax.grid(axis="x", linewidth=0.3)
+            if key == "ttft_s" and any(data):
+                ax.set_xscale("log")  # prefill spans orders of magnitude across prompt lengths
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 100, 1000: not 10^2
+            ax.grid(axis="x", which="both", linewidth=0.3)
             _facet_title(ax, facet)
     return fig
 
