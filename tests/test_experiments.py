@@ -136,6 +136,18 @@ def tiny_run(tiny_model_dir, prompts_file, tmp_path_factory):
     return run_dir
 
 
+def _offline_run(run_dir: Path):
+    """(records, files dir) of the one offline W&B run in ``run_dir``."""
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return read_wandb_records(run_file), run_file.parent / "files"
+
+
+def _wandb_table(files: Path, history: list[dict], key: str) -> dict:
+    """A logged wandb.Table, read back from the run's media files."""
+    (entry,) = [json.loads(h[f"{key}/path"]) for h in history if f"{key}/path" in h]
+    return json.loads((files / entry).read_text())
+
+
 def test_tiny_run_logs_to_wandb_offline(tiny_run):
     run_dir = tiny_run
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
@@ -145,38 +157,177 @@ def test_tiny_run_logs_to_wandb_offline(tiny_run):
     table = (run_dir / "table.md").read_text()
     assert "Greedy output identical to `model.generate` on every prompt: yes" in table
     by_method = table.split("Speedup (tau) per task:")[1]
-    assert "| method | loop | other | overall | tok/s overall |" in by_method
+    assert "| method | loop | other | overall | tok/s overall | acceptance overall |" in by_method
     assert by_method.count("| specdec_prompt_lookup | ") == 1 and "x (" in by_method
-    assert (run_dir / "speedup.png").is_file() and "![speedup]" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert (run_dir / "speedup.png").is_file() and (run_dir / "speedup.pdf").is_file() and "![speedup]" in report
 
-    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    records = read_wandb_records(run_file)
-    config = {_key(i): json.loads(i.value_json) for r in records if r.HasField("run") for i in r.run.config.update}
-    assert config["max_new_tokens"] == 12 and config["drafter"]["k"] == 3
+    records, files = _offline_run(run_dir)
+    (run,) = [r.run for r in records if r.HasField("run")]
+    assert run.display_name == f"prompt_lookup {run_dir.parent.name}/{run_dir.name}" and run.job_type == "benchmark"
+    assert {"prompt_lookup", "tiny", "greedy", "batch1"} <= set(run.tags)
+    config = {_key(i): json.loads(i.value_json) for i in run.config.update}
+    assert config["max_new_tokens"] == 12 and config["drafter"]["k"] == 3 and config["batch_size"] == 1
+    assert config["prompt_ids"] == [1, 2, 3]  # ids are config, not metrics
     history = [{_key(i): i.value_json for i in r.history.item} for r in records if r.HasField("history")]
-    logged = [h for h in history if "specdec_prompt_lookup/tokens_per_s" in h]
-    assert len(logged) == 3 and all(float(h["specdec_prompt_lookup/tokens_per_s"]) > 0 for h in logged)
-    table = {k.split("/", 1)[1]: json.loads(v) for h in history for k, v in h.items() if k.startswith("results/")}
-    assert table["_type"] == "table-file" and table["nrows"] == len(rows)
-    summary = {_key(i): i.value_json for r in records if r.HasField("summary") for i in r.summary.update}
-    speedup = [k for k in summary if k.startswith("overall/specdec_prompt_lookup/speedup")]
-    assert speedup and float(summary[speedup[0]]) > 0
+    per_prompt = [h for h in history if "specdec_prompt_lookup/tokens_per_s" in h]
+    assert len(per_prompt) == 3  # one step per prompt, holding every method's numbers
+    assert all("generate/tokens_per_s" in h and "specdec_prompt_lookup/tau" in h for h in per_prompt)
+    assert not [k for h in history for k in h if k.split("/")[-1] in ("prompt_id", "turn", "batch_size")]
+    results = _wandb_table(files, history, "results")
+    assert len(results["data"]) == len(rows) and {"prompt_id", "turn", "batch_size"} <= set(results["columns"])
+    acceptance = _wandb_table(files, history, "position_acceptance")
+    assert acceptance["columns"] == ["method", "depth", "acceptance", "prompts"]
+    assert {m for m, *_ in acceptance["data"]} == {"specdec_prompt_lookup"}  # the engine alone drafts nothing
+    assert [d for m, d, *_ in acceptance["data"]] == list(range(1, len(acceptance["data"]) + 1))
+    assert any(k.startswith("position_acceptance_plot") for h in history for k in h)  # the line plot's table
+    figures = {k.split("/")[1] for h in history for k in h if k.startswith("figures/") and k.endswith("/_type")}
+    assert figures == {"speedup", "tau", "acceptance", "latency"}
+    summary = {_key(i): json.loads(i.value_json) for r in records if r.HasField("summary") for i in r.summary.update}
+    for task in ("loop", "other", "overall"):
+        for metric in ("tau", "speedup", "tokens_per_s") + (("acceptance_rate",) if task != "other" else ()):
+            assert summary[f"{task}/specdec_prompt_lookup/{metric}"] >= 0, (task, metric)  # (other: nothing drafted)
+        assert summary[f"{task}/specdec_prompt_lookup/tau"] >= 1
+        assert f"{task}/generate/tokens_per_s" in summary and f"{task}/generate/tau" not in summary
+    assert not [k for k in summary if k.count("/") == 1 and not k.startswith(("_", "figures", "results",
+                                                                               "summary_table", "position"))]
 
 
-def test_two_job_multirun(tiny_model_dir, prompts_file, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_sweep(tiny_model_dir, prompts_file, tmp_path_factory):
+    """A 2x2 sweep on the tiny model (tree shape x draft depth), logged to W&B offline."""
+    tmp_path = tmp_path_factory.mktemp("tiny-sweep")
     sweep = tmp_path / "sweep"
-    done = run_experiment("--multirun", "tree=chain,dynamic", f"model.name={tiny_model_dir}",
+    done = run_experiment("--multirun", "tree=chain,dynamic", "drafter.k=2,3", f"model.name={tiny_model_dir}",
                           f"dataset.path={prompts_file}", "dataset.per_task=1", "dataset.name=tiny",
-                          "max_new_tokens=8", "logger=csv", "progress=false", "hf_prompt_lookup_num_tokens=0",
-                          f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+                          "max_new_tokens=8", "logger=wandb", "progress=false", "hf_prompt_lookup_num_tokens=0",
+                          "threads=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    jobs = sorted(p.parent for p in sweep.glob("*/results.csv"))
-    assert [p.name for p in jobs] == ["0", "1"]
-    for job, tree in zip(jobs, ("chain", "dynamic")):
+    return sweep
+
+
+def test_2x2_multirun_jobs_and_their_wandb_runs(tiny_sweep):
+    jobs = sorted((p.parent for p in tiny_sweep.glob("*/results.jsonl")), key=lambda p: p.name)
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    names = []
+    for job, (tree, k) in zip(jobs, [("chain", 2), ("chain", 3), ("dynamic", 2), ("dynamic", 3)]):
         assert f"tree={tree}" in (job / ".hydra" / "overrides.yaml").read_text()
-        assert "specdec_prompt_lookup" in (job / "results.csv").read_text()
         resolved = (job / ".hydra" / "config.yaml").read_text()
-        assert f"branches: {1 if tree == 'chain' else 3}" in resolved
+        assert f"branches: {1 if tree == 'chain' else 3}" in resolved and f"k: {k}" in resolved
+        records, _ = _offline_run(job)
+        (run,) = [r.run for r in records if r.HasField("run")]
+        assert run.run_group == f"sweep {tiny_sweep}" and run.job_type == "benchmark" and "sweep" in run.tags
+        names.append(run.display_name)
+    assert names == ["tree=chain drafter.k=2", "tree=chain drafter.k=3", "tree=dynamic drafter.k=2",
+                     "tree=dynamic drafter.k=3"]
+
+
+def _texts_inside(fig) -> list[str]:
+    """Every visible text of ``fig`` after drawing, asserting that none reaches past the figure's edge."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer, box, texts = canvas.get_renderer(), fig.bbox, []
+    undrawn = set()  # labels of ticks outside the view, which matplotlib keeps but never draws
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            undrawn |= {id(t.label1) for t in axis.get_major_ticks() if not lo - 1e-9 <= t.get_loc() <= hi + 1e-9}
+    for text in fig.findobj(Text):
+        if text.get_visible() and text.get_text().strip() and id(text) not in undrawn:
+            extent = text.get_window_extent(renderer)
+            assert (extent.x0 >= box.x0 - 1 and extent.x1 <= box.x1 + 1 and extent.y0 >= box.y0 - 1
+                    and extent.y1 <= box.y1 + 1), f"cut: {text.get_text()!r} {extent} outside {box}"
+            texts.append(text.get_text())
+    return texts
+
+
+def test_sweep_report_has_one_series_per_method_and_swept_value(tiny_sweep, tmp_path):
+    import warnings
+
+    from matplotlib.container import BarContainer
+
+    from specdec.tooling.report import FIGURES, acceptance_figure, load_runs, speedup_figure, tau_figure
+
+    runs = load_runs(tiny_sweep)
+    assert runs.swept == ["tree", "drafter.k"] and runs.facets == [""]
+    swept = [f"specdec_prompt_lookup (tree={t}, drafter.k={k})" for t in ("chain", "dynamic") for k in (2, 3)]
+    assert runs.series == ["generate", "specdec_no_draft", *swept]  # baselines once, pooled over the jobs
+    assert "tiny-model" in runs.caption and "tiny (2 prompts, 2 tasks)" in runs.caption
+    assert "8 new tokens" in runs.caption and "batch 1" in runs.caption and "greedy" in runs.caption
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # constrained layout collapsing warns: it must not
+        figures = {name: draw(runs) for name, draw in FIGURES.items()}
+        for fig in figures.values():
+            texts = _texts_inside(fig)
+            assert fig.get_suptitle().replace("\n", " ") == runs.caption
+            stray = ("max_new_tokens=", "dataset.", "logger=", "threads=", "model.name=", "progress=")
+            assert not [t for t in texts if any(k in t for k in stray)]  # what is not swept labels nothing
+
+    (ax,) = figures["speedup"].axes
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [c.get_label() for c in bars] == ["specdec_no_draft", *[s.replace(" (", "\n").rstrip(")") for s in swept]]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["loop", "other", "overall"]
+    assert all(len(c) == 3 for c in bars)  # a bar per task and overall
+    legend = [t.get_text() for t in figures["speedup"].legends[0].get_texts()]
+    assert legend[0] == "model.generate() (= 1)" and len(legend) == 1 + len(bars)
+
+    (ax,) = figures["tau"].axes
+    assert [t.get_text().replace("\n", " (") + ")" for t in ax.get_yticklabels()] == swept
+    (ax,) = figures["acceptance"].axes
+    assert len(ax.get_lines()) == 4 and all(t.get_text().isdigit() for t in ax.get_xticklabels() if t.get_text())
+    assert len(figures["latency"].axes) == 2 and len(figures["latency"].axes[0].get_yticklabels()) == 2 + 4
+
+    from specdec.tooling.report import write_report
+
+    text = write_report(tiny_sweep, tmp_path / "report").read_text()
+    for name in FIGURES:
+        assert (tmp_path / "report" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "report" / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
+    assert text.count("## tree=") == 4 and "[" not in text.split("## tree=chain, drafter.k=2")[1].split("\n")[4]
+    assert acceptance_figure and speedup_figure and tau_figure
+
+
+def test_runs_with_the_same_settings_are_kept_apart(tiny_run, tmp_path):
+    import shutil
+
+    from specdec.tooling.report import load_runs, write_report
+
+    for name in ("first", "second"):
+        shutil.copytree(tiny_run, tmp_path / "outputs" / name)
+    runs = load_runs(tmp_path / "outputs")
+    assert runs.swept == ["run"] and runs.facets == ["run=first", "run=second"]
+    per_facet = {f: sum(1 for r in runs.rows if r["facet"] == f and r["method"] == "generate") for f in runs.facets}
+    assert per_facet == {"run=first": 3, "run=second": 3}  # never 6 prompts pooled from two runs
+    text = write_report(tmp_path / "outputs").read_text()
+    assert "## run=first" in text and "## run=second" in text
+
+
+def test_sampled_summary_reports_tau_and_acceptance_not_equality(tiny_run):
+    from specdec.tooling.benchmark import markdown_table, speedup_table, summarize
+
+    rows = [json.loads(line) for line in (tiny_run / "results.jsonl").read_text().splitlines()]
+    summary = summarize(rows, greedy=False)
+    assert all(s["exact"] is None for s in summary)
+    table = markdown_table(summary)
+    assert "Greedy output identical" not in table and "Sampled" in table and "tau" in table
+    assert "acceptance overall" in speedup_table(summary)
+
+
+def test_find_runs_searches_upward(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    from specdec.tooling.report import find_runs, load_runs
+
+    shutil.copytree(tiny_run, tmp_path / "repo" / "outputs" / "run")
+    (tmp_path / "repo" / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "repo" / "notebooks")
+    assert find_runs("outputs") == tmp_path / "repo" / "outputs"
+    assert len(load_runs("outputs").jobs) == 1
+    with pytest.raises(FileNotFoundError, match="no 'elsewhere'"):
+        find_runs("elsewhere")
 
 
 def test_tree_group_reaches_the_drafters():
@@ -197,6 +348,7 @@ def test_report_writes_tables_and_figures(tiny_run, tmp_path):
     for name in FIGURES:
         png = tmp_path / "report" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name}.png)" in text
+        assert (tmp_path / "report" / f"{name}.pdf").is_file() and f"({name}.pdf)" in text
 
 
 def test_report_of_a_missing_directory_is_a_clear_error(tmp_path):
@@ -206,17 +358,25 @@ def test_report_of_a_missing_directory_is_a_clear_error(tmp_path):
         load_runs(tmp_path)
 
 
-def test_notebook_executes(tiny_run, monkeypatch):
+def test_notebook_executes_from_its_own_directory(tiny_run, tmp_path, monkeypatch):
+    """As Jupyter runs it: the working directory is notebooks/, and the default ``outputs`` is the
+    repository's (found by looking upward)."""
+    import shutil
+
     import nbformat
     from nbclient import NotebookClient
 
     notebook = nbformat.read(ROOT / "notebooks" / "benchmark.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # stored clean
-    monkeypatch.setenv("SPECDEC_RUN_DIR", str(tiny_run))
+    shutil.copytree(tiny_run, tmp_path / "repo" / "outputs" / "2026-01-01" / "00-00-00")
+    (tmp_path / "repo" / "notebooks").mkdir()
+    monkeypatch.delenv("SPECDEC_RUN_DIR", raising=False)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path / "repo" / "notebooks")}}).execute()
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
-    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
     assert any("result rows from" in o.get("text", "") for o in outputs)
 
 
