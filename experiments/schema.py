@@ -13,7 +13,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from specdec.skinny import BACKENDS as LINEAR_BACKENDS
+from specdec.options import LINEAR_BACKENDS
 from specdec_kernels.tree_attention.ops import BACKENDS
 
 LOGGERS = ("none", "csv", "wandb")
