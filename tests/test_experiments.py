@@ -441,7 +441,7 @@ def test_draft_model_from_pretrained_keeps_first_layers(tiny_model_dir):
 
     drafter = DraftModel.from_pretrained(str(tiny_model_dir), layers=1, k=2, top_k=2)
     assert len(drafter.model.model.layers) == 1 and drafter.model.config.num_hidden_layers == 1
-    assert (drafter.k, drafter.top_k) == (2, 2)
+    assert (drafter.k, drafter.shape.top_k) == (2, 2)
     with pytest.raises(ValueError, match="layers=5 must be in"):
         DraftModel.from_pretrained(str(tiny_model_dir), layers=5)
 

@@ -39,13 +39,11 @@ def test_readme_python_blocks_run_on_a_tiny_model(tmp_path, capsys):
     tiny = save_with_tokenizer(tiny_llama(layers=4), tmp_path / "tiny")
     blocks = python_blocks()
     assert sum(b.count(EMBEDDED) for b in blocks) >= 2  # the convention above still matches the README
-    namespace = run_blocks([b.replace(EMBEDDED, repr(str(tiny))) for b in blocks])
-    assert namespace["out"].stats.tau >= 1.0
+    run_blocks([b.replace(EMBEDDED, repr(str(tiny))) for b in blocks])
     assert capsys.readouterr().out.strip()  # the print and the streamer wrote something
 
 
 @pytest.mark.slow
 def test_readme_python_blocks_run_verbatim(capsys):
-    namespace = run_blocks(python_blocks())
-    assert namespace["out"].stats.tau >= 1.0
+    run_blocks(python_blocks())
     assert capsys.readouterr().out.strip()
