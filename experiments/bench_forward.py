@@ -7,7 +7,7 @@ forward's cost does).
     python -m experiments.bench_forward --linear-free    # also with every linear layer free
 
 Times the target's forward over a chain of T tokens below a cached prefix, through the engine's
-tree attention, for each linear backend (``torch``: ``F.linear``; ``auto``: :mod:`specdec.skinny`),
+tree attention, for each linear backend (``torch``: ``F.linear``; ``auto``: :mod:`specdec.backends.cpu_linear`),
 interleaved (each backend's first forward in a round untimed: it checks the packed weight copies,
 which the engine does once per ``generate`` call); and a prefill of the prefix with each. Prints a
 Markdown table of median milliseconds and the ratio to the same backend's 1-token forward.
@@ -26,9 +26,11 @@ from contextlib import contextmanager
 import torch
 
 from specdec import load_model
-from specdec.attention import TreeMask, tree_attention_enabled
+from specdec.attention import TreeMask
+from specdec.backends.cpu_linear import Route, packed_weights, routed
 from specdec.cache import new_cache, truncate
-from specdec.skinny import skinny_linears
+from specdec.engine import prepare_target
+from specdec.options import Options
 
 BACKENDS = ("torch", "auto")
 
@@ -48,13 +50,17 @@ def linear_free(model: torch.nn.Module):
 
         return forward
 
+    own = [vars(layer).get("forward") for layer in layers]  # the installed routed forwards, put back after
     for layer in layers:
         layer.forward = free(layer)
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def main() -> None:
@@ -72,7 +78,8 @@ def main() -> None:
     S = args.cached
     backends = BACKENDS + (("linear-free",) if args.linear_free else ())
     times: dict[tuple[str, int | str], list[float]] = {}
-    with torch.inference_mode(), tree_attention_enabled(model):
+    prepare_target(model, Options())  # tree attention and the CPU products, as the engine installs them
+    with torch.inference_mode():
         cache = new_cache(model)
         model(input_ids=prefix, cache=cache, use_cache=True)
 
@@ -85,7 +92,8 @@ def main() -> None:
 
         for _ in range(args.repeats + 1):  # the first round warms up (allocations, packed weights)
             for backend in backends:
-                with skinny_linears([model], backend) if backend != "linear-free" else linear_free(model):
+                route = Route(packed_weights(model)) if backend == "auto" else None  # a call's own route
+                with routed(route) if backend != "linear-free" else linear_free(model):
                     chain(max(args.tokens))  # untimed: a block's first packed product checks the copies (once per call)
                     for T in args.tokens:
                         t0 = time.perf_counter()

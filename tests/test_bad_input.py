@@ -76,7 +76,7 @@ def test_bad_drafter_settings():
 
 
 def test_bad_attention_backend(target):
-    with pytest.raises(ValueError, match="backend 'cuda' is not one of"):
+    with pytest.raises(ValueError, match="backend .cuda. is not one of"):
         specdec.generate(target, IDS, PromptLookup(), max_new_tokens=3, attention_backend="cuda")
 
 
@@ -93,3 +93,102 @@ def test_combined_needs_two_drafters_and_checks_each(target):
     with pytest.raises(ValueError, match="drafter vocab 80 != target vocab 64"):
         specdec.generate(target, IDS, Combined(PromptLookup(), DraftModel(tiny_llama(vocab=80, seed=3))),
                          max_new_tokens=3)
+
+
+class Recorder:
+    """A streamer that records what it is given."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("value", [2, -1])
+def test_attention_mask_values_other_than_0_and_1(target, value):
+    mask = torch.tensor([[1, value, 1]])
+    with pytest.raises(ValueError, match=f"attention_mask holds the value {value}"):
+        specdec.generate(target, IDS, PromptLookup(), attention_mask=mask, max_new_tokens=5)
+
+
+@pytest.mark.parametrize("bad", [64, -1, 1000])
+def test_out_of_vocabulary_ids(target, bad):
+    with pytest.raises(ValueError, match=f"token id {bad}, outside the model's vocabulary \\[0, 64\\)"):
+        specdec.generate(target, torch.tensor([[5, bad, 7]]), PromptLookup(), max_new_tokens=5)
+    with pytest.raises(ValueError, match="integer tensor"):
+        specdec.generate(target, IDS.float(), PromptLookup(), max_new_tokens=5)
+
+
+def test_greedy_ignores_sampling_only_settings_as_transformers_does(target):
+    expected = target.generate(IDS, attention_mask=torch.ones_like(IDS), do_sample=False, temperature=0.0,
+                               top_p=5.0, max_new_tokens=8, pad_token_id=0, eos_token_id=None)
+    got = specdec.generate(target, IDS, PromptLookup(), do_sample=False, temperature=0.0, top_p=5.0,
+                           max_new_tokens=8, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="temperature=0.0 must be > 0 when sampling"):
+        specdec.generate(target, IDS, PromptLookup(), do_sample=True, temperature=0.0, max_new_tokens=8)
+
+
+def test_drafter_given_as_a_class_a_string_or_a_bare_model(target, draft):
+    with pytest.raises(ValueError, match=r"drafter=PromptLookup is a class: pass an instance, e.g. drafter=PromptLookup\(\)"):
+        specdec.generate(target, IDS, PromptLookup, max_new_tokens=5)
+    with pytest.raises(ValueError, match="drafter='prompt_lookup' is a string"):
+        specdec.generate(target, IDS, "prompt_lookup", max_new_tokens=5)
+    with pytest.raises(ValueError, match=r"bare LlamaForCausalLM: wrap a draft model as specdec.DraftModel\(model\)"):
+        specdec.generate(target, IDS, draft, max_new_tokens=5)
+    with pytest.raises(ValueError, match="has no propose"):
+        specdec.generate(target, IDS, object(), max_new_tokens=5)
+
+
+class Fixed(specdec.Drafter):
+    """A custom drafter returning what it is told to."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def propose(self, states):
+        return self.make(states)
+
+
+def chain(tokens, q=None):
+    return specdec.DraftTree.chain(torch.tensor(tokens), q)
+
+
+def q_rows(T, fill):
+    q = torch.full((T, 64), fill)
+    return q
+
+
+CUSTOM = {
+    "wrong count": (lambda states: [chain([5])] * (len(states) + 1), "returned 2 trees for 1 rows"),
+    "not a tree": (lambda states: [[5, 6]], "returned a list for row 0"),
+    "out of vocabulary": (lambda states: [chain([5, 70])], "proposed token 70 for row 0, outside"),
+    "too deep": (lambda states: [chain([5] * 40)], "tree 40 deep for row 0, past its budget"),
+    "q not summing to 1": (lambda states: [chain([5, 6], q_rows(2, 0.9 / 64))], "sums to 0.900000, not 1"),
+    "q negative": (lambda states: [chain([5], torch.cat([torch.full((1, 63), 2 / 63), -torch.ones(1, 1)], 1))],
+                   "negative or non-finite"),
+    "q nan": (lambda states: [chain([5], torch.full((1, 64), float("nan")))], "negative or non-finite"),
+    "q wrong vocab": (lambda states: [chain([5], torch.full((1, 32), 1 / 32))], r"shape \(1, 32\), must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(CUSTOM))
+def test_a_custom_drafters_bad_trees_are_refused_before_any_token(target, case):
+    make, message = CUSTOM[case]
+    streamer = Recorder()
+    with pytest.raises(ValueError, match=message):
+        specdec.generate(target, IDS, Fixed(make), max_new_tokens=10, do_sample=case.startswith("q"),
+                         streamer=streamer)
+    assert streamer.chunks == [IDS[0].tolist()]  # the prompt only: no new token was returned
+
+
+def test_a_q_that_does_not_sum_to_one_is_refused_not_silently_used(target):
+    """Within 1e-4 is accepted: the check is not so tight that rounding trips it."""
+    near = torch.full((1, 64), 1 / 64) * (1 + 5e-5)
+    out = specdec.generate(target, IDS, Fixed(lambda states: [chain([5], near) for _ in states]), max_new_tokens=4,
+                           do_sample=True, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (1, 7)
