@@ -241,6 +241,14 @@ def _texts_inside(fig) -> list[str]:
             assert (extent.x0 >= box.x0 - 1 and extent.x1 <= box.x1 + 1 and extent.y0 >= box.y0 - 1
                     and extent.y1 <= box.y1 + 1), f"cut: {text.get_text()!r} {extent} outside {box}"
             texts.append(text.get_text())
+    for ax in fig.axes:  # readable ticks: no two labels of an axis overlap
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t.label1 for t in axis.get_major_ticks() + axis.get_minor_ticks()
+                      if t.label1.get_visible() and t.label1.get_text() and id(t.label1) not in undrawn]
+            boxes = [label.get_window_extent(renderer) for label in labels]
+            for i in range(len(boxes)):
+                for j in range(i + 1, len(boxes)):
+                    assert not boxes[i].overlaps(boxes[j]), f"{labels[i].get_text()!r} overlaps {labels[j].get_text()!r}"
     return texts
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure  # figures without pyplot: no global backend, nothing to close
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from specdec.tooling.benchmark import BASELINE, markdown_table, summarize
 
@@ -242,7 +242,7 @@ def speedup_figure(runs: Runs) -> Figure:
     colors = _colors(runs)
     series = [s for s in runs.series if not s.startswith(BASELINE)]
     facets = runs.facets
-    width = min(12.0, max(6.5, 1.2 + 0.16 * len(tasks) * max(1, len(series)))) + 2.0  # + the legend
+    width = min(13.0, max(6.5, 1.2 + max(0.95, 0.16 * len(series)) * len(tasks))) + 2.0  # + the legend
     fig, axes = _figure(runs, width, 1.6 + 3.0 * len(facets) + 0.25 * math.ceil(len(series) / 3), len(facets), 1,
                         "bars: Spec-Bench speedup, mean tokens/s over that of model.generate() on the same prompts "
                         "(prefill included); error bars: ±1 standard error over prompts of the per-prompt speedup",
@@ -262,7 +262,8 @@ def speedup_figure(runs: Runs) -> Figure:
                 ax.bar(xs, values, bar, yerr=errors, color=colors[name], label=_label(name, 28),
                        error_kw={"elinewidth": 0.8, "capsize": 1.5}, gid=name)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="model.generate() (= 1)")
-        ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right", rotation_mode="anchor")
+        ax.set_xticks(range(len(tasks)), [textwrap.fill(t.replace("_", " "), 10, break_long_words=False) for t in tasks],
+                      fontsize=9)  # level, wrapped at spaces: rotated labels collide and read badly
         ax.set_xlim(-0.5, len(tasks) - 0.5)
         ax.set_ylabel("speedup (×)")
         ax.grid(axis="y", linewidth=0.3)
@@ -369,7 +370,9 @@ def latency_figure(runs: Runs) -> Figure:
             ax.set_xlabel(label)
             if key == "ttft_s" and any(data):
                 ax.set_xscale("log")  # prefill spans orders of magnitude across prompt lengths
+                ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
                 ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 100, 1000: not 10^2
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.grid(axis="x", which="both", linewidth=0.3)
             _facet_title(ax, facet)
     return fig
