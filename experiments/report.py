@@ -1,7 +1,10 @@
-"""Turn a run or sweep directory into report.md (tables) and PNG figures.
+"""Turn a run or sweep directory into report.md (tables) and figures (PNG and PDF).
 
-    python -m experiments.report outputs/2026-11-25/12-00-00
+    python -m experiments.report outputs/2026-11-25/12-00-00          # installed: specdec-report ...
     python -m experiments.report multirun/2026-11-25/12-00-00 --out reports/sweep1
+
+Swept drafter settings become series, other swept settings panels, shared settings the title
+(see :mod:`specdec.tooling.report`); runs with the same settings are kept apart, never pooled.
 """
 
 from __future__ import annotations
