@@ -330,12 +330,14 @@ def test_find_runs_searches_upward(tiny_run, tmp_path, monkeypatch):
     from specdec.tooling.report import find_runs, load_runs
 
     shutil.copytree(tiny_run, tmp_path / "repo" / "outputs" / "run")
-    (tmp_path / "repo" / "notebooks").mkdir()
-    monkeypatch.chdir(tmp_path / "repo" / "notebooks")
+    (tmp_path / "repo" / "pyproject.toml").write_text("")  # the project's root: the search stops there
+    (tmp_path / "repo" / "notebooks" / "deeper").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    monkeypatch.chdir(tmp_path / "repo" / "notebooks" / "deeper")
     assert find_runs("outputs") == tmp_path / "repo" / "outputs"
     assert len(load_runs("outputs").jobs) == 1
-    with pytest.raises(FileNotFoundError, match="no 'elsewhere'"):
-        find_runs("elsewhere")
+    with pytest.raises(FileNotFoundError, match="no 'outside' in .* up to the project root"):
+        find_runs("outside")  # above the project: not searched
 
 
 def test_tree_group_reaches_the_drafters():
@@ -377,6 +379,7 @@ def test_notebook_executes_from_its_own_directory(tiny_run, tmp_path, monkeypatc
     notebook = nbformat.read(ROOT / "notebooks" / "benchmark.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # stored clean
     shutil.copytree(tiny_run, tmp_path / "repo" / "outputs" / "2026-01-01" / "00-00-00")
+    (tmp_path / "repo" / "pyproject.toml").write_text("")
     (tmp_path / "repo" / "notebooks").mkdir()
     monkeypatch.delenv("SPECDEC_RUN_DIR", raising=False)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))

@@ -104,15 +104,19 @@ def _natural(path: Path) -> list:
 
 
 def find_runs(path: str | Path = "outputs") -> Path:
-    """``path`` if it exists; a relative path not found from here is looked up in every parent
-    directory in turn (so ``"outputs"`` finds the repository's from ``notebooks/``)."""
+    """``path`` if it exists; a relative path not found from here is looked up in each parent
+    directory up to the project's root (the first with ``pyproject.toml`` or ``.git``), so
+    ``"outputs"`` finds the repository's from ``notebooks/``."""
     path = Path(path)
     if path.is_absolute() or path.exists():
         return path
     for parent in Path.cwd().resolve().parents:
         if (parent / path).exists():
             return parent / path
-    raise FileNotFoundError(f"no {str(path)!r} here ({Path.cwd()}) or in any parent: give a run or sweep directory")
+        if (parent / "pyproject.toml").is_file() or (parent / ".git").exists():
+            break
+    raise FileNotFoundError(f"no {str(path)!r} in {Path.cwd()} or its parents up to the project root: "
+                            "give a run or sweep directory")
 
 
 def load_runs(path: str | Path) -> Runs:
