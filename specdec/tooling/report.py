@@ -171,7 +171,8 @@ def _caption(jobs: list[Job], rows: list[dict], swept: list[str]) -> str:
     per_job = {j: sum(1 for p in prompts if p[0] == j) for j in dict.fromkeys(p[0] for p in prompts)}
     counts = set(per_job.values())
     tasks = len({r["task"] for r in rows})
-    n = f"{counts.pop()} prompts" if len(counts) == 1 else "prompts per job: " + "/".join(map(str, per_job.values()))
+    n = (f"{(c := counts.pop())} prompt{'s' * (c != 1)}" if len(counts) == 1
+         else "prompts per run: " + "/".join(map(str, per_job.values())))
     parts = [model, f"{dataset or 'prompts'} ({n}, {tasks} task{'s' * (tasks > 1)})",
              shared(lambda c: c.get("max_new_tokens"), lambda v: f"{v} new tokens"),
              shared(lambda c: c.get("batch_size"), lambda v: f"batch {v}"),
