@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
 
 
 class GrowingLayer(DynamicLayer):
@@ -67,19 +67,38 @@ def _copy_into(current: Tensor, new: Tensor, n: int, capacity: int) -> Tensor:
 
 
 def new_cache(model) -> DynamicCache:
-    """An empty cache for ``model``, its full-attention layers appending in place (:class:`GrowingLayer`)."""
-    cache = DynamicCache(config=model.config)
-    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    """An empty cache for ``model``: its attention layers (full, sliding-window and chunked alike) as
+    :class:`GrowingLayer`, which keep every entry (a window is applied by position in tree attention and
+    by the model's own masks elsewhere, so a rejected tree node can never push a valid key out of it);
+    layers without a cache of their own (shared K/V, MoE-only) stay as they are. Raises ``ValueError``
+    for layers with recurrent state (state-space, linear attention), which cannot verify a tree."""
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception as err:
+        raise ValueError(f"{type(model).__name__}: transformers cannot build a DynamicCache for it ({err}); "
+                         "speculative verification needs attention layers with a KV cache") from err
+    layers = []
+    for layer in cache.layers:
+        if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer, GrowingLayer):
+            layers.append(GrowingLayer())
+        elif isinstance(layer, DummyLayer):
+            layers.append(layer)
+        else:
+            kind = type(layer).__name__
+            what = "state-space or linear-attention layers" if "Linear" in kind else "cache layers of another kind"
+            raise ValueError(f"speculative verification needs attention layers with a KV cache; "
+                             f"{type(model).__name__} has {what} ({kind}), whose recurrent state cannot be rolled "
+                             "back to an accepted path: use a model with attention layers only")
+    cache.layers = layers
     return cache
 
 
 def _layers(cache: DynamicCache):
     for layer in cache.layers:
+        if isinstance(layer, DummyLayer):
+            continue
         if type(layer) not in (DynamicLayer, GrowingLayer):
-            raise ValueError(
-                f"cache layer {type(layer).__name__} is not supported: specdec needs full-attention layers "
-                "(no sliding window or linear attention)"
-            )
+            raise ValueError(f"cache layer {type(layer).__name__} is not supported: make caches with specdec.cache.new_cache")
         if layer.is_initialized:
             yield layer
 
@@ -158,7 +177,9 @@ class RaggedCache:
     @property
     def length(self) -> int:
         """S: columns held (the longest row's end, or more while a tree is appended)."""
-        return self.cache.get_seq_length()
+        for layer in _layers(self.cache):
+            return layer.keys.shape[2]
+        return 0
 
     @property
     def lengths(self) -> Tensor:

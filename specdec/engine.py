@@ -31,13 +31,14 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from specdec.attention import TreeMask, install_tree_attention, tree_forward
+from specdec.attention import TreeMask, layer_overlays, tree_forward
 from specdec.backends.cpu_linear import Route, install_linears, packed_weights, routed
 from specdec.cache import RaggedCache, zero_positions
+from specdec.compat import check_servable
 from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView
 from specdec.options import Options
 from specdec.stats import SpecStats
-from specdec.tree import DraftTree
+from specdec.tree import DraftTree, batch_trees
 from specdec.verify import Acceptance, accept_greedy, accept_sampling
 
 
@@ -57,39 +58,6 @@ def _cut(tokens: list[int], eos: tuple[int, ...], room: int) -> tuple[list[int],
         if tok in eos:
             return tokens[: i + 1], True
     return tokens[:room], len(tokens) >= room
-
-
-def batch_trees(trees: list[DraftTree], roots: Tensor, root_positions: Tensor,
-                min_width: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    """Pack the roots and trees of A rows into one verification input.
-
-    Args:
-        trees: one tree per row (``T_a`` nodes).
-        roots: ``(A,)`` each row's root token.
-        root_positions: ``(A,)`` each root's position id.
-        min_width: pad a forward of 2 or more columns to at least this many (a plain step stays 1).
-
-    Returns:
-        ids ``(A, T)``, position ids ``(A, T)`` and the ancestor mask ``(A, T, T)``, where
-        ``T = 1 + max T_a``: column 0 is the root, column ``1 + i`` node i; padding columns
-        attend to themselves only.
-    """
-    A, width = len(trees), 1 + max(len(t) for t in trees)
-    if width > 1:
-        width = max(width, min_width)
-    device = roots.device
-    ids = torch.zeros(A, width, dtype=torch.long, device=device)
-    positions = root_positions[:, None].repeat(1, width).to(device)  # (A, T)
-    mask = torch.eye(width, dtype=torch.bool, device=device).repeat(A, 1, 1)  # (A, T, T); padding: itself only
-    ids[:, 0] = roots
-    for a, tree in enumerate(trees):
-        n = len(tree)
-        if n:
-            ids[a, 1 : n + 1] = tree.tokens.to(device)
-            positions[a, : n + 1] = tree.positions(int(root_positions[a])).to(device)
-            mask[a, 1 : n + 1, 0] = True  # every node sees the root
-            mask[a, 1 : n + 1, 1 : n + 1] = tree.ancestors.to(device)
-    return ids, positions, mask
 
 
 def check_trees(trees, states: list[DecodeState], vocab: int, where: str) -> None:
@@ -153,6 +121,7 @@ class SpeculativeDecoder:
         self.states: list[DecodeState] = []  # active rows, in cache order
         self.finished: dict[int, DecodeState] = {}
         self.vocab = model.get_input_embeddings().weight.shape[0]
+        self.overlays = layer_overlays(model)
         self.name = type(drafter).__name__
         self.view = TargetView(model, options, self._cache_rows)
         self.proposer: Proposer = drafter.proposer(self.view)
@@ -218,15 +187,13 @@ class SpeculativeDecoder:
         roots = torch.cat([s.tokens[0, -1:] for s in states])  # (A,)
         ids, positions, ancestors = batch_trees(trees, roots, cache.lengths, self.options.min_verify_tokens)
         device = self.model.device
-        tree_mask = TreeMask(cache.start.to(device), cache.end.to(device), ancestors, self.options.attention_backend)
+        tree_mask = TreeMask(cache.start.to(device), cache.end.to(device), ancestors, self.options.attention_backend,
+                             positions, self.overlays)
         hidden = self.proposer.needs_hidden
         try:
-            with tree_forward(self.model):
+            with tree_forward(self.model, tree_mask):
                 out = self.model(input_ids=ids, position_ids=positions, cache=cache.cache, use_cache=True,
                                  tree=tree_mask, output_hidden_states=hidden)
-            if not tree_mask.calls:
-                raise ValueError(f"{type(self.model).__name__}: no attention layer received the tree mask in a "
-                                 "verification forward, so verification would be wrong; this model cannot be served")
             logits = out.logits  # (A, T, V)
             for a, (state, tree) in enumerate(zip(states, trees)):
                 check_q(tree, logits.shape[-1], state.row, self.name)
@@ -277,9 +244,10 @@ class SpeculativeDecoder:
 
 
 def prepare_target(model: PreTrainedModel, options: Options) -> None:
-    """Install what the engine needs on the target, once: tree attention, and the CPU products unless
-    ``linear_backend="torch"``. Raises ``ValueError`` for a model that cannot be served."""
-    install_tree_attention(model)
+    """Install what the engine needs on the target, once: tree attention (after :mod:`specdec.compat`'s
+    checks), and the CPU products unless ``linear_backend="torch"``. Raises ``ValueError`` for a model
+    that cannot be served."""
+    check_servable(model, options.attention_backend)  # installs tree attention, or refuses the model
     if options.linear_backend != "torch":
         install_linears(model)
 

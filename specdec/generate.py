@@ -213,7 +213,7 @@ def generate(
     options = Options(max_new_tokens=max_new, sampling=_sampling(config), attention_backend=attention_backend,
                       linear_backend=linear_backend, pack_weights=pack_weights, min_verify_tokens=min_verify_tokens)
     window = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if window is not None and longest + max_new > window:
+    if window is not None and window > 0 and longest + max_new > window:
         raise ValueError(
             f"prompt of {longest} tokens + max_new_tokens={max_new} exceeds the model's context window "
             f"of {window} positions: shorten the prompt or lower max_new_tokens"

@@ -231,3 +231,36 @@ class TreeSpec:
     def depth(self) -> int:
         """Depth of the deepest node."""
         return int(DraftTree(torch.zeros(len(self), dtype=torch.long), torch.tensor(self.parents)).depths.max())
+
+
+def batch_trees(trees: list[DraftTree], roots: Tensor, root_positions: Tensor,
+                min_width: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """Pack the roots and trees of A rows into one verification input.
+
+    Args:
+        trees: one tree per row (``T_a`` nodes).
+        roots: ``(A,)`` each row's root token.
+        root_positions: ``(A,)`` each root's position id.
+        min_width: pad a forward of 2 or more columns to at least this many (a plain step stays 1).
+
+    Returns:
+        ids ``(A, T)``, position ids ``(A, T)`` and the ancestor mask ``(A, T, T)``, where
+        ``T = 1 + max T_a``: column 0 is the root, column ``1 + i`` node i; padding columns
+        attend to themselves only.
+    """
+    A, width = len(trees), 1 + max(len(t) for t in trees)
+    if width > 1:
+        width = max(width, min_width)
+    device = roots.device
+    ids = torch.zeros(A, width, dtype=torch.long, device=device)
+    positions = root_positions[:, None].repeat(1, width).to(device)  # (A, T)
+    mask = torch.eye(width, dtype=torch.bool, device=device).repeat(A, 1, 1)  # (A, T, T); padding: itself only
+    ids[:, 0] = roots
+    for a, tree in enumerate(trees):
+        n = len(tree)
+        if n:
+            ids[a, 1 : n + 1] = tree.tokens.to(device)
+            positions[a, : n + 1] = tree.positions(int(root_positions[a])).to(device)
+            mask[a, 1 : n + 1, 0] = True  # every node sees the root
+            mask[a, 1 : n + 1, 1 : n + 1] = tree.ancestors.to(device)
+    return ids, positions, mask

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from specdec.attention import TreeMask, install_tree_attention
+from specdec.attention import TreeMask, install_tree_attention, layer_overlays
 from specdec.backends.cpu_linear import install_linears
 from specdec.cache import RaggedCache
 from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView
@@ -139,6 +139,7 @@ class LMNet:
 
     def __init__(self, model: PreTrainedModel, view: TargetView) -> None:
         self.model, self.backend = model, view.options.attention_backend
+        self.overlays = layer_overlays(model)
         self.rows = RowTable()
         self.cache: RaggedCache | None = None
         self.tree_start = 0  # cache columns before this step's tree
@@ -146,9 +147,11 @@ class LMNet:
     def prefill(self, states: list[DecodeState]) -> None:
         self.rows.add(states)
 
-    def _forward(self, ids: Tensor, positions: Tensor, ancestors: Tensor, logits_to_keep: int = 0) -> Tensor:
+    def _forward(self, ids: Tensor, positions: Tensor, ancestors: Tensor, key_positions: Tensor,
+                 logits_to_keep: int = 0) -> Tensor:
         device = self.model.device
-        mask = TreeMask(self.cache.start.to(device), self.cache.end.to(device), ancestors.to(device), self.backend)
+        mask = TreeMask(self.cache.start.to(device), self.cache.end.to(device), ancestors.to(device), self.backend,
+                        key_positions.to(device), self.overlays)
         return self.model(input_ids=ids.to(device), position_ids=positions.to(device), cache=self.cache.cache,
                           use_cache=True, tree=mask, logits_to_keep=logits_to_keep).logits
 
@@ -162,14 +165,16 @@ class LMNet:
         for a, s in enumerate(states):
             ids[a, valid[a]] = s.tokens[0, int(seen[a]):].cpu()
         S = self.cache.length
-        logits = self._forward(ids, seen[:, None] + offset, ancestors, logits_to_keep=1)  # (A, 1, V)
+        positions = seen[:, None] + offset
+        logits = self._forward(ids, positions, ancestors, positions, logits_to_keep=1)  # (A, 1, V)
         self.cache.commit([S + valid[a].nonzero().flatten() for a in range(len(states))])
         self.tree_start = self.cache.length
         return logits[:, -1]
 
     def expand(self, level: Level) -> Tensor:
-        positions = (self.cache.lengths - 1)[:, None] + level.depth  # the root sits at lengths - 1
-        return self._forward(level.tokens, positions.expand_as(level.tokens), level.ancestors)  # (A, F, V)
+        root = (self.cache.lengths - 1)[:, None]  # the root's position: it sits at lengths - 1
+        return self._forward(level.tokens, (root + level.depth).expand_as(level.tokens), level.ancestors,
+                             root + level.key_depths)  # (A, F, V)
 
     def commit(self, states: list[DecodeState], fed: dict[int, list[int]]) -> None:
         if self.cache is None:

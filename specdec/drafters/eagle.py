@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig, PreTrainedModel
 
-from specdec.attention import TreeMask
+from specdec.attention import TreeMask, layer_overlays
 from specdec.cache import RaggedCache
 from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, TargetView, module_for
 from specdec.drafters.draft_model import GrowingProposer, RowTable, chain_feed, prepare
@@ -74,6 +74,7 @@ class EagleNet:
 
     def __init__(self, head: EagleHead, embed: nn.Module, lm: ReducedHead, view: TargetView) -> None:
         self.head, self.embed, self.lm, self.backend = head, embed, lm, view.options.attention_backend
+        self.overlays = layer_overlays(head.body)
         self.rows = RowTable()
         self.cache: RaggedCache | None = None
         self.pending: dict[int, tuple[Tensor, Tensor]] = {}  # row -> (features (m, H), the tokens after them (m,))
@@ -87,9 +88,11 @@ class EagleNet:
             self.pending[s.row] = (s.hidden, s.tokens[0, 1:])
             self.seen[s.row] = s.tokens.shape[1]
 
-    def _forward(self, feats: Tensor, tokens: Tensor, positions: Tensor, ancestors: Tensor) -> Tensor:
+    def _forward(self, feats: Tensor, tokens: Tensor, positions: Tensor, ancestors: Tensor,
+                 key_positions: Tensor) -> Tensor:
         device = self.head.fc.weight.device
-        mask = TreeMask(self.cache.start.to(device), self.cache.end.to(device), ancestors.to(device), self.backend)
+        mask = TreeMask(self.cache.start.to(device), self.cache.end.to(device), ancestors.to(device), self.backend,
+                        key_positions.to(device), self.overlays)
         embeds = self.embed(tokens.to(device))
         return self.head(feats.to(device=device, dtype=self.head.fc.weight.dtype), embeds, positions.to(device),
                          self.cache.cache, tree=mask)  # (A, T, H)
@@ -111,7 +114,8 @@ class EagleNet:
         root = self.embed(torch.cat([s.tokens[:, -1] for s in states]).to(device)).to(feats.dtype)  # (A, H)
         if M:
             S = self.cache.length
-            out = self._forward(feats, tokens, self.cache.lengths[:, None] + offset, ancestors)  # (A, M, H)
+            positions = self.cache.lengths[:, None] + offset
+            out = self._forward(feats, tokens, positions, ancestors, positions)  # (A, M, H)
             self.cache.commit([S + valid[a].nonzero().flatten() for a in range(A)])
             fed = (counts > 0).to(device)[:, None]
             root = torch.where(fed, out[:, -1], root)  # a one-token prompt: its embedding stands in
@@ -125,8 +129,9 @@ class EagleNet:
     def expand(self, level: Level) -> Tensor:
         device = self.feats.device
         parent_feats = self.feats.gather(1, (level.parents + 1).to(device)[:, :, None].expand(-1, -1, self.feats.shape[2]))
-        positions = (self.cache.lengths - 1)[:, None] + level.depth
-        out = self._forward(parent_feats, level.tokens, positions.expand_as(level.tokens), level.ancestors)
+        root = (self.cache.lengths - 1)[:, None]
+        out = self._forward(parent_feats, level.tokens, (root + level.depth).expand_as(level.tokens), level.ancestors,
+                            root + level.key_depths)
         index = (level.nodes + 1).to(device)  # (A, F) slots in feats
         width = max(self.feats.shape[1], int(index.max()) + 1)
         if width > self.feats.shape[1]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from specdec.attention import TreeMask
+from specdec.attention import TreeMask, layer_overlays
 from specdec.backends.cpu_linear import install_linears
 from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, TargetView, module_for
 from specdec.drafters.draft_model import GrowingProposer, RowTable
@@ -78,6 +78,7 @@ class ExitNet:
 
     def __init__(self, model: ExitModel, view: TargetView) -> None:
         self.model, self.view, self.backend = model, view, view.options.attention_backend
+        self.overlays = layer_overlays(view.model)
         self.rows = _EngineRows(view, model.layers)
         self.scratch: DynamicCache | None = None
         self.start = self.end = None
@@ -85,9 +86,10 @@ class ExitNet:
     def prefill(self, states: list[DecodeState]) -> None:
         pass
 
-    def _forward(self, tokens: Tensor, positions: Tensor, ancestors: Tensor) -> Tensor:
+    def _forward(self, tokens: Tensor, positions: Tensor, ancestors: Tensor, key_positions: Tensor) -> Tensor:
         device = self.model.device
-        mask = TreeMask(self.start.to(device), self.end.to(device), ancestors.to(device), self.backend)
+        mask = TreeMask(self.start.to(device), self.end.to(device), ancestors.to(device), self.backend,
+                        key_positions.to(device), self.overlays)
         return self.model(input_ids=tokens.to(device), position_ids=positions.to(device), cache=self.scratch,
                           tree=mask).logits
 
@@ -99,14 +101,15 @@ class ExitNet:
             layer.keys, layer.values = keys, values  # views: the next update copies them, the target's stay
         roots = torch.cat([s.tokens[:, -1:] for s in states])  # (A, 1)
         positions = (self.end - self.start)[:, None]  # the root's position: its row's committed count
-        logits = self._forward(roots, positions, torch.ones(len(states), 1, 1, dtype=torch.bool))
+        logits = self._forward(roots, positions, torch.ones(len(states), 1, 1, dtype=torch.bool), positions)
         return logits[:, -1]
 
     def expand(self, level: Level) -> Tensor:
         A, F, N = level.ancestors.shape
         ancestors = torch.cat([torch.ones(A, F, 1, dtype=torch.bool), level.ancestors.cpu()], dim=2)  # the root
-        positions = (self.end - self.start)[:, None] + level.depth
-        return self._forward(level.tokens, positions.expand_as(level.tokens), ancestors)
+        root = (self.end - self.start)[:, None]
+        keys = torch.cat([root, root + level.key_depths.cpu()], dim=1)  # the root, then every fed node
+        return self._forward(level.tokens, (root + level.depth).expand_as(level.tokens), ancestors, keys)
 
     def commit(self, states: list[DecodeState], fed: dict[int, list[int]]) -> None:
         self.scratch = None  # the target's cache gets the accepted tokens from the verification forward

@@ -44,6 +44,8 @@ class Level:
         ancestors: ``(A, F, N)`` over the N nodes fed this step so far, these last, in feed order:
             True where fed node j is the node or its ancestor.
         valid: ``(A, F)`` bool.
+        key_depths: ``(A, N)`` the depth of every node fed this step so far, in feed order (their
+            positions are the root's plus these).
     """
 
     tokens: Tensor
@@ -52,6 +54,7 @@ class Level:
     depth: int
     ancestors: Tensor
     valid: Tensor
+    key_depths: Tensor
 
 
 class DraftNet(Protocol):
@@ -165,7 +168,7 @@ def grow(shape: TreeShape, net: DraftNet, states: list[DecodeState]) -> Growth:
         ancestors = ancestors.gather(2, fed[:, None, :].expand(-1, frontier.shape[1], -1))  # (A, F, N_fed)
         parents = nodes.parents.gather(1, frontier)
         level = Level(nodes.tokens.gather(1, frontier).to(device), frontier, parents, d, ancestors.to(device),
-                      frontier_valid)
+                      frontier_valid, nodes.depth.gather(1, fed))
         logits = net.expand(level)  # (A, F, V)
     keep = nodes.valid.clone()
     if shape.spec is None and shape.budget is not None and not sampling.do_sample:
