@@ -111,6 +111,12 @@ class TreeMask:
         self._made[id(mask)] = (mask, dense)
         return mask
 
+    def additive(self, keys: int, dtype: torch.dtype) -> Tensor:
+        """``(B, 1, T, keys)`` the tree as an additive mask (0 where visible, the dtype's minimum elsewhere),
+        for a model that takes the tree through its own attention mask."""
+        dense = self.dense(keys, None, None)[:, None]
+        return torch.zeros(dense.shape, dtype=dtype, device=dense.device).masked_fill_(~dense, torch.finfo(dtype).min)
+
     def made(self, mask) -> Tensor | None:
         """``(B, T, K)`` bool of a mask from :meth:`layer_mask` (``None`` for any other)."""
         entry = self._made.get(id(mask))

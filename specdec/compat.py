@@ -23,6 +23,7 @@ The probe costs a few forwards of a dozen tokens, once per model object.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -34,29 +35,68 @@ from specdec.cache import RaggedCache, new_cache, zero_positions
 from specdec.text import left_pad
 from specdec.tree import DraftTree, batch_trees
 
-_CHECKED = "_specdec_servable"  # set on a model once it passed
+_MODE = "_specdec_servable"  # set on a model once it passed: "tree" (tree attention) or "mask" (its own 4-D masks)
 _PROBE = threading.Lock()  # one probe at a time: it switches the model's attention while it runs
 
 
 def check_servable(model: PreTrainedModel, backend: str = "auto") -> None:
     """Raise ``ValueError`` unless specdec can serve ``model`` exactly (see the module docstring); on
-    success tree attention is installed on it and the result is remembered on the model."""
-    if model.__dict__.get(_CHECKED) and installed_name(model) is not None:
+    success the model is set up for verification (tree attention installed, or for a model outside the
+    attention interface the tree given as its own 4-D attention mask) and the result is remembered."""
+    if _ready(model):
         return
     with _PROBE:
-        if model.__dict__.get(_CHECKED) and installed_name(model) is not None:
+        if _ready(model):
             return
         new_cache(model)  # 1. attention layers only (raises for recurrent state)
         if installed_name(model) is not None:  # an earlier probe was interrupted: start from the model's own
             uninstall_tree_attention(model)
         reference = _reference(model)
-        install_tree_attention(model)  # 2. raises for models outside the attention interface
         try:
-            _probe(model, reference, backend)  # 3.
-        except BaseException:
-            uninstall_tree_attention(model)
-            raise
-        model.__dict__[_CHECKED] = True
+            install_tree_attention(model)  # 2. raises for models outside the attention interface
+            mode = "tree"
+        except ValueError as outside:
+            if any(w is not None or c is not None for w, c in layer_overlays(model)):
+                raise  # per-layer windows cannot be one 4-D mask
+            mode = "mask"
+            model.__dict__[_MODE] = mode
+            try:
+                _probe(model, reference, backend)
+            except ValueError as err:
+                del model.__dict__[_MODE]
+                raise ValueError(f"{outside} (nor does a 4-D attention mask give exact verification: {err})") from err
+        if mode == "tree":
+            try:
+                _probe(model, reference, backend)  # 3.
+            except BaseException:
+                uninstall_tree_attention(model)
+                raise
+        model.__dict__[_MODE] = mode
+
+
+def _ready(model: PreTrainedModel) -> bool:
+    mode = model.__dict__.get(_MODE)
+    return mode == "mask" or (mode == "tree" and installed_name(model) is not None)
+
+
+def tree_inputs(model: PreTrainedModel, tree: TreeMask, cached: int) -> dict:
+    """The keyword arguments that give ``model`` the tree in a forward: ``tree=`` through tree attention,
+    or for a model served through its own masks the tree as a 4-D additive ``attention_mask`` over the
+    ``cached`` columns and the tree's keys."""
+    if model.__dict__.get(_MODE) == "mask":
+        return {"attention_mask": tree.additive(cached + tree.ancestors.shape[2], model.dtype)}
+    return {"tree": tree}
+
+
+@contextmanager
+def checked_forward(model: PreTrainedModel, tree: TreeMask):
+    """Around a verification forward: the arrival check of :func:`~specdec.attention.tree_forward`
+    (a model served through its own masks was checked by its probe instead)."""
+    if model.__dict__.get(_MODE) == "mask":
+        yield
+        return
+    with tree_forward(model, tree):
+        yield
 
 
 def _probe_rows(vocab: int) -> tuple[list[Tensor], list[DraftTree]]:
@@ -128,9 +168,9 @@ def _probe(model: PreTrainedModel, reference: dict, backend: str) -> None:
         tree_ids, tree_positions, ancestors = batch_trees(trees, roots, cache.lengths)
         tree = TreeMask(cache.start.to(device), cache.end.to(device), ancestors.to(device), backend,
                         tree_positions.to(device), layer_overlays(model))
-        with tree_forward(model, tree):
+        with checked_forward(model, tree):
             logits = model(input_ids=tree_ids, position_ids=tree_positions, cache=cache.cache, use_cache=True,
-                           tree=tree).logits.float().cpu()
+                           **tree_inputs(model, tree, cache.length)).logits.float().cpu()
         plain = _plain(model, prompts[0])
     except ValueError as err:
         if str(err).startswith(name):  # the tree check's own refusal

@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from specdec.attention import TreeMask, layer_overlays, tree_forward
+from specdec.attention import TreeMask, layer_overlays
 from specdec.backends.cpu_linear import Route, install_linears, packed_weights, routed
 from specdec.cache import RaggedCache, zero_positions
-from specdec.compat import check_servable
+from specdec.compat import check_servable, checked_forward, tree_inputs
 from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView
 from specdec.options import Options
 from specdec.stats import SpecStats
@@ -191,9 +191,9 @@ class SpeculativeDecoder:
                              positions, self.overlays)
         hidden = self.proposer.needs_hidden
         try:
-            with tree_forward(self.model, tree_mask):
+            with checked_forward(self.model, tree_mask):
                 out = self.model(input_ids=ids, position_ids=positions, cache=cache.cache, use_cache=True,
-                                 tree=tree_mask, output_hidden_states=hidden)
+                                 output_hidden_states=hidden, **tree_inputs(self.model, tree_mask, S))
             logits = out.logits  # (A, T, V)
             for a, (state, tree) in enumerate(zip(states, trees)):
                 check_q(tree, logits.shape[-1], state.row, self.name)

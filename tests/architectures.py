@@ -37,6 +37,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import specdec
+from specdec.compat import check_servable
 from specdec.text import left_pad
 
 ARCHITECTURES: tuple[str, ...] = tuple(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)  # model types, the mapping's order
@@ -458,14 +459,16 @@ class HidingDrafter(specdec.Drafter):
 
 
 class VerificationLogits:
-    """Keeps the target's logits of every forward given a ``tree`` keyword (the verification forwards)."""
+    """Keeps the target's logits of every verification forward: given a ``tree`` keyword, or (for models
+    served through their own masks) a 4-D attention mask."""
 
     def __init__(self, model) -> None:
         self.calls: list[tuple[Tensor | None, Tensor | None, Tensor]] = []
         self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs, output) -> None:
-        if kwargs.get("tree") is not None:
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("tree") is not None or (mask is not None and mask.dim() == 4):  # tree attention, or the tree
             self.calls.append((kwargs.get("input_ids"), kwargs.get("position_ids"), output.logits.detach().clone()))
 
     def remove(self) -> None:
@@ -476,7 +479,7 @@ def compare_logits(model, sequence: list[int], calls) -> Outcome | None:
     """``None`` if every verification logit of a node on ``sequence``'s path (the root and the accepted nodes)
     equals a no-cache forward over ``sequence`` at the same position, else what differs."""
     if not calls:
-        return Outcome("ERROR", "no verification forward with a `tree` keyword was seen")
+        return Outcome("ERROR", "no verification forward (a `tree` keyword or a 4-D mask) was seen")
     full = _logits(model, sequence)  # (n, V)
     tol = 1e-4 * max(1.0, float(full.abs().max()))
     worst, where, checked = 0.0, None, 0
@@ -538,6 +541,11 @@ def run_case(model, rows: list[list[int]], truths: list[list[int]], drafter, che
     else:
         ids, mask = left_pad([torch.tensor(r) for r in rows], pad_id=0)
         streamer = None
+    if check_logits:  # specdec's own one-off probe of the model is not one of this case's verification forwards
+        try:
+            check_servable(model)
+        except ValueError:
+            pass  # generate raises it again below, as a refusal
     capture = VerificationLogits(model) if check_logits else None
     try:
         out = specdec.generate(model, ids, drafter, attention_mask=mask, streamer=streamer, do_sample=False,

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from specdec.attention import TreeMask, install_tree_attention, layer_overlays
 from specdec.backends.cpu_linear import install_linears
 from specdec.cache import RaggedCache
+from specdec.compat import check_servable, tree_inputs
 from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView
 from specdec.drafters.growth import Growth, Level, TreeShape, grow
 from specdec.tree import DraftTree, TreeSpec
@@ -42,9 +43,13 @@ def check_vocab(draft: PreTrainedModel, target: torch.nn.Module) -> None:
 
 
 def prepare(network: torch.nn.Module, view: TargetView) -> None:
-    """Install tree attention (on a transformers model) and the CPU products on a drafter network, once."""
+    """Set a drafter network up once: a draft LM is checked like a target (tree attention, or its own
+    4-D masks; see :mod:`specdec.compat`), a bare decoder gets tree attention; and the CPU products."""
     if isinstance(network, PreTrainedModel):
-        install_tree_attention(network)
+        if hasattr(network, "get_output_embeddings") and network.get_output_embeddings() is not None:
+            check_servable(network, view.options.attention_backend)
+        else:
+            install_tree_attention(network)
     if view.options.linear_backend != "torch":
         install_linears(network)
 
@@ -153,7 +158,8 @@ class LMNet:
         mask = TreeMask(self.cache.start.to(device), self.cache.end.to(device), ancestors.to(device), self.backend,
                         key_positions.to(device), self.overlays)
         return self.model(input_ids=ids.to(device), position_ids=positions.to(device), cache=self.cache.cache,
-                          use_cache=True, tree=mask, logits_to_keep=logits_to_keep).logits
+                          use_cache=True, logits_to_keep=logits_to_keep,
+                          **tree_inputs(self.model, mask, self.cache.length)).logits
 
     def root(self, states: list[DecodeState]) -> Tensor:
         if self.cache is None:
