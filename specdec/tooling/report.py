@@ -178,6 +178,8 @@ def _caption(jobs: list[Job], rows: list[dict], swept: list[str]) -> str:
              shared(lambda c: c.get("batch_size"), lambda v: f"batch {v}"),
              shared(sampling, str),
              shared(lambda c: c.get("threads"), lambda v: f"{v} thread{'s' * (v > 1)}")]
+    if len(jobs) > 1:
+        parts.append(f"{len(jobs)} runs")
     return " · ".join(p for p in parts if p)
 
 
