@@ -20,6 +20,7 @@ layer that drops ``**kwargs``, e.g. stablelm) raises before its logits are used 
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import threading
 from contextlib import contextmanager
@@ -134,7 +135,7 @@ class TreeMask:
             window = int(kwargs["sliding_window"])
         sinks = kwargs.get("s_aux")
         softcap = kwargs.get("softcap")
-        uses_reference = self.backend == "reference" or (self.backend == "auto" and not query.is_cuda)
+        uses_reference = self.backend == "reference" or (self.backend == "auto" and not (query.is_cuda and _triton()))
         own = self.made(attention_mask)  # the model's own pattern for this layer, when its masks came through us
         if own is not None and own.shape[-1] == key.shape[2]:
             # the cache's window (a sliding layer type) applies too: transformers' own sliding cache keeps
@@ -171,6 +172,11 @@ class TreeMask:
         if key not in self._dense:
             self._dense[key] = bool(torch.equal(self.dense(own.shape[-1], window, chunk), own))
         return self._dense[key]
+
+
+def _triton() -> bool:
+    """Whether the Triton kernel can be imported (the ``[kernels]`` extra); ``auto`` falls back to the reference."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def layer_overlays(model: PreTrainedModel) -> tuple:

@@ -156,8 +156,9 @@ class SpeculativeDecoder:
         self.cache.start, self.cache.end = pad.clone(), torch.full_like(pad, n - 1)
         hidden = self.proposer.needs_hidden
         if hidden:  # one-token prompts: nothing cached, no hidden states
+            width = self.model.config.get_text_config().hidden_size * len(self._hidden_layers())
             for state in self.states:
-                state.hidden = torch.empty(0, self.model.config.get_text_config().hidden_size, device=device)
+                state.hidden = torch.empty(0, width, device=device)
         if n > 1:
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, n)
             out = self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1] if (pad > 0).any() else None,
@@ -166,8 +167,9 @@ class SpeculativeDecoder:
             if (pad > 0).any():
                 zero_positions(self.cache.cache, self.cache.start)
             if hidden:
+                features = self._features(out.hidden_states)
                 for b, state in enumerate(self.states):
-                    state.hidden = out.hidden_states[-1][b, int(pad[b]) :]
+                    state.hidden = features[b, int(pad[b]) :]
         self.proposer.prefill(self.states)
         self.stats.prefill_time += time.perf_counter() - t0
 
@@ -201,6 +203,8 @@ class SpeculativeDecoder:
             cache.truncate(S)  # layers that ran already appended the tree: undo, keep the cache whole
             raise
 
+        features = self._features(out.hidden_states) if hidden else None
+
         # 3. accept, row by row (nothing changes until every row has its outcome)
         acceptances = []
         for a, (state, tree) in enumerate(zip(states, trees)):
@@ -216,7 +220,7 @@ class SpeculativeDecoder:
             new_tokens[state.row] = new
             kept.append(S + torch.tensor([0] + [1 + node for node in acceptance.path]))
             if hidden:
-                state.hidden = out.hidden_states[-1][a, kept[-1] - S]
+                state.hidden = features[a, kept[-1] - S]
             if self.proposer.needs_logits:
                 state.logits, state.verified = logits[a, : len(tree) + 1], ids[a, : len(tree) + 1]
             state.finished = done
@@ -235,6 +239,17 @@ class SpeculativeDecoder:
         self.stats.draft_time += t1 - t0
         self.stats.verify_time += time.perf_counter() - t1
         return new_tokens
+
+    def _hidden_layers(self) -> tuple[int, ...]:
+        """Which of the target's hidden states the proposer reads: ``-1`` the final one (what the head reads)."""
+        return tuple(getattr(self.proposer, "hidden_layers", None) or (-1,))
+
+    def _features(self, hidden_states: tuple[Tensor, ...]) -> Tensor:
+        """``(A, T, H * L)`` the requested layers' hidden states side by side."""
+        layers = self._hidden_layers()
+        if layers == (-1,):
+            return hidden_states[-1]
+        return torch.cat([hidden_states[layer] for layer in layers], dim=-1)
 
     def _accept(self, tree: DraftTree, logits: Tensor, n_before: Tensor) -> Acceptance:
         """Run the acceptance rule on ``(T + 1, V)`` target logits."""

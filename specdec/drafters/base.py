@@ -51,7 +51,8 @@ class DecodeState:
         sampling: how p and q are made from logits.
         generator: random generator for every draw (``None`` = torch's global one).
         hidden: for proposers with ``needs_hidden``: ``(m, H)`` the target's final hidden states
-            (what its output head reads) of the tokens its last forward committed to the cache:
+            (what its output head reads; with ``Proposer.hidden_layers``, those layers' states side by
+            side, ``(m, H * L)``) of the tokens its last forward committed to the cache:
             the prompt less its last token after prefill, the root and the accepted nodes after
             a step. ``hidden[-1]`` is the state whose logits chose ``tokens[0, -1]``.
         logits: for proposers with ``needs_logits``: ``(T + 1, V)`` the target's logits at the root and
@@ -124,6 +125,8 @@ class Proposer:
     """Per-call drafting state; see the module docstring for the calling order."""
 
     needs_hidden: bool = False  # the engine fills DecodeState.hidden before prefill and each commit
+    hidden_layers: tuple[int, ...] | None = None  # which hidden states (indices into the model's
+    # output_hidden_states: 0 the embeddings, -1 the final one) side by side in DecodeState.hidden; None: (-1,)
     needs_logits: bool = False  # the engine fills DecodeState.logits/verified before each commit
 
     def prefill(self, states: list[DecodeState]) -> None:  # noqa: B027 - optional hook

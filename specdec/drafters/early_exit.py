@@ -97,6 +97,8 @@ class ExitNet:
         kv, self.start, self.end = self.rows.kv, self.rows.start, self.rows.end
         self.scratch = DynamicCache(config=self.model.truncated().config)
         for layer, (keys, values) in zip(self.scratch.layers, kv):
+            if keys is None:  # a one-token prompt: nothing cached yet
+                continue
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values  # views: the next update copies them, the target's stay
         roots = torch.cat([s.tokens[:, -1:] for s in states])  # (A, 1)

@@ -1,0 +1,196 @@
+"""Goodput control: each step, how deep every row drafts, to maximise expected tokens per second.
+
+Speculation pays only when the tokens a step is expected to add outgrow what the step costs. A
+verification forward over ``A`` rows of ``T`` columns costs ``c(A * T)`` (the measured cost by width,
+:class:`CostModel`), and each depth of a model drafter's tree one draft forward more; a row drafting
+``L`` tokens deep adds in expectation ``E(L) = 1 + sum_{d<=L} prod_{j<=d} alpha_j`` tokens, where
+``alpha_j`` is the row's running acceptance at depth ``j`` (accepted at depth j / drafted to depth j,
+with a prior). The controller picks the depth ``W`` (0 = plain decoding) maximising
+
+    goodput(W) = sum_rows E_row(W) / (c(A * (1 + W * nodes_per_depth)) + W * draft_cost_per_depth)
+
+and caps every row's draft at ``W`` (:attr:`~specdec.drafters.base.DecodeState.max_depth`); a row whose
+expected gain is below what its columns cost drafts nothing. This is the per-step decision of
+TurboSpec's goodput controller (Liu et al. 2024, "Optimizing Speculative Decoding for Serving Large
+Language Models Using Goodput") and vLLM's dynamic speculation, on this engine's cost curve. Rows are
+padded to the widest tree, so a row's own columns cost nothing once another row pays for the width;
+the controller counts the batch's width, not each row's.
+
+The cost curve is measured once per model, device and thread count (a few forwards of growing width,
+about a second for a 135M model on CPU) and kept on the model object; tests and experiments can give
+one directly. Draft cost per depth is learnt online from the drafter's own timings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+_COSTS = "_specdec_cost_curve"  # where a model keeps its measured CostModel, per (device, threads)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds of one verification forward by the number of tokens it carries (all rows together).
+
+    Attributes:
+        tokens: ``(N,)`` widths measured, ascending, starting at 1.
+        seconds: ``(N,)`` their cost; between and beyond the points the curve is linear.
+    """
+
+    tokens: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.tokens or len(self.tokens) != len(self.seconds) or list(self.tokens) != sorted(self.tokens):
+            raise ValueError(f"cost curve needs ascending widths with one cost each, got {self.tokens} / {self.seconds}")
+        if any(s <= 0 for s in self.seconds):
+            raise ValueError(f"cost curve seconds {self.seconds} must be > 0")
+
+    def __call__(self, tokens: int) -> float:
+        """Cost of a forward of ``tokens`` tokens (linear interpolation; extrapolated from the last two points)."""
+        xs, ys = self.tokens, self.seconds
+        if tokens <= xs[0] or len(xs) == 1:
+            return ys[0] * max(tokens, 1) / xs[0] if tokens > xs[0] else ys[0]
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if tokens <= x1:
+                return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+        (x0, y0), (x1, y1) = (xs[-2], ys[-2]), (xs[-1], ys[-1])
+        return y1 + (y1 - y0) * (tokens - x1) / (x1 - x0)
+
+    @classmethod
+    def measure(cls, model, widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), cached: int = 128,
+                repeats: int = 3) -> CostModel:
+        """Time the target's tree-attention forward at each width over a ``cached``-token prefix (median)."""
+        from specdec.attention import TreeMask  # the engine's own verification path
+        from specdec.cache import new_cache, truncate
+
+        vocab = model.get_input_embeddings().weight.shape[0]
+        device = model.device
+        gen = torch.Generator().manual_seed(0)
+        prefix = torch.randint(0, vocab, (1, cached), generator=gen).to(device)
+        seconds = []
+        with torch.inference_mode():
+            cache = new_cache(model)
+            model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
+            for T in widths:
+                ids = torch.randint(0, vocab, (1, T), generator=gen).to(device)
+                tree = TreeMask(torch.tensor([0], device=device), torch.tensor([cached], device=device),
+                                torch.ones(1, T, T, dtype=torch.bool, device=device).tril(),
+                                positions=torch.arange(cached, cached + T, device=device)[None])
+                times = []
+                for _ in range(repeats + 1):  # the first is a warm-up
+                    t0 = time.perf_counter()
+                    model(input_ids=ids, position_ids=torch.arange(cached, cached + T, device=device)[None],
+                          cache=cache, use_cache=True, tree=tree)
+                    times.append(time.perf_counter() - t0)
+                    truncate(cache, cached)
+                seconds.append(sorted(times[1:])[len(times[1:]) // 2])
+        for i in range(1, len(seconds)):  # a noisy machine: the curve never falls with width
+            seconds[i] = max(seconds[i], seconds[i - 1])
+        return cls(tuple(widths), tuple(seconds))
+
+    @classmethod
+    def for_model(cls, model) -> CostModel:
+        """The model's measured curve for this device and thread count (measured on first use)."""
+        key = (str(model.device), torch.get_num_threads())
+        curves = model.__dict__.setdefault(_COSTS, {})
+        if key not in curves:
+            curves[key] = cls.measure(model)
+        return curves[key]
+
+
+@dataclass
+class _RowHistory:
+    """A row's acceptance so far: steps that drafted to depth d, and that accepted depth d."""
+
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+
+class Controller:
+    """Chooses each step's draft depth from the cost curve and every row's acceptance (see module docstring).
+
+    Args:
+        costs: the verification cost curve.
+        max_depth: the deepest draft considered (the drafter's own depth).
+        nodes_per_depth: tree nodes a depth adds (1 for chains; a drafter's width for trees).
+        prior: acceptance assumed at a depth with no history yet, with this many steps' weight.
+    """
+
+    def __init__(self, costs: CostModel, max_depth: int, nodes_per_depth: float = 1.0, prior: float = 0.6,
+                 prior_weight: float = 2.0) -> None:
+        if max_depth < 0:
+            raise ValueError(f"controller max_depth={max_depth} must be >= 0")
+        self.costs, self.max_depth, self.nodes_per_depth = costs, max_depth, nodes_per_depth
+        self.prior, self.prior_weight = prior, prior_weight
+        self.rows: dict[int, _RowHistory] = {}
+        self.draft_seconds = 0.0  # total drafting time and the depths it drafted, for the per-depth cost
+        self.draft_depths = 0
+
+    def acceptance(self, row: int) -> list[float]:
+        """The row's acceptance at each depth 1..max_depth (history smoothed by the prior)."""
+        h = self.rows.get(row, _RowHistory())
+        out = []
+        for d in range(self.max_depth):
+            drafted = h.drafted[d] if d < len(h.drafted) else 0
+            accepted = h.accepted[d] if d < len(h.accepted) else 0
+            out.append((accepted + self.prior * self.prior_weight) / (drafted + self.prior_weight))
+        return out
+
+    @staticmethod
+    def expected_tokens(alpha: list[float], depth: int) -> float:
+        """``E(L) = 1 + sum_{d<=L} prod_{j<=d} alpha_j``: tokens a step adds drafting ``depth`` deep."""
+        total, reach = 1.0, 1.0
+        for a in alpha[:depth]:
+            reach *= a
+            total += reach
+        return total
+
+    def draft_cost(self) -> float:
+        """Seconds of drafting per depth, learnt from the drafter's timings (0 until seen)."""
+        return self.draft_seconds / self.draft_depths if self.draft_depths else 0.0
+
+    def goodput(self, alphas: list[list[float]], depth: int) -> float:
+        """Expected tokens per second of a step drafting ``depth`` deep for the rows with these acceptances."""
+        tokens = sum(self.expected_tokens(a, depth) for a in alphas)
+        width = 1 + (depth * self.nodes_per_depth if depth else 0)
+        seconds = self.costs(max(1, round(len(alphas) * width))) + depth * self.draft_cost()
+        return tokens / seconds
+
+    def choose(self, rows: list[int], limits: list[int] | None = None) -> int:
+        """The depth of greatest goodput for these rows (each also capped at its own ``limits``)."""
+        alphas = [self.acceptance(r) for r in rows]
+        if limits is not None:
+            alphas = [a[:lim] for a, lim in zip(alphas, limits)]
+        best, best_rate = 0, self.goodput(alphas, 0)
+        for depth in range(1, self.max_depth + 1):
+            rate = self.goodput(alphas, depth)
+            if rate > best_rate * (1 + 1e-9):
+                best, best_rate = depth, rate
+        return best
+
+    def record(self, row: int, drafted_depth: int, accepted_depth: int) -> None:
+        """One step of a row: its tree reached ``drafted_depth``, its accepted path ``accepted_depth``."""
+        h = self.rows.setdefault(row, _RowHistory())
+        for counts, depth in ((h.drafted, drafted_depth), (h.accepted, accepted_depth)):
+            counts.extend([0] * (depth - len(counts)))
+            for d in range(depth):
+                counts[d] += 1
+
+    def record_draft_time(self, seconds: float, depth: int) -> None:
+        if depth > 0:
+            self.draft_seconds += seconds
+            self.draft_depths += depth
+
+
+def analytic_depth(costs: CostModel, alpha: float, rows: int, max_depth: int) -> int:
+    """Brute-force optimum for constant acceptance ``alpha`` (a reference for tests): argmax over depth
+    of ``rows * (1 - alpha^(L+1)) / (1 - alpha) / c(rows * (1 + L))``."""
+    def rate(L: int) -> float:
+        tokens = rows * (sum(alpha**d for d in range(L + 1)))
+        return tokens / costs(rows * (1 + L))
+
+    return max(range(max_depth + 1), key=lambda L: (rate(L), -L))
