@@ -104,10 +104,11 @@ class CostModel:
 
 @dataclass
 class _RowHistory:
-    """A row's acceptance so far: steps that drafted to depth d, and that accepted depth d."""
+    """A row's acceptance so far, fading (weights ``decay`` per step): steps that drafted to depth d,
+    and that accepted depth d."""
 
-    drafted: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
+    drafted: list[float] = field(default_factory=list)
+    accepted: list[float] = field(default_factory=list)
 
 
 class Controller:
@@ -116,27 +117,33 @@ class Controller:
     Args:
         costs: the verification cost curve.
         max_depth: the deepest draft considered (the drafter's own depth).
-        nodes_per_depth: tree nodes a depth adds (1 for chains; a drafter's width for trees).
-        prior: acceptance assumed at a depth with no history yet, with this many steps' weight.
+        prior: acceptance assumed at a depth with no history yet, with ``prior_weight`` steps' weight.
+        decay: weight of a step's evidence after each later step (older steps count less).
+        explore: after this many steps without drafting, one step drafts depth 1 to see again.
     """
 
-    def __init__(self, costs: CostModel, max_depth: int, nodes_per_depth: float = 1.0, prior: float = 0.6,
-                 prior_weight: float = 2.0) -> None:
+    def __init__(self, costs: CostModel, max_depth: int, prior: float = 0.6, prior_weight: float = 2.0,
+                 decay: float = 0.95, explore: int = 16) -> None:
         if max_depth < 0:
             raise ValueError(f"controller max_depth={max_depth} must be >= 0")
-        self.costs, self.max_depth, self.nodes_per_depth = costs, max_depth, nodes_per_depth
-        self.prior, self.prior_weight = prior, prior_weight
+        if not 0 < prior < 1 or prior_weight <= 0 or not 0 < decay <= 1:
+            raise ValueError(f"controller prior={prior} must be in (0, 1), prior_weight={prior_weight} > 0, "
+                             f"decay={decay} in (0, 1]")
+        self.costs, self.max_depth = costs, max_depth
+        self.prior, self.prior_weight, self.decay, self.explore = prior, prior_weight, decay, explore
         self.rows: dict[int, _RowHistory] = {}
-        self.draft_seconds = 0.0  # total drafting time and the depths it drafted, for the per-depth cost
+        self.nodes_per_depth = 1.0  # tree nodes a depth adds, learnt from the trees (1 for chains)
+        self.draft_seconds = 0.0  # drafting time and the depths it drafted, for the per-depth cost
         self.draft_depths = 0
+        self.idle = 0  # steps in a row that drafted nothing
 
     def acceptance(self, row: int) -> list[float]:
         """The row's acceptance at each depth 1..max_depth (history smoothed by the prior)."""
         h = self.rows.get(row, _RowHistory())
         out = []
         for d in range(self.max_depth):
-            drafted = h.drafted[d] if d < len(h.drafted) else 0
-            accepted = h.accepted[d] if d < len(h.accepted) else 0
+            drafted = h.drafted[d] if d < len(h.drafted) else 0.0
+            accepted = h.accepted[d] if d < len(h.accepted) else 0.0
             out.append((accepted + self.prior * self.prior_weight) / (drafted + self.prior_weight))
         return out
 
@@ -156,7 +163,7 @@ class Controller:
     def goodput(self, alphas: list[list[float]], depth: int) -> float:
         """Expected tokens per second of a step drafting ``depth`` deep for the rows with these acceptances."""
         tokens = sum(self.expected_tokens(a, depth) for a in alphas)
-        width = 1 + (depth * self.nodes_per_depth if depth else 0)
+        width = 1 + depth * self.nodes_per_depth
         seconds = self.costs(max(1, round(len(alphas) * width))) + depth * self.draft_cost()
         return tokens / seconds
 
@@ -170,27 +177,38 @@ class Controller:
             rate = self.goodput(alphas, depth)
             if rate > best_rate * (1 + 1e-9):
                 best, best_rate = depth, rate
+        if best == 0:
+            self.idle += 1
+            if self.idle >= self.explore:  # acceptance may have changed since: look again
+                self.idle = 0
+                return 1
+        else:
+            self.idle = 0
         return best
 
-    def record(self, row: int, drafted_depth: int, accepted_depth: int) -> None:
-        """One step of a row: its tree reached ``drafted_depth``, its accepted path ``accepted_depth``."""
+    def record(self, row: int, drafted_depth: int, accepted_depth: int, nodes: int | None = None) -> None:
+        """One step of a row: its tree reached ``drafted_depth`` (``nodes`` nodes), its accepted path
+        ``accepted_depth``."""
         h = self.rows.setdefault(row, _RowHistory())
         for counts, depth in ((h.drafted, drafted_depth), (h.accepted, accepted_depth)):
-            counts.extend([0] * (depth - len(counts)))
+            counts[:] = [c * self.decay for c in counts]
+            counts.extend([0.0] * (depth - len(counts)))
             for d in range(depth):
-                counts[d] += 1
+                counts[d] += 1.0
+        if nodes and drafted_depth:
+            self.nodes_per_depth = 0.9 * self.nodes_per_depth + 0.1 * (nodes / drafted_depth)
 
     def record_draft_time(self, seconds: float, depth: int) -> None:
+        """A step's drafting time, which drafted ``depth`` deep at most."""
         if depth > 0:
             self.draft_seconds += seconds
             self.draft_depths += depth
 
 
 def analytic_depth(costs: CostModel, alpha: float, rows: int, max_depth: int) -> int:
-    """Brute-force optimum for constant acceptance ``alpha`` (a reference for tests): argmax over depth
-    of ``rows * (1 - alpha^(L+1)) / (1 - alpha) / c(rows * (1 + L))``."""
+    """Brute-force optimum for constant acceptance ``alpha`` along a chain (a reference for tests):
+    argmax over depth L of ``rows * sum_{d<=L} alpha^d / c(rows * (1 + L))``."""
     def rate(L: int) -> float:
-        tokens = rows * (sum(alpha**d for d in range(L + 1)))
-        return tokens / costs(rows * (1 + L))
+        return rows * sum(alpha**d for d in range(L + 1)) / costs(rows * (1 + L))
 
     return max(range(max_depth + 1), key=lambda L: (rate(L), -L))

@@ -35,6 +35,7 @@ from specdec.attention import TreeMask, layer_overlays
 from specdec.backends.cpu_linear import Route, install_linears, packed_weights, routed
 from specdec.cache import RaggedCache, zero_positions
 from specdec.compat import check_servable, checked_forward, tree_inputs
+from specdec.control import Controller, CostModel
 from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView
 from specdec.options import Options
 from specdec.stats import SpecStats
@@ -125,6 +126,15 @@ class SpeculativeDecoder:
         self.name = type(drafter).__name__
         self.view = TargetView(model, options, self._cache_rows)
         self.proposer: Proposer = drafter.proposer(self.view)
+        self.controller = self._controller(drafter)
+
+    def _controller(self, drafter: Drafter) -> Controller | None:
+        """The goodput controller, unless turned off or the drafter has no depth to choose."""
+        depth = drafter.draft_depth if isinstance(drafter, Drafter) else None
+        if not self.options.goodput or not depth:
+            return None
+        costs = self.options.cost_model or CostModel.for_model(self.model)
+        return Controller(costs, depth)
 
     def _cache_rows(self):
         return self.cache.cache, self.cache.start, self.cache.end, [s.row for s in self.states]
@@ -177,7 +187,13 @@ class SpeculativeDecoder:
     def step(self) -> dict[int, list[int]]:
         """One propose -> verify -> accept -> commit; returns each active row's new tokens."""
         states, t0 = self.states, time.perf_counter()
-        # 1. propose
+        # 1. propose, each row no deeper than the goodput controller finds worth verifying
+        if self.controller is not None:
+            for s in states:
+                s.max_depth = None
+            depth = self.controller.choose([s.row for s in states], [s.budget for s in states])
+            for s in states:
+                s.max_depth = depth
         trees = self.proposer.propose(states)
         check_trees(trees, states, self.vocab, self.name)
         depths = [int(tree.depths.max()) if len(tree) else 0 for tree in trees]
@@ -226,6 +242,8 @@ class SpeculativeDecoder:
             state.finished = done
             finished.append(done)
             self.stats.record(depths[a], len(tree), len(acceptance.path), len(new))
+            if self.controller is not None:
+                self.controller.record(state.row, depths[a], len(acceptance.path), len(tree))
         cache.commit(kept)
         self.proposer.commit(states, acceptances)
         if any(finished):  # finished rows leave the batch
@@ -236,6 +254,8 @@ class SpeculativeDecoder:
             self.states = [states[a] for a in keep.tolist()]
             if self.states:
                 cache.select(keep)
+        if self.controller is not None:
+            self.controller.record_draft_time(t1 - t0, max(depths))
         self.stats.draft_time += t1 - t0
         self.stats.verify_time += time.perf_counter() - t1
         return new_tokens

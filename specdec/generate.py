@@ -160,6 +160,8 @@ def generate(
     min_verify_tokens: int = 1,
     linear_backend: str = "auto",
     pack_weights: bool = True,
+    goodput: bool = True,
+    cost_model=None,
     **kwargs,
 ) -> Tensor | SpecDecodeOutput:
     """Speculative ``model.generate``: identical output, fewer target forwards.
@@ -190,6 +192,11 @@ def generate(
             :mod:`specdec.backends.cpu_linear`) or ``"torch"`` (``F.linear`` untouched).
         pack_weights: let those products keep oneDNN-packed copies of large weights (faster for 3+
             rows; costs the weights' memory once more, see :func:`specdec.packed_weights`).
+        goodput: each step, draft only as deep as the goodput controller expects to pay, from the
+            measured forward cost by width and each row's running acceptance (:mod:`specdec.control`);
+            ``False`` always drafts the drafter's own depth.
+        cost_model: a :class:`~specdec.control.CostModel` for the controller (default: measured once
+            per model, device and thread count, about a second).
         **kwargs: ``max_new_tokens``, ``max_length``, ``min_new_tokens``, ``eos_token_id``,
             ``pad_token_id``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
             ``return_dict_in_generate``; anything else raises ``ValueError``.
@@ -211,7 +218,8 @@ def generate(
     if max_new is None:
         max_new = config.max_length - input_ids.shape[1] if config.max_length is not None else _DEFAULT_NEW_TOKENS
     options = Options(max_new_tokens=max_new, sampling=_sampling(config), attention_backend=attention_backend,
-                      linear_backend=linear_backend, pack_weights=pack_weights, min_verify_tokens=min_verify_tokens)
+                      linear_backend=linear_backend, pack_weights=pack_weights, min_verify_tokens=min_verify_tokens,
+                      goodput=goodput, cost_model=cost_model)
     window = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if window is not None and window > 0 and longest + max_new > window:
         raise ValueError(

@@ -31,6 +31,10 @@ class Options:
             3+ rows, costs the weights' memory once more; see :class:`~specdec.backends.cpu_linear.PackedWeights`).
         min_verify_tokens: pad verification forwards that carry drafts to at least this many tokens
             (padding is discarded); a speed knob for CPUs whose products are slow for 2-4 rows.
+        goodput: let the goodput controller choose each step's draft depth from the cost curve and the
+            rows' acceptance (:mod:`specdec.control`); ``False`` drafts the drafter's fixed depth.
+        cost_model: the verification cost curve the controller uses (``None``: measured once per model,
+            device and thread count).
     """
 
     max_new_tokens: int = 20
@@ -39,6 +43,8 @@ class Options:
     linear_backend: str = "auto"
     pack_weights: bool = True
     min_verify_tokens: int = 1
+    goodput: bool = True
+    cost_model: object | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -50,5 +56,9 @@ class Options:
             raise ValueError(f"linear_backend={self.linear_backend!r} is not one of {LINEAR_BACKENDS}")
         if not isinstance(self.min_verify_tokens, int) or self.min_verify_tokens < 1:
             raise ValueError(f"min_verify_tokens={self.min_verify_tokens} must be >= 1")
+        from specdec.control import CostModel
+
+        if self.cost_model is not None and not isinstance(self.cost_model, CostModel):
+            raise ValueError(f"cost_model={self.cost_model!r} must be a specdec.control.CostModel or None")
         if not isinstance(self.sampling, Sampling):
             raise ValueError(f"sampling={self.sampling!r} must be a specdec.Sampling")

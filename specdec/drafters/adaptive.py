@@ -44,6 +44,10 @@ class Adaptive(Drafter):
         self.start = max_depth if start is None else max(min_depth, min(start, max_depth))
         self.grow, self.shrink = grow, shrink
 
+    @property
+    def draft_depth(self) -> int | None:
+        return self.max_depth
+
     def check(self, target: torch.nn.Module) -> None:
         self.drafter.check(target)
 

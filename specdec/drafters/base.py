@@ -150,6 +150,13 @@ class Drafter:
 
     needs_hidden: bool = False  # for drafters on the simple path: ask the engine for hidden states
 
+    @property
+    def draft_depth(self) -> int | None:
+        """The deepest draft this drafter makes (its ``k``), which the goodput controller may lower per
+        step; ``None``: unknown, and the controller leaves the drafter alone."""
+        k = getattr(self, "k", None)
+        return k if isinstance(k, int) and k > 0 else None
+
     def check(self, target: torch.nn.Module) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` if this drafter cannot serve ``target``."""
 

@@ -37,6 +37,11 @@ class Combined(Drafter):
             raise ValueError(f"Combined needs at least 2 drafters, got {len(drafters)}")
         self.drafters, self.fallback = tuple(as_drafter(d) for d in drafters), fallback
 
+    @property
+    def draft_depth(self) -> int | None:
+        depths = [d.draft_depth for d in self.drafters]
+        return None if any(d is None for d in depths) else max(depths)
+
     def check(self, target: torch.nn.Module) -> None:
         for drafter in self.drafters:
             drafter.check(target)

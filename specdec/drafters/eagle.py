@@ -1,17 +1,38 @@
-"""EAGLE: one decoder layer that drafts in the target's feature space (Li et al. 2024, "EAGLE:
-Speculative Sampling Requires Rethinking Feature Uncertainty"; EAGLE-2's dynamic trees).
+"""EAGLE heads: one decoder layer of the target's architecture drafting over the target's own features.
 
-The head reads ``(f_j, e(x_{j+1}))``, the target's final hidden state at position j and the
-embedding of the token that followed, and predicts ``f_{j+1}``; the target's own output head
-(optionally reduced to its frequent tokens) turns a feature into next-token logits. Drafting runs
-it auto-regressively on its own predicted features, growing a tree level by level for every row
-at once (:func:`~specdec.drafters.growth.grow`: dynamic top-k, rerank to a budget, or a static shape). Each step the engine hands over the target's true features of the committed tokens; the
-head's cache keeps only entries made from true features.
+One head, two modes:
+
+- **EAGLE-3** (Li et al. 2025, "EAGLE-3: Scaling up Inference Acceleration of Large Language Models
+  via Training-Time Test"), ``fused_layers=(low, mid, high)``: the target's hidden states after a low,
+  a middle and a high layer (indices into its ``output_hidden_states``, 0 = the embeddings), side by
+  side, are fused by ``fuse`` into one state ``g_j``. The head reads ``(g_j, e(x_{j+1}))``: ``fc``
+  projects the two (each normed) to the hidden size, the decoder layer runs, and its output state
+  ``h_j`` gives the next token's logits through the target's output head (optionally reduced to the
+  frequent tokens, :mod:`specdec.drafters.vocab`) after the final norm. It predicts tokens, not
+  features: at its later draft steps it reads its own output state ``h`` in place of ``g``, which is
+  how it was trained (the training-time test, :mod:`specdec.training.train`).
+- **EAGLE-1/2** (Li et al. 2024, "EAGLE: Speculative Sampling Requires Rethinking Feature
+  Uncertainty"; EAGLE-2's dynamic trees), ``fused_layers=None``: the head reads the target's final
+  hidden state ``f_j`` and predicts ``f_{j+1}``, which the target's head turns into logits (the
+  shipped ``eagle-smollm2-135m`` checkpoint).
+
+Drafting runs the head auto-regressively, growing a tree level by level for every row at once
+(:func:`~specdec.drafters.growth.grow`: dynamic top-k, rerank to a budget, or a static shape). Each
+step the engine hands over the target's true features of the committed tokens (for EAGLE-3 the
+``fused_layers`` side by side, through ``Proposer.hidden_layers``); the head's cache keeps only
+entries made from true features.
+
+Draft-side speed (only the target must stay exact, so the draft's rounding is free): the decoder
+layer is called directly (rotary embeddings, no mask building, no model wrapper), and on CPU every
+linear map of the bound head and the output head runs in int8 (:class:`Int8Linear`, fbgemm's dynamic
+quantization: the weights are read 4x faster, which is what a one-row product on this CPU costs).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -35,67 +56,240 @@ def head_config(target_config: PretrainedConfig, layers: int = 1) -> PretrainedC
     return config
 
 
-class EagleHead(nn.Module):
-    """``fc([f_j ; e(x_{j+1})]) -> decoder layer -> norm``: the predicted feature ``f_{j+1}``."""
+def default_fused_layers(num_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low, middle and high features for a target of ``num_layers`` layers: the hidden states
+    after layers 2, L/2 and L-3 (30 layers: 2, 15, 27), as indices into ``output_hidden_states``."""
+    low, mid, high = min(2, num_layers), num_layers // 2, max(0, num_layers - 3)
+    return low, mid, high
 
-    def __init__(self, target_config: PretrainedConfig) -> None:
+
+def check_fused_layers(fused_layers, num_layers: int) -> tuple[int, ...]:
+    """``fused_layers`` as a tuple of indices into ``output_hidden_states`` (0..L), or a ValueError."""
+    layers = tuple(int(layer) for layer in fused_layers)
+    bad = [layer for layer in layers if not 0 <= layer <= num_layers]
+    if not layers or bad:
+        raise ValueError(f"EAGLE-3 fused_layers={list(fused_layers)} must be indices in [0, {num_layers}] into the "
+                         f"target's output_hidden_states (0 = embeddings), e.g. {list(default_fused_layers(num_layers))}")
+    return layers
+
+
+def direct_layers(body: nn.Module) -> bool:
+    """Whether ``body``'s decoder layers can be called one by one with the model's rotary embeddings."""
+    layers = getattr(body, "layers", None)
+    if layers is None or getattr(body, "rotary_emb", None) is None or not len(layers):
+        return False
+    return "position_embeddings" in inspect.signature(layers[0].forward).parameters
+
+
+def run_layers(body: nn.Module, x: Tensor, position_ids: Tensor, cache: DynamicCache | None = None,
+               attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+    """``x (B, T, H)`` through ``body``'s decoder layers, called directly (no embedding, no mask building,
+    no final norm); ``attention_mask`` a 4-D ``(B, 1, T, keys)`` additive mask or ``None`` (``tree=``)."""
+    position_embeddings = body.rotary_emb(x, position_ids)
+    for layer in body.layers:
+        x = layer(x, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                  use_cache=cache is not None, position_embeddings=position_embeddings, **kwargs)
+        if isinstance(x, tuple):
+            x = x[0]
+    return x
+
+
+class EagleHead(nn.Module):
+    """An EAGLE head: ``fc([state ; e(x_{j+1})]) -> decoder layer``, in one of two modes (module docstring).
+
+    Args:
+        target_config: the target's config (the layer copies its architecture).
+        fused_layers: EAGLE-3: the target hidden states ``fuse`` reads, side by side; ``None``: EAGLE-1.
+    """
+
+    def __init__(self, target_config: PretrainedConfig, fused_layers: tuple[int, ...] | None = None) -> None:
         super().__init__()
         hidden = target_config.hidden_size
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.body = AutoModel.from_config(head_config(target_config))
         self.body.get_input_embeddings().requires_grad_(False)  # inputs come in as embeddings: unused
+        self.direct = direct_layers(self.body)
+        self.fused_layers = None
+        if fused_layers is not None:
+            self.fused_layers = check_fused_layers(fused_layers, target_config.num_hidden_layers)
+            if not self.direct:
+                raise ValueError(f"EAGLE-3 heads call the decoder layer directly with rotary position embeddings; "
+                                 f"{type(self.body).__name__} has none: use fused_layers=None (EAGLE-1)")
+            self.fuse = nn.Linear(len(self.fused_layers) * hidden, hidden, bias=False)
+            self.state_norm = copy.deepcopy(self.body.norm)  # g and the head's own h differ in scale
+            self.embed_norm = copy.deepcopy(self.body.norm)
+
+    @property
+    def eagle3(self) -> bool:
+        return self.fused_layers is not None
+
+    @property
+    def feature_width(self) -> int:
+        """Width of the target features the head reads: ``H`` (EAGLE-1) or ``H * len(fused_layers)``."""
+        hidden = self.fc.out_features
+        return hidden * (len(self.fused_layers) if self.eagle3 else 1)
 
     @classmethod
-    def from_target(cls, target: PreTrainedModel) -> EagleHead:
-        """A head started from the target: its last layer and final norm, ``fc`` passing the feature through."""
-        head = cls(target.config).to(target.dtype)
+    def from_target(cls, target: PreTrainedModel, fused_layers: tuple[int, ...] | None = None) -> EagleHead:
+        """A head started from the target: its last layer and final norm; ``fc`` (and ``fuse``, reading the
+        highest fused layer) passing the state through, so an untrained head drafts something plausible."""
+        head = cls(target.config, fused_layers).to(target.dtype)
         hidden = target.config.hidden_size
         with torch.no_grad():
             head.fc.weight.zero_()
             head.fc.weight[:, :hidden] = torch.eye(hidden)
             head.body.layers[0].load_state_dict(target.model.layers[-1].state_dict())
             head.body.norm.load_state_dict(target.model.norm.state_dict())
+            if head.eagle3:
+                head.fuse.weight.zero_()
+                high = max(range(len(head.fused_layers)), key=lambda i: head.fused_layers[i])
+                head.fuse.weight[:, high * hidden : (high + 1) * hidden] = torch.eye(hidden)
         return head
 
-    def forward(self, features: Tensor, embeds: Tensor, position_ids: Tensor, cache: DynamicCache | None = None,
-                **kwargs) -> Tensor:
-        """``features, embeds: (B, T, H)`` -> ``(B, T, H)`` predicted next features."""
-        x = self.fc(torch.cat([features, embeds.to(features.dtype)], dim=-1))
+    def fuse_features(self, features: Tensor) -> Tensor:
+        """``(..., feature_width)`` target features -> ``(..., H)`` the state the head reads."""
+        return self.fuse(features) if self.eagle3 else features
+
+    def forward(self, states: Tensor, embeds: Tensor, position_ids: Tensor, cache: DynamicCache | None = None,
+                attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        """``states, embeds: (B, T, H)`` -> ``(B, T, H)`` the next states: EAGLE-1 the predicted features,
+        EAGLE-3 the layer's output (see :meth:`logit_states`)."""
+        embeds = embeds.to(states.dtype)
+        if self.eagle3:
+            x = self.fc(torch.cat([self.state_norm(states), self.embed_norm(embeds)], dim=-1))
+            return run_layers(self.body, x, position_ids, cache, attention_mask, **kwargs)
+        x = self.fc(torch.cat([states, embeds], dim=-1))
+        if self.direct:
+            return self.body.norm(run_layers(self.body, x, position_ids, cache, attention_mask, **kwargs))
         return self.body(inputs_embeds=x, position_ids=position_ids, cache=cache, use_cache=cache is not None,
-                         **kwargs).last_hidden_state
+                         attention_mask=attention_mask, **kwargs).last_hidden_state
+
+    def logit_states(self, states: Tensor) -> Tensor:
+        """``(..., H)`` what the output head reads: the normed output (EAGLE-3) or the feature itself."""
+        return self.body.norm(states) if self.eagle3 else states
+
+
+def ttt_mask(n: int, step: int, valid: Tensor | None = None) -> Tensor:
+    """EAGLE-3's training-time-test attention at unroll ``step``: ``(B, 1, n, (step + 1) n)`` bool.
+
+    Keys are laid out step after step (``n`` per step); query ``j`` of step ``step`` sees the true
+    prefix (step-0 keys ``i <= j``, valid ones only) and its own earlier predicted steps (key ``j`` of
+    each step ``1 .. step``) -- exactly what the node at depth ``step`` below position ``j`` sees when
+    drafting. ``valid``: ``(B, n)`` real (non-padded) positions.
+    """
+    valid = torch.ones(1, n, dtype=torch.bool) if valid is None else valid.bool()
+    eye = torch.eye(n, dtype=torch.bool, device=valid.device)
+    prefix = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
+    prefix = (prefix[None] & valid[:, None, :]) | eye[None]  # (B, n, n): padded keys hidden, never a query's own
+    return torch.cat([prefix] + [eye[None].expand(len(valid), -1, -1)] * step, dim=2)[:, None]
+
+
+class Int8Linear(nn.Module):
+    """A CPU ``nn.Linear`` in int8 for drafting: weights quantized per output row, activations per call
+    (fbgemm's dynamic quantization). Inference only; relative error about 1e-2."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float().cpu()
+        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        scale = (weight.abs().amax(dim=1).clamp(min=1e-8) / 127).double()
+        with warnings.catch_warnings():  # the quantized-tensor constructors warn that they are deprecated
+            warnings.simplefilter("ignore")
+            q = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(q, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float().contiguous()  # (N, in)
+        out = torch.ops.quantized.linear_dynamic(flat, self._packed, True)  # reduce_range: safe on every x86
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantized(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every ``nn.Linear`` as :class:`Int8Linear` (``module`` itself if it is not on
+    CPU or the int8 kernels are unavailable: quantization only ever changes the draft's rounding)."""
+    param = next(module.parameters(), None)
+    if param is None or param.device.type != "cpu" or not hasattr(torch.ops.quantized, "linear_dynamic"):
+        return module
+    copied = copy.deepcopy(module)
+    try:
+        for child in list(copied.modules()):
+            for attr, leaf in list(child.named_children()):
+                if type(leaf) is nn.Linear:
+                    setattr(child, attr, Int8Linear(leaf))
+    except (RuntimeError, NotImplementedError):  # no quantized engine in this torch build
+        return module
+    return copied
+
+
+class DraftLMHead(nn.Module):
+    """The output head a drafter scores with: ``(..., H) -> (..., V)``, ``-inf`` off the reduced vocabulary
+    (as :class:`~specdec.drafters.vocab.ReducedHead`), in int8 when ``int8``."""
+
+    def __init__(self, head: ReducedHead, int8: bool) -> None:
+        super().__init__()
+        self.head = head
+        self.vocab_size = head.vocab_size
+        self.int8 = None
+        if int8 and head.weight.device.type == "cpu" and hasattr(torch.ops.quantized, "linear_dynamic"):
+            linear = nn.Linear(head.weight.shape[1], head.weight.shape[0], bias=head.bias is not None)
+            linear.weight.data = head.weight
+            if head.bias is not None:
+                linear.bias.data = head.bias
+            self.int8 = Int8Linear(linear)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        if self.int8 is None:
+            return self.head(hidden)
+        scores = self.int8(hidden)
+        if self.head.token_ids is None:
+            return scores
+        full = scores.new_full((*scores.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.head.token_ids, scores)
 
 
 class EagleNet:
     """The head as the draft network: a ragged cache of entries made from the target's true features,
-    caught up each step on the pairs ``(f_j, x_{j+1})`` it has not fed; tree nodes feed their parent's
-    predicted feature and are dropped after the step."""
+    caught up each step on the pairs ``(features_j, x_{j+1})`` it has not fed; tree nodes feed their
+    parent's output state and are dropped after the step."""
 
     needs_hidden = True
 
-    def __init__(self, head: EagleHead, embed: nn.Module, lm: ReducedHead, view: TargetView) -> None:
+    def __init__(self, head: EagleHead, embed: nn.Module, lm: nn.Module, view: TargetView) -> None:
         self.head, self.embed, self.lm, self.backend = head, embed, lm, view.options.attention_backend
         self.overlays = layer_overlays(head.body)
         self.rows = RowTable()
         self.cache: RaggedCache | None = None
-        self.pending: dict[int, tuple[Tensor, Tensor]] = {}  # row -> (features (m, H), the tokens after them (m,))
+        self.pending: dict[int, tuple[Tensor, Tensor]] = {}  # row -> (features (m, F), the tokens after them (m,))
         self.seen: dict[int, int] = {}  # row -> tokens of the row accounted for in pending/cache
-        self.feats: Tensor | None = None  # (A, 1 + N, H): the root's and every node's predicted feature
+        self.states: Tensor | None = None  # (A, 1 + N, H): the root's and every node's output state
         self.tree_start = 0
+        anchor = head.body.get_input_embeddings().weight
+        self.dtype, self.device = anchor.dtype, anchor.device
+
+    def _check(self, hidden: Tensor) -> None:
+        if hidden.shape[-1] != self.head.feature_width:
+            layers = self.head.fused_layers or (-1,)
+            raise ValueError(f"the EAGLE head reads target hidden states {list(layers)} side by side (width "
+                             f"{self.head.feature_width}) but got width {hidden.shape[-1]}: the proposer's "
+                             "hidden_layers did not reach the engine (a wrapper drafter must pass "
+                             "Proposer.hidden_layers of its parts on)")
 
     def prefill(self, states: list[DecodeState]) -> None:
         self.rows.add(states)
         for s in states:  # elements (f_j, x_{j+1}) for the prompt: features of all but the root
+            self._check(s.hidden)
             self.pending[s.row] = (s.hidden, s.tokens[0, 1:])
             self.seen[s.row] = s.tokens.shape[1]
 
-    def _forward(self, feats: Tensor, tokens: Tensor, positions: Tensor, ancestors: Tensor,
+    def _forward(self, states: Tensor, tokens: Tensor, positions: Tensor, ancestors: Tensor,
                  key_positions: Tensor) -> Tensor:
-        device = self.head.fc.weight.device
+        device = self.device
         mask = TreeMask(self.cache.start.to(device), self.cache.end.to(device), ancestors.to(device), self.backend,
                         key_positions.to(device), self.overlays)
         embeds = self.embed(tokens.to(device))
-        return self.head(feats.to(device=device, dtype=self.head.fc.weight.dtype), embeds, positions.to(device),
-                         self.cache.cache, tree=mask)  # (A, T, H)
+        return self.head(states.to(device=device, dtype=self.dtype), embeds, positions.to(device), self.cache.cache,
+                         tree=mask)  # (A, T, H)
 
     def root(self, states: list[DecodeState]) -> Tensor:
         if self.cache is None:
@@ -104,18 +298,17 @@ class EagleNet:
         counts = torch.tensor([len(toks) for _, toks in pend])
         valid, ancestors, offset = chain_feed(counts)
         A, M = valid.shape
-        H = self.head.fc.weight.shape[0]
-        device = self.head.fc.weight.device
-        feats = torch.zeros(A, M, H, dtype=self.head.fc.weight.dtype, device=device)
+        device = self.device
+        feats = torch.zeros(A, M, self.head.feature_width, dtype=self.dtype, device=device)
         tokens = torch.zeros(A, M, dtype=torch.long)
         for a, (f, toks) in enumerate(pend):
             feats[a, valid[a].to(device)] = f.to(device=device, dtype=feats.dtype)
             tokens[a, valid[a]] = toks.cpu()
-        root = self.embed(torch.cat([s.tokens[:, -1] for s in states]).to(device)).to(feats.dtype)  # (A, H)
+        root = self.embed(torch.cat([s.tokens[:, -1] for s in states]).to(device)).to(self.dtype)  # (A, H)
         if M:
             S = self.cache.length
             positions = self.cache.lengths[:, None] + offset
-            out = self._forward(feats, tokens, positions, ancestors, positions)  # (A, M, H)
+            out = self._forward(self.head.fuse_features(feats), tokens, positions, ancestors, positions)  # (A, M, H)
             self.cache.commit([S + valid[a].nonzero().flatten() for a in range(A)])
             fed = (counts > 0).to(device)[:, None]
             root = torch.where(fed, out[:, -1], root)  # a one-token prompt: its embedding stands in
@@ -123,30 +316,32 @@ class EagleNet:
             f, toks = self.pending[s.row]
             self.pending[s.row] = (f[:0], toks[:0])
         self.tree_start = self.cache.length
-        self.feats = root[:, None]
-        return self.lm(root)  # (A, V)
+        self.states = root[:, None]
+        return self.lm(self.head.logit_states(root))  # (A, V)
 
     def expand(self, level: Level) -> Tensor:
-        device = self.feats.device
-        parent_feats = self.feats.gather(1, (level.parents + 1).to(device)[:, :, None].expand(-1, -1, self.feats.shape[2]))
+        device = self.states.device
+        index = (level.parents + 1).to(device)[:, :, None].expand(-1, -1, self.states.shape[2])
+        parent_states = self.states.gather(1, index)
         root = (self.cache.lengths - 1)[:, None]
-        out = self._forward(parent_feats, level.tokens, (root + level.depth).expand_as(level.tokens), level.ancestors,
-                            root + level.key_depths)
-        index = (level.nodes + 1).to(device)  # (A, F) slots in feats
-        width = max(self.feats.shape[1], int(index.max()) + 1)
-        if width > self.feats.shape[1]:
-            grown = self.feats.new_zeros(self.feats.shape[0], width, self.feats.shape[2])
-            grown[:, : self.feats.shape[1]] = self.feats
-            self.feats = grown
-        self.feats.scatter_(1, index[:, :, None].expand(-1, -1, out.shape[2]), out)
-        return self.lm(out)  # (A, F, V)
+        out = self._forward(parent_states, level.tokens, (root + level.depth).expand_as(level.tokens),
+                            level.ancestors, root + level.key_depths)
+        index = (level.nodes + 1).to(device)  # (A, F) slots in states
+        width = max(self.states.shape[1], int(index.max()) + 1)
+        if width > self.states.shape[1]:
+            grown = self.states.new_zeros(self.states.shape[0], width, self.states.shape[2])
+            grown[:, : self.states.shape[1]] = self.states
+            self.states = grown
+        self.states.scatter_(1, index[:, :, None].expand(-1, -1, out.shape[2]), out)
+        return self.lm(self.head.logit_states(out))  # (A, F, V)
 
     def commit(self, states: list[DecodeState], fed: dict[int, list[int]]) -> None:
         if self.cache is not None:
-            self.cache.truncate(self.tree_start)  # the tree's entries came from predicted features
+            self.cache.truncate(self.tree_start)  # the tree's entries came from predicted states
         for state in states:
             if state.row not in self.seen:
                 continue
+            self._check(state.hidden)
             appended = state.tokens.shape[1] - self.seen[state.row]
             m = min(len(state.hidden), appended)  # features of root + accepted nodes, each followed by a token
             feats, toks = self.pending[state.row]  # not fed yet when this row did not draft (Combined's fallback)
@@ -154,7 +349,7 @@ class EagleNet:
             self.pending[state.row] = (torch.cat([feats, state.hidden[:m]]),
                                        torch.cat([toks, state.tokens[0, seen : seen + m]]))
             self.seen[state.row] = state.tokens.shape[1]
-        self.feats = None
+        self.states = None
         keep = self.rows.drop_finished(states)
         if keep is not None:
             for s in states:
@@ -170,21 +365,23 @@ class EagleNet:
 
 class Eagle(Drafter):
     """An EAGLE head proposing chains or trees (``k``, ``top_k``, ``width``, ``budget``, ``tree`` as in
-    :class:`~specdec.drafters.DraftModel`).
+    :class:`~specdec.drafters.DraftModel`); EAGLE-3 or EAGLE-1 as the head is (:class:`EagleHead`).
 
     Args:
         head: the trained :class:`EagleHead`.
         vocab: token ids its output head scores (``None``: all); see :mod:`specdec.drafters.vocab`.
         checkpoint: the loaded checkpoint, whose target fingerprint is enforced (``None``: an
             untrained head, any target).
+        quantize: on CPU, draft with int8 copies of the head's and the output head's linear maps
+            (:class:`Int8Linear`; the target's output is unchanged, only the draft's rounding).
     """
 
     def __init__(self, head: EagleHead, vocab: Tensor | None = None, checkpoint: dict | None = None, k: int = 4,
                  top_k: int = 1, width: int | None = None, budget: int | None = None,
-                 tree: TreeSpec | list[list[int]] | None = None) -> None:
+                 tree: TreeSpec | list[list[int]] | None = None, quantize: bool = True) -> None:
         if not isinstance(head, EagleHead):
             raise ValueError(f"Eagle needs an EagleHead, got {type(head).__name__}: use Eagle.from_checkpoint(...)")
-        self.head, self.vocab, self.checkpoint = head.eval(), vocab, checkpoint
+        self.head, self.vocab, self.checkpoint, self.quantize = head.eval(), vocab, checkpoint, quantize
         self.shape = TreeShape.make(k, top_k, width, budget, tree)
         self._bound = PerTarget()
 
@@ -197,14 +394,20 @@ class Eagle(Drafter):
         """A shipped checkpoint by name, or a ``.pt`` path written by ``experiments.train_drafter``."""
         ckpt = load_checkpoint(checkpoint, "eagle")
         config = dict(ckpt["settings"]["target_config"])
-        head = EagleHead(AutoConfig.for_model(config.pop("model_type"), **config))
+        head = EagleHead(AutoConfig.for_model(config.pop("model_type"), **config), ckpt["settings"].get("fused_layers"))
         head.load_state_dict(ckpt["state_dict"])
         return cls(head, ckpt["vocab"], ckpt, **kwargs)
 
-    def _bind(self, target: torch.nn.Module) -> tuple[EagleHead, ReducedHead]:
+    def _bind(self, target: torch.nn.Module) -> tuple[EagleHead, nn.Module]:
         if self.checkpoint is not None:
             check_target(self.checkpoint, target)
-        return module_for(self.head, target), ReducedHead(target.get_output_embeddings(), self.vocab)
+        if self.head.eagle3:
+            check_fused_layers(self.head.fused_layers, target.config.get_text_config().num_hidden_layers)
+        head = module_for(self.head, target)
+        lm = ReducedHead(target.get_output_embeddings(), self.vocab)
+        if self.quantize:
+            head = quantized(head)
+        return head, DraftLMHead(lm, self.quantize)
 
     def check(self, target: torch.nn.Module) -> None:
         self._bound.get(target, lambda: self._bind(target))
@@ -213,4 +416,6 @@ class Eagle(Drafter):
         head, lm = self._bound.get(view.model, lambda: self._bind(view.model))
         prepare(head.body, view)
         prepare(head, view)
-        return GrowingProposer(EagleNet(head, view.model.get_input_embeddings(), lm, view), self.shape)
+        proposer = GrowingProposer(EagleNet(head, view.model.get_input_embeddings(), lm, view), self.shape)
+        proposer.hidden_layers = head.fused_layers  # EAGLE-3: the engine hands over these layers side by side
+        return proposer

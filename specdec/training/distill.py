@@ -1,19 +1,31 @@
-"""The self-distillation set drafters train on: the target's own answers and hidden states.
+"""The self-distillation set drafters train on: the target's own greedy answers, kept as token ids.
 
-Prompts come from GSM8K's *training* split (``data/gsm8k_train``, MIT) and from questions the
-target writes itself on varied topics; never from the benchmark's prompts. The target answers
-each prompt greedily (as the benchmark decodes); a teacher pass over prompt + answer then keeps,
-at every position, the target's final hidden state (what its output head reads), the hidden
-state after any requested layer (early exit), and its greedy next token (the label). Both
-steps are cached on disk, keyed by the target's fingerprint and the settings.
+Drafters imitate the target (Medusa, Cai et al. 2024; EAGLE, Li et al. 2024, train on the
+target's own outputs), so the set is the target's greedy answers to prompts from eight families
+(:mod:`specdec.training.prompts`: chat, writing, coding, extraction, qa, summarise, translate,
+math), never the benchmark's. Every stage is greedy, decoded with specdec's engine on left-padded
+batches: greedy speculative output equals ``model.generate`` token for token whatever the batch
+size or drafter, so the set depends only on the target, the seed and the sizes, and the engine
+settings (``batch_size``, ``drafter``) only set the speed.
+
+Kept on disk as ids (a few MB: one flat uint16/int32 tensor, row offsets, prompt lengths, family
+names) under ``$SPECDEC_CACHE/distill``, keyed by the target's fingerprint and the settings. The
+teacher pass (:func:`teacher_pass`: per position the target's final hidden state, the hidden
+state after chosen layers, the greedy label) is recomputed from the ids and cached separately.
+
+    python -m specdec.training.distill                     # the full set (the defaults below)
+    python -m specdec.training.distill --self-prompts 40 --gsm8k-prompts 10 --no-cache   # rate only
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
+from math import ceil
 from pathlib import Path
 
 import torch
@@ -21,43 +33,54 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from specdec.models import cache_dir
 from specdec.text import encode, left_pad
 from specdec.training.checkpoint import fingerprint
-from specdec.tooling.data import DATA_DIR
-from specdec.models import cache_dir
+from specdec.training.prompts import FAMILIES, Conversation
 
-GSM8K_TRAIN = DATA_DIR / "gsm8k_train" / "train.jsonl"
-
-TOPICS = (
-    "cooking", "gardening", "astronomy", "ancient Rome", "machine learning", "personal finance", "climate",
-    "football", "music theory", "chess", "the human heart", "volcanoes", "photography", "poetry", "travel in Japan",
-    "job interviews", "electric cars", "the ocean", "birds", "coffee", "chemistry", "world history", "painting",
-    "programming in Python", "mental health", "architecture", "renewable energy", "dogs", "mathematics", "movies",
-    "nutrition", "the stock market", "space exploration", "languages", "friendship", "insects", "medieval castles",
-    "video games", "economics", "physics", "philosophy", "small business", "hiking", "the internet", "sleep",
-    "writing a resume", "baking bread", "earthquakes", "the moon", "democracy", "recycling", "fashion",
-    "first aid", "ancient Egypt", "robots", "cats", "weather", "marketing", "geography", "public speaking",
-)
-STYLES = (
-    "Write one question a curious student might ask about {topic}. Reply with the question only.",
-    "Write a short instruction asking an assistant to explain something about {topic}. Reply with the "
-    "instruction only.",
-    "Write a request for a short piece of writing (an email, a story or a list) about {topic}. Reply with "
-    "the request only.",
-    "Write a short paragraph about {topic}, then ask the reader to summarize it. Reply with the paragraph and "
-    "the request only.",
-)
+FORMAT = 2  # bump when prompts.py or the layout changes what a given setting builds
+# rows of the seven self-made families per unit weight, set so each gets a similar share of tokens
+# (families with short answers, such as translate and qa, get more rows); math is sized apart
+FAMILY_WEIGHTS = {"chat": 1.0, "writing": 1.0, "coding": 1.0, "extraction": 1.0, "qa": 1.0, "summarise": 1.0,
+                  "translate": 1.0}
+BUILD_DRAFTERS = ("none", "prompt_lookup")
+_SAVE_EVERY_S = 300.0  # a long build keeps its finished answers on disk this often (it resumes from them)
 
 
 @dataclass(frozen=True)
 class DistillSettings:
-    """What the set is made of; its hash names the cache file."""
+    """What the set is made of.
 
-    gsm8k_prompts: int = 400
-    self_prompts: int = 240
-    max_new_tokens: int = 192
-    batch_size: int = 48
+    Attributes:
+        gsm8k_prompts: rows of the math family (GSM8K training questions).
+        self_prompts: rows of the seven other families together, split by :data:`FAMILY_WEIGHTS`.
+        max_new_tokens: longest answer of any stage.
+        batch_size: rows per engine call (speed only: not part of the cache key).
+        seed: every family's draws.
+        drafter: the engine's drafter while building, ``"none"`` or ``"prompt_lookup"``
+            (speed only: greedy output is the same).
+    """
+
+    gsm8k_prompts: int = 700
+    self_prompts: int = 5300
+    max_new_tokens: int = 256
+    batch_size: int = 32
     seed: int = 0
+    drafter: str = "none"
+
+    def key(self) -> dict:
+        """What the set depends on (the cache key): the sizes, the answer length, the seed."""
+        return {"format": FORMAT, "gsm8k_prompts": self.gsm8k_prompts, "self_prompts": self.self_prompts,
+                "max_new_tokens": self.max_new_tokens, "seed": self.seed}
+
+    def family_sizes(self) -> dict[str, int]:
+        """Rows per family: ``self_prompts`` split by weight (largest remainder), math apart."""
+        total = sum(FAMILY_WEIGHTS.values())
+        exact = {f: self.self_prompts * w / total for f, w in FAMILY_WEIGHTS.items()}
+        sizes = {f: int(x) for f, x in exact.items()}
+        for f in sorted(exact, key=lambda f: sizes[f] - exact[f])[: self.self_prompts - sum(sizes.values())]:
+            sizes[f] += 1
+        return sizes | {"math": self.gsm8k_prompts}
 
 
 @dataclass
@@ -71,6 +94,8 @@ class DistillSet:
         features: per sequence ``(n, H)`` final hidden states (float16), or empty before the teacher pass.
         layer_features: layer index -> per sequence ``(n, H)`` hidden state after that many layers.
         labels: per sequence ``(n,)`` the target's greedy next token at each position.
+        families: per sequence its prompt family (``specdec.training.prompts.FAMILIES``), or empty.
+        info: how the ids were built (settings; tokens generated, seconds, tokens/s, threads), or empty.
     """
 
     sequences: list[Tensor]
@@ -78,95 +103,218 @@ class DistillSet:
     features: list[Tensor]
     layer_features: dict[int, list[Tensor]]
     labels: list[Tensor]
+    families: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
 
     def split(self, holdout: int) -> tuple[DistillSet, DistillSet]:
         """The last ``holdout`` sequences apart (validation)."""
         def part(sl):
             return DistillSet(self.sequences[sl], self.prompt_lens[sl], self.features[sl],
-                              {k: v[sl] for k, v in self.layer_features.items()}, self.labels[sl])
-        return part(slice(None, -holdout)), part(slice(-holdout, None))
+                              {k: v[sl] for k, v in self.layer_features.items()}, self.labels[sl],
+                              self.families[sl])
+        return part(slice(None, len(self.sequences) - holdout)), part(slice(len(self.sequences) - holdout, None))
+
+    def check_enough(self, batch_size: int, seq_len: int, holdout: int, processes: int = 1) -> None:
+        """Raise ``ValueError`` unless, after ``holdout`` sequences go to validation, the rest cut into
+        ``seq_len``-token chunks (as :func:`specdec.training.train.chunks` cuts them) fill one batch of
+        ``batch_size`` chunks on each of ``processes``."""
+        rows = len(self.sequences)
+        fix = ("build a larger set (data.gsm8k_prompts, data.self_prompts, data.max_new_tokens) or lower "
+               "drafter.train.batch_size / drafter.train.seq_len / drafter.train.holdout")
+        if holdout < 1:
+            raise ValueError(f"holdout={holdout}: keep at least one sequence for validation (drafter.train.holdout)")
+        if rows <= holdout:
+            raise ValueError(f"the distillation set has {rows} sequences and holdout={holdout} keeps them all for "
+                             f"validation, leaving none to train on: {fix}")
+        chunks = sum(ceil((len(s) - 1) / seq_len) for s in self.sequences[: rows - holdout])
+        if chunks < batch_size * processes:
+            per = f" x {processes} processes" if processes > 1 else ""
+            raise ValueError(f"the distillation set's {rows - holdout} training sequences (after holdout={holdout}) "
+                             f"make {chunks} chunks of seq_len={seq_len}, fewer than one batch of batch_size="
+                             f"{batch_size}{per}: {fix}")
+
+    def tokens_by_family(self) -> dict[str, dict[str, int]]:
+        """Per family: rows, answer tokens (after the prompt), all tokens."""
+        out: dict[str, dict[str, int]] = {}
+        for seq, plen, fam in zip(self.sequences, self.prompt_lens, self.families or ["?"] * len(self.sequences)):
+            row = out.setdefault(fam, {"rows": 0, "answer_tokens": 0, "tokens": 0})
+            row["rows"] += 1
+            row["answer_tokens"] += len(seq) - plen
+            row["tokens"] += len(seq)
+        return out
 
 
-def gsm8k_prompts(n: int, seed: int) -> list[str]:
-    """``n`` GSM8K training questions, a fixed random sample."""
-    rows = [json.loads(line)["question"] for line in GSM8K_TRAIN.read_text().splitlines() if line.strip()]
-    return random.Random(seed).sample(rows, min(n, len(rows)))
+class _Answerer:
+    """The target's greedy replies, memoised by prompt ids and generated by the engine in left-padded
+    batches of similar prompt lengths; a long build saves its replies now and then and resumes from them."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: DistillSettings,
+                 partial: Path | None = None, progress: bool = True) -> None:
+        from specdec.drafters import PromptLookup
+
+        if settings.drafter not in BUILD_DRAFTERS:
+            raise ValueError(f"distill drafter={settings.drafter!r} is unknown: use one of {BUILD_DRAFTERS}")
+        self.model, self.tokenizer, self.settings, self.partial, self.progress = (
+            model, tokenizer, settings, partial, progress)
+        self.drafter = PromptLookup(k=5, min_ngram=2) if settings.drafter == "prompt_lookup" else None
+        eos = model.generation_config.eos_token_id
+        self.eos = {eos} if isinstance(eos, int) else set(eos or [])
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else (min(self.eos) if self.eos else 0)
+        self.window = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 10**9
+        self.replies: dict[tuple[int, ...], list[int]] = {}
+        if partial is not None and partial.is_file():
+            self.replies = torch.load(partial)
+        self.generated, self.seconds, self.too_long, self._saved = 0, 0.0, 0, time.monotonic()
+
+    def prompt(self, conversation: Conversation) -> Tensor:
+        return encode(self.tokenizer, conversation)
+
+    def fits(self, prompt: Tensor) -> bool:
+        return len(prompt) + self.settings.max_new_tokens <= self.window
+
+    def __call__(self, conversations: list[Conversation], desc: str = "target answers") -> list[str]:
+        """The target's greedy reply to each conversation, decoded (special tokens dropped)."""
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in self.reply_ids(conversations, desc)]
+
+    @torch.inference_mode()
+    def reply_ids(self, conversations: list[Conversation], desc: str = "target answers") -> list[list[int]]:
+        """The target's greedy reply ids (EOS included when hit); ``[]`` for a prompt past the context window."""
+        from specdec.generate import generate
+
+        prompts = [self.prompt(c) for c in conversations]
+        keys = [tuple(p.tolist()) for p in prompts]
+        todo = {}
+        for key, p in zip(keys, prompts):
+            if key in self.replies or key in todo:
+                continue
+            if self.fits(p):
+                todo[key] = p
+            else:
+                self.too_long += 1
+        order = sorted(todo, key=len)  # similar lengths share a batch: less padding
+        bar = tqdm(total=len(order), desc=desc, disable=not self.progress or not order)
+        for lo in range(0, len(order), self.settings.batch_size):
+            batch = order[lo : lo + self.settings.batch_size]
+            ids, mask = left_pad([todo[k] for k in batch], self.pad)  # (B, n)
+            start = time.perf_counter()
+            out = generate(self.model, ids, self.drafter, attention_mask=mask, do_sample=False,
+                           max_new_tokens=self.settings.max_new_tokens, pad_token_id=self.pad)  # (B, n + new)
+            self.seconds += time.perf_counter() - start
+            for key, row in zip(batch, out[:, ids.shape[1]:].tolist()):
+                cut = next((i + 1 for i, tok in enumerate(row) if tok in self.eos), len(row))
+                self.replies[key] = row[:cut]
+                self.generated += cut
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=round(self.generated / max(self.seconds, 1e-9)))
+            if self.partial is not None and time.monotonic() - self._saved > _SAVE_EVERY_S:
+                _atomic_save(self.replies, self.partial)
+                self._saved = time.monotonic()
+        bar.close()
+        return [self.replies.get(k, []) for k in keys]
 
 
-@torch.inference_mode()
-def _generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Tensor], max_new_tokens: int,
-              batch_size: int, desc: str, **sampling) -> list[list[int]]:
-    """The target's answers (EOS included when hit) to each prompt, batched and left-padded."""
-    eos = model.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos or [])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-    out: list[list[int]] = [[] for _ in prompts]
-    for lo in tqdm(range(0, len(order), batch_size), desc=desc):
-        idx = order[lo : lo + batch_size]
-        ids, mask = left_pad([prompts[i] for i in idx], pad)
-        gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
-        for i, row in zip(idx, gen[:, ids.shape[1] :].tolist()):
-            for tok in row:
-                out[i].append(tok)
-                if tok in eos:
-                    break
-    return out
-
-
-def self_written_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int, batch_size: int,
-                         seed: int) -> list[str]:
-    """``n`` prompts the target writes itself (sampled, seeded) from topic x style instructions."""
-    rng = random.Random(seed)
-    asks = [rng.choice(STYLES).format(topic=rng.choice(TOPICS)) for _ in range(n)]
-    torch.manual_seed(seed)
-    ids = [encode(tokenizer, [{"role": "user", "content": ask}]) for ask in asks]
-    answers = _generate(model, tokenizer, ids, 96, batch_size, "target writes prompts", do_sample=True,
-                        temperature=0.8, top_p=0.95)
-    texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
-    return [t for t in texts if len(t) > 8]
-
-
-def _cached(directory: Path | None, name: str, build):
-    """``build()``'s result, kept in ``directory/name`` (default ``$SPECDEC_CACHE/distill``)."""
-    path = Path(directory or cache_dir() / "distill") / name
-    if path.is_file():
-        return torch.load(path)
-    value = build()
+def _atomic_save(value, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(value, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").rename(path)  # atomic: a concurrent reader sees all of it or nothing
-    return value
+    path.with_suffix(".tmp").rename(path)  # a concurrent reader sees all of it or nothing
 
 
 def _key(value) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def sequences_file(model: PreTrainedModel, settings: DistillSettings, directory: Path | None = None) -> Path:
+    """Where the set of ``settings`` for ``model`` is cached (``$SPECDEC_CACHE/distill`` by default)."""
+    return Path(directory or cache_dir() / "distill") / f"sequences-{fingerprint(model)}-{_key(settings.key())}.pt"
+
+
+def build(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: DistillSettings,
+          directory: Path | None = None, progress: bool = True, cache: bool = True) -> DistillSet:
+    """The set's ids: every family's prompts (:mod:`specdec.training.prompts`) and the target's greedy answers.
+
+    Read from the cache when built before with these settings (any batch size or drafter); else built
+    (resuming a partial build of the same settings) and cached, unless ``cache=False``.
+
+    Returns:
+        A :class:`DistillSet` with ``sequences``, ``prompt_lens`` and ``families`` (no features yet),
+        rows in a seeded random order (so a holdout mixes the families).
+    """
+    path = sequences_file(model, settings, directory)
+    if cache and path.is_file():
+        return _from_saved(torch.load(path))
+    partial = path.with_name("partial-" + path.name) if cache else None
+    answer = _Answerer(model, tokenizer, settings, partial, progress)
+    rows: list[tuple[str, Conversation]] = []
+    for family, size in settings.family_sizes().items():
+        if size:
+            made = FAMILIES[family](size, settings.seed, lambda convs, f=family: answer(convs, f"{f} (material)"))
+            rows += [(family, c) for c in made]
+    replies = answer.reply_ids([c for _, c in rows])
+    saved = _to_saved(answer, rows, replies, settings)
+    if cache:
+        _atomic_save(saved, path)
+        if partial.is_file():
+            partial.unlink()
+    return _from_saved(saved)
+
+
+def _to_saved(answer: _Answerer, rows: list[tuple[str, Conversation]], replies: list[list[int]],
+              settings: DistillSettings) -> dict:
+    """The compact form on disk: flat ids, offsets, prompt lengths, families, how it was built."""
+    seqs, plens, fams, seen = [], [], [], set()
+    for (family, conv), reply in zip(rows, replies):
+        prompt = answer.prompt(conv)
+        key = tuple(prompt.tolist())
+        if not reply or key in seen:  # past the context window, or drawn twice
+            continue
+        seen.add(key)
+        seqs.append(prompt.tolist() + reply)
+        plens.append(len(prompt))
+        fams.append(family)
+    order = random.Random(settings.seed).sample(range(len(seqs)), len(seqs))  # mixed for the holdout
+    vocab = answer.model.get_input_embeddings().weight.shape[0]
+    flat = torch.tensor([t for i in order for t in seqs[i]], dtype=torch.uint16 if vocab <= 2**16 else torch.int32)
+    lengths = torch.tensor([len(seqs[i]) for i in order], dtype=torch.long)
+    return {"format": FORMAT, "tokens": flat, "offsets": torch.cat([torch.zeros(1, dtype=torch.long),
+                                                                    lengths.cumsum(0)]),
+            "prompt_lens": torch.tensor([plens[i] for i in order], dtype=torch.int32),
+            "families": [fams[i] for i in order], "settings": asdict(settings),
+            "build": {"generated_tokens": answer.generated, "seconds": answer.seconds,
+                      "tokens_per_s": answer.generated / max(answer.seconds, 1e-9), "too_long": answer.too_long,
+                      "threads": torch.get_num_threads()}}
+
+
+def _from_saved(saved: dict) -> DistillSet:
+    flat, offsets = saved["tokens"].to(torch.long), saved["offsets"].tolist()
+    sequences = [flat[a:b] for a, b in zip(offsets, offsets[1:])]
+    return DistillSet(sequences, saved["prompt_lens"].tolist(), [], {}, [], list(saved["families"]),
+                      {"settings": saved["settings"], **saved["build"]})
+
+
 def build_sequences(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: DistillSettings,
                     directory: Path | None = None) -> tuple[list[Tensor], list[int]]:
-    """Prompts + the target's greedy answers; read from the cache when built before with these settings."""
-    def build():
-        texts = gsm8k_prompts(settings.gsm8k_prompts, settings.seed)
-        if settings.self_prompts:
-            texts += self_written_prompts(model, tokenizer, settings.self_prompts, settings.batch_size, settings.seed)
-        prompts = [encode(tokenizer, [{"role": "user", "content": t}]) for t in texts]
-        answers = _generate(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
-                            "target answers", do_sample=False)
-        sequences = [torch.cat([p, torch.tensor(a, dtype=torch.long)]) for p, a in zip(prompts, answers)]
-        order = random.Random(settings.seed).sample(range(len(sequences)), len(sequences))  # mixed for the holdout
-        return {"sequences": [sequences[i] for i in order], "prompt_lens": [len(prompts[i]) for i in order]}
+    """Prompts + the target's greedy answers (:func:`build`), as ``(sequences, prompt_lens)``."""
+    data = build(model, tokenizer, settings, directory)
+    return data.sequences, data.prompt_lens
 
-    saved = _cached(directory, f"sequences-{fingerprint(model)}-{_key(asdict(settings))}.pt", build)
-    return saved["sequences"], saved["prompt_lens"]
+
+def _cached(path: Path, make):
+    if path.is_file():
+        return torch.load(path)
+    value = make()
+    _atomic_save(value, path)
+    return value
 
 
 def distill_set(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: DistillSettings,
                 layers: tuple[int, ...] = (), directory: Path | None = None) -> DistillSet:
-    """The whole set: sequences and the teacher pass over them (each cached)."""
-    sequences, prompt_lens = build_sequences(model, tokenizer, settings, directory)
-    name = f"teacher-{fingerprint(model)}-{_key([asdict(settings), list(layers)])}.pt"
-    return DistillSet(**_cached(directory, name, lambda: vars(teacher_pass(model, sequences, prompt_lens, layers))))
+    """The whole set: the ids (:func:`build`) and the teacher pass over them (each cached)."""
+    data = build(model, tokenizer, settings, directory)
+    path = Path(directory or cache_dir() / "distill") / (
+        f"teacher-{fingerprint(model)}-{_key([settings.key(), list(layers)])}.pt")
+    teacher = _cached(path, lambda: vars(teacher_pass(model, data.sequences, data.prompt_lens, layers)))
+    return DistillSet(**(teacher | {"families": data.families, "info": data.info}))
 
 
 @torch.inference_mode()
@@ -179,7 +327,7 @@ def teacher_pass(model: PreTrainedModel, sequences: list[Tensor], prompt_lens: l
     by_index: dict[int, tuple] = {}
     for lo in tqdm(range(0, len(order), batch_size), desc="teacher pass"):
         idx = order[lo : lo + batch_size]
-        ids, mask = left_pad([sequences[i] for i in idx], 0)
+        ids, mask = left_pad([sequences[i] for i in idx], 0)  # (B, n)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
         for b, i in enumerate(idx):
@@ -193,3 +341,47 @@ def teacher_pass(model: PreTrainedModel, sequences: list[Tensor], prompt_lens: l
         for layer in layers:
             layer_features[layer].append(per_layer[layer])
     return DistillSet(list(sequences), list(prompt_lens), features, layer_features, labels)
+
+
+def report(data: DistillSet) -> str:
+    """A per-family table: rows, answer tokens (and their share), all tokens."""
+    table = data.tokens_by_family()
+    answers = sum(r["answer_tokens"] for r in table.values()) or 1
+    lines = [f"{'family':<11} {'rows':>6} {'answer tok':>11} {'share':>6} {'mean':>5} {'all tok':>9}"]
+    for fam in [f for f in FAMILIES if f in table] + [f for f in table if f not in FAMILIES]:
+        r = table[fam]
+        lines.append(f"{fam:<11} {r['rows']:>6} {r['answer_tokens']:>11} {r['answer_tokens'] / answers:>6.1%} "
+                     f"{r['answer_tokens'] / max(r['rows'], 1):>5.0f} {r['tokens']:>9}")
+    total = {k: sum(r[k] for r in table.values()) for k in ("rows", "answer_tokens", "tokens")}
+    lines.append(f"{'total':<11} {total['rows']:>6} {total['answer_tokens']:>11} {1:>6.1%} "
+                 f"{total['answer_tokens'] / max(total['rows'], 1):>5.0f} {total['tokens']:>9}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m specdec.training.distill``: build (or read) the set and print its per-family table."""
+    defaults = DistillSettings()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--directory", type=Path, default=None, help="cache folder (default $SPECDEC_CACHE/distill)")
+    parser.add_argument("--no-cache", action="store_true", help="build and report, write nothing (a rate check)")
+    for name, value in asdict(defaults).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    args = parser.parse_args(argv)
+    from specdec.models import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    settings = DistillSettings(**{k: getattr(args, k) for k in asdict(defaults)})
+    start = time.perf_counter()
+    data = build(model, tokenizer, settings, args.directory, cache=not args.no_cache)
+    print(report(data))
+    print(f"wall {time.perf_counter() - start:.0f} s; generation (this build or the cached one's): "
+          f"{json.dumps(data.info)}")
+    if not args.no_cache:
+        print(f"cached: {sequences_file(model, settings, args.directory)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,13 +2,21 @@
 
 One objective per drafter kind, all scored against the target's own greedy labels:
 
-- ``eagle``: feature regression (smooth L1 to the target's next hidden state) plus cross-entropy
-  of the target's head on the predicted feature (EAGLE's loss), with the head also trained on its
-  own predicted features for ``unroll`` steps, as it drafts (EAGLE-3's training-time test);
+- ``eagle`` with ``fused_layers`` (EAGLE-3, Li et al. 2025): cross-entropy of the next token through
+  the target's (reduced) head, the head reading the fused low/middle/high target features, and the
+  training-time test: ``unroll`` steps, step s reading the head's own output states of step s - 1
+  (attention :func:`~specdec.drafters.eagle.ttt_mask`: each position sees the true prefix and its
+  own earlier steps), losses weighted ``step_weight ** s``;
+- ``eagle`` with ``fused_layers=None`` (EAGLE-1): feature regression (smooth L1 to the target's next
+  hidden state) plus cross-entropy of the target's head on the predicted feature, the head also fed
+  its own predicted features for ``unroll`` steps;
 - ``medusa``: cross-entropy of head d against the label d + 1 positions on (Medusa-1);
 - ``early_exit``: cross-entropy of the exit (layer-L state -> norm -> adapter -> head);
 - ``draft_model``: cross-entropy of the small draft on token sequences (distillation on the
-  target's greedy outputs).
+  target's greedy outputs);
+- ``pard`` (An et al. 2025): the distilled draft plus a mask embedding, trained on the sequences
+  with random mask blocks (:func:`~specdec.drafters.pard.mask_blocks`: conditional drop-token with
+  ``retain``), cross-entropy at every position, a mask j after anchor t against the label j ahead.
 
 The output head is the target's, reduced to the ``vocab`` most frequent target tokens, so labels
 off that subset are ignored. accelerate places the module and shards the batches over processes
@@ -18,6 +26,7 @@ the per-depth top-1 accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable
@@ -28,16 +37,18 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
+from specdec.training.checkpoint import check_target, load_checkpoint
 from specdec.training.distill import DistillSet
-from specdec.drafters.distilled import build_draft, own_weights
-from specdec.drafters.eagle import EagleHead
+from specdec.drafters.distilled import BORROWED, build_draft, own_weights
+from specdec.drafters.eagle import EagleHead, check_fused_layers, default_fused_layers, ttt_mask
 from specdec.drafters.early_exit import ExitAdapter
 from specdec.drafters.medusa import MedusaHeads
+from specdec.drafters.pard import PardDraft, mask_blocks
 from specdec.drafters.vocab import ReducedHead, frequent_tokens
 
-KINDS = ("eagle", "medusa", "early_exit", "draft_model")
+KINDS = ("eagle", "medusa", "early_exit", "draft_model", "pard")
 
 
 @dataclass
@@ -52,12 +63,17 @@ class TrainSettings:
     holdout: int = 24  # sequences kept for validation
     eval_every: int = 50
     seed: int = 0
-    unroll: int = 2  # eagle: steps on its own predicted features (training-time test)
-    noise: float = 0.1  # eagle: uniform noise on input features (EAGLE-1)
-    ce_weight: float = 0.1  # eagle: cross-entropy weight beside the feature loss
+    unroll: int = 2  # eagle: steps on its own predicted states (training-time test)
+    fused_layers: tuple[int, ...] | None = None  # eagle: EAGLE-3's target layers (() = 2, L/2, L-3); None: EAGLE-1
+    step_weight: float = 0.8  # eagle-3: loss weight of unroll step s is step_weight ** s
+    noise: float = 0.1  # eagle-1: uniform noise on input features
+    ce_weight: float = 0.1  # eagle-1: cross-entropy weight beside the feature loss
     heads: int = 4  # medusa
     layers: int = 6  # early_exit: exit after this many layers
-    init_layers: tuple[int, ...] = (0, 29)  # draft_model: target layers the draft starts from
+    init_layers: tuple[int, ...] = (0, 29)  # draft_model, pard: target layers the draft starts from
+    block: int = 4  # pard: tokens per draft forward (the root's prediction and block - 1 masks)
+    retain: float = 0.5  # pard: a mask of depth j after an anchor is trained with probability retain ** j
+    init_from: str = ""  # pard: start from this draft_model checkpoint (its init_layers), "" from the target
     eval_depths: int = 5  # depths of the per-depth accuracy
 
 
@@ -70,16 +86,27 @@ class Chunk:
     exit_features: Tensor | None  # (T, H) after ``layers`` layers (early exit)
     labels: Tensor  # (T,) target's greedy next tokens
     start: int  # position of the first token
+    fused: list[Tensor] | None = None  # EAGLE-3: per fused layer (T, H), concatenated when batched
+    answer: int = 0  # first index of the chunk at or after the prompt's last token (PARD's anchors)
 
 
-def chunks(data: DistillSet, seq_len: int, exit_layer: int | None = None) -> list[Chunk]:
+def chunks(data: DistillSet, seq_len: int, exit_layer: int | None = None,
+           fused_layers: tuple[int, ...] | None = None) -> list[Chunk]:
     """Every sequence cut into consecutive pieces of at most ``seq_len`` positions."""
+    for layer in fused_layers or ():
+        if layer not in data.layer_features:
+            raise ValueError(f"EAGLE-3 reads the target's hidden states {list(fused_layers)}, but the distillation set "
+                             f"holds only {sorted(data.layer_features)} besides the final one: build it with "
+                             f"data.teacher_layers={list(fused_layers)}")
     out = []
     for i, seq in enumerate(data.sequences):
         for lo in range(0, len(seq) - 1, seq_len):
             hi = min(len(seq), lo + seq_len)
             exit_feats = data.layer_features[exit_layer][i][lo:hi] if exit_layer is not None else None
-            out.append(Chunk(seq[lo:hi], data.features[i][lo:hi], exit_feats, data.labels[i][lo:hi], lo))
+            fused = None if fused_layers is None else [data.layer_features[layer][i][lo:hi] for layer in fused_layers]
+            features = data.features[i][lo:hi] if data.features else torch.empty(hi - lo, 0)
+            out.append(Chunk(seq[lo:hi], features, exit_feats, data.labels[i][lo:hi], lo, fused,
+                             max(0, data.prompt_lens[i] - 1 - lo)))
     return out
 
 
@@ -96,7 +123,10 @@ def collate(batch: list[Chunk], label_index: Callable[[Tensor], Tensor]) -> dict
         "labels": _pad([label_index(c.labels) for c in batch], -100),
         "positions": _pad([torch.arange(c.start, c.start + n) for c, n in zip(batch, lengths)]),
         "mask": _pad([torch.ones(n, dtype=torch.bool) for n in lengths], False),
+        "answer": torch.tensor([c.answer for c in batch]),
     }
+    if batch[0].fused is not None:
+        out["fused"] = _pad([torch.cat([f.float() for f in c.fused], dim=-1) for c in batch])
     if batch[0].exit_features is not None:
         out["exit_features"] = _pad([c.exit_features.float() for c in batch])
     return out
@@ -112,17 +142,28 @@ class Objective(nn.Module):
         self.kind, self.settings, self.head = kind, settings, head
         self._target = [target]  # frozen, not a submodule (not trained, not saved)
         if kind == "eagle":
-            self.module = EagleHead.from_target(target)
+            self.module = EagleHead.from_target(target, settings.fused_layers)
         elif kind == "medusa":
             self.module = MedusaHeads(target.config.hidden_size, settings.heads)
         elif kind == "early_exit":
             self.module = ExitAdapter(target.config.hidden_size)
+        elif kind == "pard":
+            self.module = PardDraft.from_target(target, list(settings.init_layers), head.token_ids)
+            if settings.init_from:
+                missing, unexpected = self.module.lm.load_state_dict(_distilled_weights(settings.init_from, target),
+                                                                     strict=False)
+                missing = [k for k in missing if not k.startswith(BORROWED)]  # the embedding and head are the target's
+                if missing or unexpected:
+                    raise ValueError(f"pard init_from={settings.init_from!r} does not fit a draft of layers "
+                                     f"{list(settings.init_layers)}: missing {missing}, unexpected {unexpected}")
         else:
             self.module = build_draft(target, list(settings.init_layers), head.token_ids)
         self.module.to(dtype=torch.float32)
+        self.generator = torch.Generator().manual_seed(settings.seed)  # pard's mask blocks
 
     def forward(self, batch: dict[str, Tensor], depths: int | None = None) -> tuple[Tensor, list[Tensor]]:
-        return getattr(self, f"_{self.kind}")(batch, depths)
+        kind = "eagle3" if self.kind == "eagle" and self.module.eagle3 else self.kind
+        return getattr(self, f"_{kind}")(batch, depths)
 
     def _ce(self, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-entropy of the reduced head on ``hidden`` and the top-1 hits ``(correct, counted)``."""
@@ -131,6 +172,53 @@ class Objective(nn.Module):
         loss = F.cross_entropy(scores.flatten(0, -2), labels.flatten(), ignore_index=-100)
         hits = torch.stack([((scores.argmax(-1) == labels) & valid).sum(), valid.sum()])
         return loss, hits
+
+    def _eagle3(self, batch, depths):
+        """EAGLE-3's training-time test: index j holds the pair (state, x_{j+1+s}) at position j + s; step 0's
+        states are the fused target features g_j, step s's the head's own outputs of step s - 1 at j."""
+        target, s, head = self._target[0], self.settings, self.module
+        tokens, labels, pos, valid = batch["tokens"], batch["labels"], batch["positions"], batch["mask"]
+        n = tokens.shape[1] - 1  # index j: the pair (g_j, x_{j+1})
+        states = head.fuse_features(batch["fused"][:, :n])  # (B, n, H)
+        embed = target.get_input_embeddings()
+        cache = DynamicCache(config=head.body.config)  # every step's keys, step after step
+        total, hits = 0.0, []
+        for step in range(depths or s.unroll):
+            ahead = 1 + step  # tokens and labels j + 1 + step
+            toks = F.pad(tokens[:, ahead:], (0, ahead - 1))[:, :n]  # (B, n)
+            want = F.pad(labels[:, ahead:], (0, ahead - 1), value=-100)[:, :n]
+            visible = ttt_mask(n, step, valid[:, :n])  # (B, 1, n, (step + 1) n)
+            bias = torch.zeros(visible.shape, dtype=states.dtype, device=states.device)
+            bias.masked_fill_(~visible, torch.finfo(states.dtype).min)
+            out = head(states, embed(toks).float(), pos[:, :n] + step, cache, attention_mask=bias)  # (B, n, H)
+            ce, hit = self._ce(head.logit_states(out), want)
+            total = total + ce * (s.step_weight ** step)
+            hits.append(hit)
+            states = out
+        return total, hits
+
+    def _pard(self, batch, depths):
+        draft, s = self.module, self.settings
+        block = mask_blocks(batch["tokens"].cpu(), batch["labels"].cpu(), batch["positions"].cpu(),
+                            batch["mask"].cpu(), batch["answer"].cpu(), s.block, s.retain,
+                            self.generator if self.training else torch.Generator().manual_seed(s.seed))
+        device = batch["tokens"].device
+        block = {k: v.to(device) for k, v in block.items()}
+        x = draft.embed(block["ids"], block["is_mask"])
+        bias = torch.zeros(block["visible"].shape, dtype=x.dtype, device=device)
+        bias.masked_fill_(~block["visible"], torch.finfo(x.dtype).min)
+        hidden = draft.hidden(x, block["positions"], attention_mask=bias)  # (B, L, H)
+        total, hits = 0.0, []
+        for d in range(min(depths or s.block, s.block)):  # depth 1: the tokens' own next-token guesses
+            at = block["depth"] == d
+            labels = torch.where(at, block["labels"], -100)
+            if not (labels != -100).any():
+                hits.append(torch.zeros(2, dtype=torch.long, device=device))
+                continue
+            ce, hit = self._ce(hidden[at], labels[at])
+            total = total + ce
+            hits.append(hit)
+        return total, hits
 
     def _eagle(self, batch, depths):
         target, s = self._target[0], self.settings
@@ -226,11 +314,20 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
     if settings.vocab:
         vocab = frequent_tokens(train_set.labels, settings.vocab, target.get_output_embeddings().weight.shape[0])
     head = ReducedHead(target.get_output_embeddings(), vocab).float()
+    settings = resolved(kind, target, settings)
     objective = Objective(kind, target, head, settings)
     exit_layer = settings.layers if kind == "early_exit" else None
-    train_chunks = chunks(train_set, settings.seq_len, exit_layer)
-    val_batches = [collate(c, head.label_index) for c in _batched(chunks(val_set, settings.seq_len, exit_layer),
-                                                                  settings.batch_size)]
+    fused = settings.fused_layers if kind == "eagle" else None
+    train_chunks = chunks(train_set, settings.seq_len, exit_layer, fused)
+    if len(train_chunks) < settings.batch_size:
+        raise ValueError(f"the distillation set has {len(train_chunks)} training chunks of <= {settings.seq_len} tokens "
+                         f"(after {settings.holdout} held-out sequences), fewer than one batch of "
+                         f"batch_size={settings.batch_size}: build a larger set or lower drafter.train.batch_size")
+    val_chunks = chunks(val_set, settings.seq_len, exit_layer, fused)
+    if not val_chunks:
+        raise ValueError(f"the distillation set has {len(data.sequences)} sequences, none left for validation after "
+                         f"holdout={settings.holdout}: build a larger set or set drafter.train.holdout")
+    val_batches = [collate(c, head.label_index) for c in _batched(val_chunks, settings.batch_size)]
     params = [p for p in objective.module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     steps = max(1, math.ceil(settings.epochs * len(train_chunks) / settings.batch_size))
@@ -271,20 +368,49 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
     return inner.module, vocab, final
 
 
+def resolved(kind: str, target: PreTrainedModel, settings: TrainSettings) -> TrainSettings:
+    """``settings`` with EAGLE-3's layers chosen (``()``: 2, L/2, L-3) and PARD's layers those of ``init_from``."""
+    changes = {}
+    if kind == "eagle" and settings.fused_layers is not None:
+        layers = tuple(settings.fused_layers) or default_fused_layers(target.config.num_hidden_layers)
+        changes["fused_layers"] = check_fused_layers(layers, target.config.num_hidden_layers)
+    if kind == "pard":
+        if settings.block < 2:
+            raise ValueError(f"pard block={settings.block} must be >= 2 (the root's prediction and at least one mask)")
+        if settings.init_from:
+            changes["init_layers"] = tuple(load_checkpoint(settings.init_from, "draft_model")["settings"]["init_layers"])
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
+def _distilled_weights(name: str, target: PreTrainedModel) -> dict[str, Tensor]:
+    """A ``draft_model`` checkpoint's own weights (PARD starts from the distilled draft)."""
+    ckpt = load_checkpoint(name, "draft_model")
+    check_target(ckpt, target)
+    return ckpt["state_dict"]
+
+
 def module_settings(kind: str, target: PreTrainedModel, settings: TrainSettings) -> dict:
     """What a checkpoint needs to rebuild the module before its weights load."""
+    settings = resolved(kind, target, settings)
     if kind == "eagle":
-        return {"target_config": target.config.to_dict()}
+        fused = None if settings.fused_layers is None else list(settings.fused_layers)
+        return {"target_config": target.config.to_dict(), "fused_layers": fused}
     if kind == "medusa":
         return {"hidden": target.config.hidden_size, "heads": settings.heads}
     if kind == "early_exit":
         return {"hidden": target.config.hidden_size, "layers": settings.layers}
+    if kind == "pard":
+        return {"init_layers": list(settings.init_layers), "block": settings.block}
     return {"init_layers": list(settings.init_layers)}
 
 
 def trained_weights(kind: str, module: nn.Module) -> dict[str, Tensor]:
-    """What a checkpoint keeps: the module's own weights (a draft model's borrowed embedding stays out)."""
-    return own_weights(module) if kind == "draft_model" else module.state_dict()
+    """What a checkpoint keeps: the module's own weights (a draft's borrowed embedding stays out)."""
+    if kind == "draft_model":
+        return own_weights(module)
+    if kind == "pard":
+        return module.own_weights()
+    return module.state_dict()
 
 
 def _batched(items: list, size: int) -> list[list]:
