@@ -1,11 +1,13 @@
 """Train a drafter for the target on its own outputs, log to W&B, save a checkpoint (installed: ``specdec-train``).
 
-    python -m experiments.train_drafter drafter=eagle          # also: medusa, early_exit, draft_model
+    python -m experiments.train_drafter drafter=eagle          # also: pard, medusa, early_exit, draft_model
     python -m experiments.train_drafter drafter=medusa drafter.train.heads=3 logger=csv
     accelerate launch --multi_gpu --num_processes 2 -m experiments.train_drafter drafter=eagle threads=1   # CPU: gloo
 
-1. builds (or reads from the cache) the self-distillation set: GSM8K training questions and
-   prompts the target writes itself, answered greedily by the target (:mod:`specdec.training.distill`);
+1. builds (or reads from the cache) the self-distillation set: the target's greedy answers to chat,
+   writing, coding, extraction, qa, summarising, translation and GSM8K prompts
+   (:mod:`specdec.training.distill`; ``python -m specdec.training.distill`` builds it alone), and
+   refuses a set too small for one training batch;
 2. runs the target once over it for hidden states and greedy labels;
 3. trains the drafter (:mod:`specdec.training.train`), logging loss and per-depth top-1 accuracy;
 4. saves the checkpoint where ``drafter=<name>`` loads it (``specdec/checkpoints/<checkpoint>.pt``,
@@ -31,7 +33,7 @@ from specdec import generate, load_model
 from specdec.training.checkpoint import SHIPPED, save_checkpoint
 from specdec.training.distill import DistillSettings, distill_set
 from specdec.tooling.loggers import NullLogger, make_logger
-from specdec.training.train import TrainSettings, module_settings, train, trained_weights
+from specdec.training.train import TrainSettings, drafter_layers, module_settings, resolved, train, trained_weights
 
 from . import CONFIG_DIR
 from .schema import register, validate_training
@@ -77,10 +79,11 @@ def main(cfg: DictConfig) -> None:
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
     data_settings = DistillSettings(**{k: v for k, v in OmegaConf.to_container(cfg.data).items()
                                        if k != "teacher_layers"})
-    layers = tuple(sorted(set(cfg.data.teacher_layers) | ({settings.layers} if cfg.drafter.name == "early_exit"
-                                                          else set())))
+    settings = resolved(cfg.drafter.name, model, settings)  # EAGLE-3's layers for this target, PARD's from init_from
+    layers = tuple(sorted(set(cfg.data.teacher_layers) | drafter_layers(cfg.drafter.name, settings)))
     with accelerator.main_process_first():  # one process builds the cached set, the others read it
         data = distill_set(model, tokenizer, data_settings, layers)
+    data.check_enough(settings.batch_size, settings.seq_len, settings.holdout, accelerator.num_processes)
     module, vocab, metrics = train(cfg.drafter.name, model, data, settings, logger.log_metrics, accelerator)
     if accelerator.is_main_process:
         path = checkpoint_file(cfg)

@@ -56,11 +56,10 @@ def head_config(target_config: PretrainedConfig, layers: int = 1) -> PretrainedC
     return config
 
 
-def default_fused_layers(num_layers: int) -> tuple[int, int, int]:
+def default_fused_layers(num_layers: int) -> tuple[int, ...]:
     """EAGLE-3's low, middle and high features for a target of ``num_layers`` layers: the hidden states
     after layers 2, L/2 and L-3 (30 layers: 2, 15, 27), as indices into ``output_hidden_states``."""
-    low, mid, high = min(2, num_layers), num_layers // 2, max(0, num_layers - 3)
-    return low, mid, high
+    return tuple(sorted((min(2, num_layers), num_layers // 2, max(0, num_layers - 3))))
 
 
 def check_fused_layers(fused_layers, num_layers: int) -> tuple[int, ...]:

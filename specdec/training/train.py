@@ -174,27 +174,16 @@ class Objective(nn.Module):
         return loss, hits
 
     def _eagle3(self, batch, depths):
-        """EAGLE-3's training-time test: index j holds the pair (state, x_{j+1+s}) at position j + s; step 0's
-        states are the fused target features g_j, step s's the head's own outputs of step s - 1 at j."""
-        target, s, head = self._target[0], self.settings, self.module
-        tokens, labels, pos, valid = batch["tokens"], batch["labels"], batch["positions"], batch["mask"]
-        n = tokens.shape[1] - 1  # index j: the pair (g_j, x_{j+1})
-        states = head.fuse_features(batch["fused"][:, :n])  # (B, n, H)
-        embed = target.get_input_embeddings()
-        cache = DynamicCache(config=head.body.config)  # every step's keys, step after step
+        s = self.settings
+        steps = ttt_unroll(self.module, self._target[0].get_input_embeddings(), batch["fused"], batch["tokens"],
+                           batch["positions"], batch["mask"], depths or s.unroll)
         total, hits = 0.0, []
-        for step in range(depths or s.unroll):
-            ahead = 1 + step  # tokens and labels j + 1 + step
-            toks = F.pad(tokens[:, ahead:], (0, ahead - 1))[:, :n]  # (B, n)
-            want = F.pad(labels[:, ahead:], (0, ahead - 1), value=-100)[:, :n]
-            visible = ttt_mask(n, step, valid[:, :n])  # (B, 1, n, (step + 1) n)
-            bias = torch.zeros(visible.shape, dtype=states.dtype, device=states.device)
-            bias.masked_fill_(~visible, torch.finfo(states.dtype).min)
-            out = head(states, embed(toks).float(), pos[:, :n] + step, cache, attention_mask=bias)  # (B, n, H)
-            ce, hit = self._ce(head.logit_states(out), want)
+        for step, out in enumerate(steps):
+            ahead = 1 + step  # index j of step s predicts the label j + 1 + s
+            want = F.pad(batch["labels"][:, ahead:], (0, ahead - 1), value=-100)[:, : out.shape[1]]
+            ce, hit = self._ce(self.module.logit_states(out), want)
             total = total + ce * (s.step_weight ** step)
             hits.append(hit)
-            states = out
         return total, hits
 
     def _pard(self, batch, depths):
@@ -261,6 +250,36 @@ class Objective(nn.Module):
         hidden = self.module.model(input_ids=batch["tokens"], position_ids=batch["positions"]).last_hidden_state
         ce, hit = self._ce(hidden, batch["labels"])
         return ce, [hit]
+
+
+def ttt_unroll(head: EagleHead, embed: nn.Module, fused: Tensor, tokens: Tensor, positions: Tensor, valid: Tensor,
+               steps: int, mask=ttt_mask) -> list[Tensor]:
+    """EAGLE-3's training-time test: the head run ``steps`` times over every position at once.
+
+    Index ``j`` of step ``s`` is the pair ``(state, x_{j+1+s})`` at position ``j + s``: step 0 reads the
+    fused target features ``g_j``, step ``s`` the head's own output of step ``s - 1`` at ``j``, attending
+    (``mask``, :func:`~specdec.drafters.eagle.ttt_mask`) to the true prefix and its own earlier steps, as
+    the node at depth ``s`` below ``j`` does when drafting.
+
+    Args:
+        fused: ``(B, T, F)`` target features side by side; tokens, positions: ``(B, T)``; valid ``(B, T)``.
+
+    Returns:
+        Per step ``(B, T - 1, H)`` the head's output states (index ``j`` predicts the label ``j + 1 + s``).
+    """
+    n = tokens.shape[1] - 1  # index j: the pair (g_j, x_{j+1})
+    states = head.fuse_features(fused[:, :n])  # (B, n, H)
+    cache = DynamicCache(config=head.body.config)  # every step's keys, step after step
+    out = []
+    for step in range(steps):
+        ahead = 1 + step
+        toks = F.pad(tokens[:, ahead:], (0, ahead - 1))[:, :n]  # (B, n): x_{j+1+step} (0 past the end)
+        visible = mask(n, step, valid[:, :n])  # (B, 1, n, (step + 1) n)
+        bias = torch.zeros(visible.shape, dtype=states.dtype, device=states.device)
+        bias.masked_fill_(~visible.to(states.device), torch.finfo(states.dtype).min)
+        states = head(states, embed(toks).to(states.dtype), positions[:, :n] + step, cache, attention_mask=bias)
+        out.append(states)
+    return out
 
 
 @torch.no_grad()
@@ -380,6 +399,16 @@ def resolved(kind: str, target: PreTrainedModel, settings: TrainSettings) -> Tra
         if settings.init_from:
             changes["init_layers"] = tuple(load_checkpoint(settings.init_from, "draft_model")["settings"]["init_layers"])
     return dataclasses.replace(settings, **changes) if changes else settings
+
+
+def drafter_layers(kind: str, settings: TrainSettings) -> set[int]:
+    """The target hidden states (indices into ``output_hidden_states``) the teacher pass must keep for ``kind``
+    (``settings`` from :func:`resolved`): EAGLE-3's fused layers, early exit's exit layer."""
+    if kind == "eagle" and settings.fused_layers is not None:
+        return set(settings.fused_layers)
+    if kind == "early_exit":
+        return {settings.layers}
+    return set()
 
 
 def _distilled_weights(name: str, target: PreTrainedModel) -> dict[str, Tensor]:
