@@ -124,9 +124,8 @@ def main(cfg: DictConfig) -> None:
         methods.append(hf_generate(model, n, "hf_prompt_lookup", sampling=sampling,
                                    prompt_lookup_num_tokens=cfg.hf_prompt_lookup_num_tokens))
     if cfg.hf_assistant:  # transformers' own assisted generation, with our trained draft model as assistant
-        assistant = Distilled.from_checkpoint(cfg.hf_assistant)
-        assistant.check(model)
-        methods.append(hf_generate(model, n, "hf_assisted", sampling=sampling, assistant_model=assistant.model))
+        assistant = Distilled.from_checkpoint(cfg.hf_assistant).draft_for(model)  # the draft LM built on the target
+        methods.append(hf_generate(model, n, "hf_assisted", sampling=sampling, assistant_model=assistant))
     engine = {key: cfg[key] for key in ENGINE_KEYS}
     methods += [specdec_generate(model, None, n, "specdec_no_draft", backend, sampling,
                                  linear_backend=cfg.linear_backend),
