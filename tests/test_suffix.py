@@ -229,7 +229,7 @@ SHARED = {name: make() for name, make in kinds().items()}  # corpora that grow o
 prompts = st.lists(st.integers(3, 12), min_size=1, max_size=24).map(lambda xs: torch.tensor([xs]))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=prompts, kind=st.sampled_from(sorted(SHARED)), max_new=st.integers(1, 40), shared=st.booleans())
 def test_greedy_equals_generate(model, ids, kind, max_new, shared):
     drafter = SHARED[kind] if shared else kinds()[kind]()
@@ -240,7 +240,7 @@ def test_greedy_equals_generate(model, ids, kind, max_new, shared):
 batches = st.lists(st.lists(st.integers(3, 12), min_size=1, max_size=16), min_size=1, max_size=6)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=batches, kind=st.sampled_from(sorted(SHARED)), eos=st.sampled_from([None, 7, 30]))
 def test_batch_rows_equal_generate_alone(model, rows, kind, eos):
     assert_rows_match_alone(model, rows, SHARED[kind], max_new_tokens=24, eos=eos)

@@ -229,10 +229,11 @@ class SuffixCorpus:
     Args:
         documents: token-id sequences to start with.
         max_tokens: when the corpus passes this many tokens, the oldest documents are dropped down to
-            3/4 of it and the automaton rebuilt (amortised O(1) per token); ``None``: no bound.
+            3/4 of it and the automaton rebuilt (amortised O(1) per token); ``None``: no bound. The
+            automaton takes about 350 bytes a token (measured on Spec-Bench text): 175 MB at the default.
     """
 
-    def __init__(self, documents: Iterable = (), max_tokens: int | None = 1_000_000) -> None:
+    def __init__(self, documents: Iterable = (), max_tokens: int | None = 500_000) -> None:
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"SuffixCorpus max_tokens={max_tokens} must be >= 1 (or None for no bound)")
         self.max_tokens = max_tokens
