@@ -16,14 +16,19 @@ import specdec
 from specdec.training.checkpoint import fingerprint, save_checkpoint
 from specdec.training.distill import teacher_pass
 from specdec.drafters import Distilled, Eagle, EarlyExit, Medusa
+from specdec.drafters.pard import Pard, mask_blocks
 from specdec.drafters.vocab import ReducedHead, frequent_tokens
-from specdec.training.train import KINDS, TrainSettings, module_settings, train, trained_weights
+from specdec.training.train import (KINDS, Objective, TrainSettings, collate, chunks, module_settings, train,
+                                    trained_weights, ttt_unroll)
 from specdec.tree import TreeSpec
 
 from conftest import save_with_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
-FROM_CHECKPOINT = {"eagle": Eagle, "medusa": Medusa, "early_exit": EarlyExit, "draft_model": Distilled}
+FROM_CHECKPOINT = {"eagle": Eagle, "medusa": Medusa, "early_exit": EarlyExit, "draft_model": Distilled, "pard": Pard}
+EAGLE3 = {"fused_layers": (1, 2, 3), "unroll": 3}  # the tiny teacher's hidden states after layers 1, 2, 3
+VARIANTS = [(kind, {}) for kind in KINDS] + [("eagle", EAGLE3)]  # eagle alone: EAGLE-1 (feature regression)
+VARIANT_IDS = [kind for kind in KINDS] + ["eagle3"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,7 @@ def distill_set(teacher):
                                eos_token_id=None, pad_token_id=0)
         sequences.append(out[0])
         prompt_lens.append(6)
-    return teacher_pass(teacher, sequences, prompt_lens, layers=(1,))
+    return teacher_pass(teacher, sequences, prompt_lens, layers=(1, 2, 3))
 
 
 def quick(kind: str, **overrides) -> TrainSettings:
@@ -51,10 +56,10 @@ def quick(kind: str, **overrides) -> TrainSettings:
     return TrainSettings(**(base | overrides))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_training_lowers_the_loss(teacher, distill_set, kind):
+@pytest.mark.parametrize("kind, extra", VARIANTS, ids=VARIANT_IDS)
+def test_training_lowers_the_loss(teacher, distill_set, kind, extra):
     losses = []
-    module, vocab, metrics = train(kind, teacher, distill_set, quick(kind),
+    module, vocab, metrics = train(kind, teacher, distill_set, quick(kind, **extra),
                                    log=lambda m, step: losses.append(m["train/loss"]))
     assert len(losses) >= 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -73,19 +78,75 @@ def test_eagle_per_depth_accuracy_is_logged(teacher, distill_set):
     assert evals and all(0.0 <= m["val/top1_depth2"] <= 1.0 for m in evals)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_checkpoint_round_trip_is_lossless_and_refuses_another_target(teacher, distill_set, kind, tmp_path):
-    settings = quick(kind, epochs=2)
+def _batch(teacher, distill_set, kind, **extra):
+    settings = quick(kind, **extra)
+    objective = Objective(kind, teacher, ReducedHead(teacher.lm_head), settings)
+    fused = settings.fused_layers if kind == "eagle" else None
+    batch = collate(chunks(distill_set, 32, None, fused)[:4], lambda labels: labels)
+    return objective, batch
+
+
+def test_eagle3_unroll_shapes_and_gradients(teacher, distill_set):
+    """One state per step and position; every step's loss reaches fuse, fc and the layer; the step weights
+    decay; the head reads the fused layers side by side."""
+    objective, batch = _batch(teacher, distill_set, "eagle", **EAGLE3)
+    B, T = batch["tokens"].shape
+    assert batch["fused"].shape == (B, T, 3 * teacher.config.hidden_size)
+    steps = ttt_unroll(objective.module, teacher.get_input_embeddings(), batch["fused"], batch["tokens"],
+                       batch["positions"], batch["mask"], 3)
+    assert [s.shape for s in steps] == [(B, T - 1, teacher.config.hidden_size)] * 3
+    loss, hits = objective(batch)
+    assert len(hits) == 3 and all(int(c) <= int(n) for c, n in hits) and int(hits[2][1]) < int(hits[0][1])
+    loss.backward()
+    head = objective.module
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (head.fuse.weight, head.fc.weight,
+                                                                      head.body.layers[0].mlp.up_proj.weight))
+
+
+def test_pard_objective_shapes_and_gradients(teacher, distill_set):
+    """Depth 1 scores every token's next-token guess, depths 2.. the masks; the mask embedding learns."""
+    objective, batch = _batch(teacher, distill_set, "pard", block=3, retain=1.0)
+    loss, hits = objective(batch)
+    assert len(hits) == 3
+    tokens = int((batch["labels"] != -100).sum())
+    assert int(hits[0][1]) == tokens and 0 < int(hits[2][1]) < int(hits[1][1]) < tokens
+    loss.backward()
+    assert objective.module.mask.grad.abs().sum() > 0
+    assert objective.module.lm.model.embed_tokens.weight.grad is None  # the target's embedding stays frozen
+    block = mask_blocks(batch["tokens"], batch["labels"], batch["positions"], batch["mask"], batch["answer"], 3, 1.0)
+    assert block["visible"].shape[-1] == block["ids"].shape[1] > batch["tokens"].shape[1]
+
+
+def test_eagle3_needs_its_layers_in_the_set(teacher, distill_set):
+    with pytest.raises(ValueError, match=r"holds only \[1, 2, 3\].*data.teacher_layers=\[0, 1, 2\]"):
+        train("eagle", teacher, distill_set, quick("eagle", fused_layers=(0, 1, 2)))
+
+
+def test_a_set_too_small_for_one_batch_is_refused(teacher, distill_set):
+    from specdec.training.distill import DistillSet
+
+    tiny = DistillSet(distill_set.sequences[:5], distill_set.prompt_lens[:5], distill_set.features[:5],
+                      {k: v[:5] for k, v in distill_set.layer_features.items()}, distill_set.labels[:5])
+    with pytest.raises(ValueError, match="fewer than one batch of batch_size=4"):
+        train("pard", teacher, tiny, quick("pard"))
+
+
+@pytest.mark.parametrize("kind, extra", VARIANTS, ids=VARIANT_IDS)
+def test_checkpoint_round_trip_is_lossless_and_refuses_another_target(teacher, distill_set, kind, extra, tmp_path):
+    settings = quick(kind, epochs=2, **extra)
     module, vocab, metrics = train(kind, teacher, distill_set, settings)
     path = save_checkpoint(tmp_path / f"{kind}.pt", kind, trained_weights(kind, module),
                            module_settings(kind, teacher, settings), teacher, vocab, "tiny-teacher", metrics)
-    if kind == "draft_model":  # the borrowed embedding is not saved
+    if kind in ("draft_model", "pard"):  # the borrowed embedding is not saved
         assert not any("embed_tokens" in k for k in torch.load(path)["state_dict"])
     drafter = FROM_CHECKPOINT[kind].from_checkpoint(str(path))
+    if kind == "eagle":
+        assert drafter.head.fused_layers == extra.get("fused_layers")  # the mode comes back from the checkpoint
     ids = distill_set.sequences[-1][None, :6]
     expected = teacher.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=30,
                                 eos_token_id=None, pad_token_id=0)
-    out = specdec.generate(teacher, ids, drafter, max_new_tokens=30, eos_token_id=None, return_dict_in_generate=True)
+    out = specdec.generate(teacher, ids, drafter, max_new_tokens=30, eos_token_id=None, return_dict_in_generate=True,
+                           goodput=False)
     assert torch.equal(out.sequences, expected)
     assert out.stats.tau > 1.0  # trained on this teacher's own outputs: some drafts are accepted
 
@@ -167,10 +228,12 @@ def train_command(tiny_dir, tmp_path, *launcher, drafter="eagle", extra=()):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_train_drafter_command_end_to_end(tiny_dir, tmp_path):
+@pytest.mark.parametrize("drafter, extra", [("eagle", []),  # EAGLE-3 on the tiny model's layers 0, 1, 2
+                                            ("pard", ["drafter.train.init_from=", "drafter.train.init_layers=[0,2]"])])
+def test_train_drafter_command_end_to_end(tiny_dir, tmp_path, drafter, extra):
     """`python -m experiments.train_drafter` on a tiny model with a tokenizer: builds the set, trains, saves,
     decodes held-out prompts, logs to W&B offline."""
-    done = train_command(tiny_dir, tmp_path, extra=["logger=wandb"])
+    done = train_command(tiny_dir, tmp_path, drafter=drafter, extra=["logger=wandb", *extra])
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "drafter.pt"
     assert out.is_file()

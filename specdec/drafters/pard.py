@@ -114,7 +114,8 @@ def mask_blocks(tokens: Tensor, labels: Tensor, positions: Tensor, valid: Tensor
     rows = []
     for b in range(B):
         n = int(valid[b].sum())
-        anchors = torch.arange(max(0, int(answer[b])), max(0, n - 1))  # (C,): each has a token after it
+        first = max(0, int(answer[b]))
+        anchors = torch.arange(first, max(first, n - 1))  # (C,): each has a token after it (none in a prompt chunk)
         u = torch.rand(len(anchors), generator=generator)
         depth = torch.arange(1, block)
         keep = (u[:, None] < retain ** depth[None, :].double()) & (anchors[:, None] + depth[None, :] < n)

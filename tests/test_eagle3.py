@@ -1,0 +1,203 @@
+"""EAGLE-3 heads: greedy equality with model.generate (single prompts, left-padded batches), the sampling
+law with a wrong rule failing, the training-time test's attention (each position sees exactly the true
+prefix and its own earlier steps, so training computes what drafting computes), the fused features the
+engine hands over, and the int8 draft products."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+import specdec
+import specdec.engine
+from specdec.drafters import DecodeState, Eagle, EagleHead, TargetView
+from specdec.drafters.eagle import DraftLMHead, EagleNet, Int8Linear, default_fused_layers, ttt_mask
+from specdec.drafters.vocab import ReducedHead
+from specdec.engine import decode
+from specdec.options import Options
+from specdec.text import left_pad
+from specdec.training.train import ttt_unroll
+
+from conftest import tiny_llama
+from test_lossless_sampling import N_SAMPLES, N_TOKENS, PROMPT, SAMPLING, V, accept_every_draft, chi2_pvalue, exact_joint
+
+OPTIONS = Options(max_new_tokens=N_TOKENS, sampling=SAMPLING, goodput=False)  # always draft: the rule is what is tested
+
+FUSED = (0, 1, 2)  # of a 2-layer target: embeddings, after layer 1, after layer 2 (normed)
+STATIC = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
+
+
+def reference(model, ids, **kwargs):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, **kwargs)
+
+
+def eagle3(target, shape, k, quantize=True, vocab=None):
+    head = EagleHead.from_target(target, FUSED)
+    shapes = {"chain": dict(k=k), "tree": dict(k=k, top_k=3, width=2, budget=2 * k), "static": dict(k=k, tree=STATIC)}
+    return Eagle(head, vocab=vocab, quantize=quantize, **shapes[shape])
+
+
+prompts = st.lists(st.integers(3, 63), min_size=1, max_size=24).map(lambda xs: torch.tensor([xs]))
+shapes = st.sampled_from(["chain", "tree", "static"])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=prompts, shape=shapes, k=st.integers(1, 6), max_new=st.integers(1, 32), quantize=st.booleans(),
+       reduced=st.booleans())
+def test_greedy_equals_generate(target, ids, shape, k, max_new, quantize, reduced):
+    vocab = torch.arange(0, target.config.vocab_size, 2) if reduced else None
+    expected = reference(target, ids, max_new_tokens=max_new, eos_token_id=None)
+    got = specdec.generate(target, ids, eagle3(target, shape, k, quantize, vocab), max_new_tokens=max_new,
+                           eos_token_id=None, goodput=False)
+    assert torch.equal(got, expected)
+
+
+batches = st.lists(st.lists(st.integers(3, 63), min_size=1, max_size=16), min_size=1, max_size=6)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=batches, shape=shapes, k=st.integers(1, 5), eos=st.sampled_from([None, 7, 30]))
+def test_batch_rows_equal_generate_alone(target, rows, shape, k, eos):
+    ids, mask = left_pad([torch.tensor(r) for r in rows], pad_id=0)
+    got = specdec.generate(target, ids, eagle3(target, shape, k), attention_mask=mask, max_new_tokens=20,
+                           eos_token_id=eos, pad_token_id=0, goodput=False)
+    for i, row in enumerate(rows):
+        alone = reference(target, torch.tensor([row]), max_new_tokens=20, eos_token_id=eos)[0, len(row):].tolist()
+        produced = got[i, ids.shape[1]:].tolist()
+        assert produced[: len(alone)] == alone and all(t == 0 for t in produced[len(alone):])
+
+
+def test_proposer_asks_for_the_fused_layers_and_gets_them_side_by_side(target, monkeypatch):
+    seen = []
+    original = EagleNet.prefill
+
+    def spy(self, states):
+        seen.extend(s.hidden.shape for s in states)
+        return original(self, states)
+
+    monkeypatch.setattr(EagleNet, "prefill", spy)
+    ids = torch.tensor([[5, 9, 13, 7]])
+    specdec.generate(target, ids, eagle3(target, "chain", 2), max_new_tokens=4, eos_token_id=None, goodput=False)
+    assert seen == [torch.Size([3, 3 * target.config.hidden_size])]
+    assert eagle3(target, "chain", 2).proposer(TargetView(target, OPTIONS)).hidden_layers == FUSED
+
+
+def test_head_refuses_features_of_the_wrong_width(target):
+    net = EagleNet(EagleHead.from_target(target, FUSED), target.get_input_embeddings(), ReducedHead(target.lm_head),
+                   TargetView(target, OPTIONS))
+    state = DecodeState(0, torch.tensor([[5, 6, 7]]), 3, 4, SAMPLING, hidden=torch.zeros(2, target.config.hidden_size))
+    with pytest.raises(ValueError, match=r"side by side \(width 96\) but got width 32.*hidden_layers"):
+        net.prefill([state])
+
+
+def test_fused_layers_are_checked_against_the_target(target):
+    assert default_fused_layers(30) == (2, 15, 27) and default_fused_layers(2) == (0, 1, 2)
+    with pytest.raises(ValueError, match=r"fused_layers=\[0, 5\] must be indices in \[0, 2\]"):
+        EagleHead(target.config, (0, 5))
+
+
+# --- the training-time test -------------------------------------------------------------------------
+
+
+def test_ttt_mask_sees_the_true_prefix_and_its_own_earlier_steps():
+    n = 5
+    valid = torch.tensor([[True] * 4 + [False]])
+    for step in range(4):
+        mask = ttt_mask(n, step, valid)[0, 0]  # (n, (step + 1) n)
+        assert mask.shape == (n, (step + 1) * n)
+        for j in range(n):
+            want = {(0, i) for i in range(j + 1) if valid[0, i] or i == j} | {(s, j) for s in range(1, step + 1)}
+            got = {(int(c) // n, int(c) % n) for c in mask[j].nonzero().flatten()}
+            assert got == want, (step, j)
+
+
+def _wrong_mask(n, step, valid):
+    """A broken training-time test: each step attends causally within every step's keys."""
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None].expand(len(valid), -1, -1)
+    return torch.cat([causal] * (step + 1), dim=2)[:, None]
+
+
+@pytest.mark.parametrize("mask, exact", [(ttt_mask, True), (_wrong_mask, False)])
+def test_ttt_unroll_computes_what_drafting_computes(mask, exact):
+    """Training step s at index j equals the head drafting s steps below position j on its own states (the
+    tokens fed are the true ones in both); a mask that lets steps see their neighbours' steps fails."""
+    torch.manual_seed(0)
+    target = tiny_llama(seed=5, layers=3)
+    head = EagleHead.from_target(target, (1, 2, 3))
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.2)  # far from the pass-through start, so every mistake shows
+    embed = target.get_input_embeddings()
+    tokens = torch.randint(3, 64, (2, 9))
+    with torch.no_grad():
+        hidden = target(tokens, output_hidden_states=True).hidden_states
+        fused = torch.cat([hidden[1], hidden[2], hidden[3]], dim=-1)
+        positions = torch.arange(9).repeat(2, 1)
+        steps = ttt_unroll(head, embed, fused, tokens, positions, torch.ones(2, 9, dtype=torch.bool), 4, mask)
+        worst = 0.0
+        for b in range(2):
+            for j in range(8):
+                cache = DynamicCache(config=head.body.config)
+                out = head(head.fuse_features(fused[b : b + 1, : j + 1]), embed(tokens[b : b + 1, 1 : j + 2]),
+                           positions[b : b + 1, : j + 1], cache)  # the true prefix, causal
+                state = out[:, -1:]
+                for s in range(4):
+                    if j + 1 + s >= 9:
+                        break
+                    if s:  # one draft step: its own previous state, the next true token
+                        state = head(state, embed(tokens[b : b + 1, j + 1 + s : j + 2 + s]),
+                                     positions[b : b + 1, j : j + 1] + s, cache)
+                    worst = max(worst, float((steps[s][b, j] - state[0, -1]).abs().max()))
+    assert (worst < 1e-5) == exact, worst
+
+
+# --- sampling ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_target():
+    return tiny_llama(vocab=V, seed=10, scale=4.0)
+
+
+def sampled_eagle3(small_target):
+    torch.manual_seed(5)
+    head = EagleHead.from_target(small_target, FUSED)
+    return Eagle(head, vocab=torch.tensor([0, 2, 3, 4]), k=2, top_k=2, width=2)
+
+
+def sample_counts(model, drafter):
+    gen = torch.Generator().manual_seed(1234)
+    counts = torch.zeros(V**3)
+    for _ in range(N_SAMPLES):
+        (tokens,), _ = decode(model, PROMPT, drafter, OPTIONS, gen)
+        counts[(torch.tensor(tokens) * torch.tensor([V * V, V, 1])).sum()] += 1
+    return counts
+
+
+def test_sampling_matches_target(small_target):
+    assert chi2_pvalue(sample_counts(small_target, sampled_eagle3(small_target)), exact_joint(small_target)) > 1e-3
+
+
+def test_wrong_rule_is_caught(small_target, monkeypatch):
+    monkeypatch.setattr(specdec.engine, "accept_sampling", accept_every_draft)
+    assert chi2_pvalue(sample_counts(small_target, sampled_eagle3(small_target)), exact_joint(small_target)) < 1e-6
+
+
+# --- int8 draft products -----------------------------------------------------------------------------
+
+
+def test_int8_linear_is_close_and_the_head_keeps_the_reduced_vocabulary():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    x = torch.randn(3, 5, 96)
+    exact, approx = linear(x), Int8Linear(linear)(x)
+    assert approx.shape == exact.shape
+    assert (approx - exact).abs().max() < 0.03 * exact.abs().max()
+    head = torch.nn.Linear(96, 40, bias=False)
+    ids = torch.tensor([1, 5, 9])
+    lm = DraftLMHead(ReducedHead(head, ids), int8=True)
+    out = lm(x)
+    assert out.shape == (3, 5, 40) and torch.isinf(out[..., [0, 2, 39]]).all()
+    assert torch.allclose(out[..., ids], head(x)[..., ids], atol=0.05 * float(head(x).abs().max()))
