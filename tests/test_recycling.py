@@ -2,6 +2,7 @@
 output equals model.generate; sampling keeps the target's law; the cache stays whole; a shared
 table warms later calls and serves threads."""
 
+import dataclasses
 import random
 import sys
 import threading
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 import specdec
 import specdec.engine
+import test_lossless_sampling
 from specdec.drafters.base import DecodeState, TargetView
 from specdec.drafters.recycling import DEFAULT_TREE, RecyclingTable, TokenRecycling
 from specdec.engine import SpeculativeDecoder, prepare_target
@@ -24,7 +26,8 @@ from specdec.verify import Acceptance
 from conftest import attentive, tiny_llama
 from test_cache import assert_kv_close, fresh_prefill, kv
 from test_generate import assert_rows_match_alone, reference
-from test_lossless_sampling import accept_every_draft, chi2_pvalue, exact_joint, sample_counts, small_target  # noqa: F401
+from test_lossless_sampling import accept_every_draft, chi2_pvalue, exact_joint, sample_counts
+from test_lossless_sampling import small_target  # noqa: F401 - a fixture
 
 
 # --- brute-force references --------------------------------------------------------------------------
@@ -112,11 +115,13 @@ prompts = st.lists(st.integers(3, 63), min_size=1, max_size=24).map(lambda xs: t
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ids=prompts, kind=st.sampled_from(sorted(SHARED)), max_new=st.integers(1, 40), fresh=st.booleans())
-def test_greedy_equals_generate(model, ids, kind, max_new, fresh):
+@given(ids=prompts, kind=st.sampled_from(sorted(SHARED)), max_new=st.integers(1, 40), fresh=st.booleans(),
+       goodput=st.booleans())
+def test_greedy_equals_generate(model, ids, kind, max_new, fresh, goodput):
     drafter = kinds()[kind]() if fresh else SHARED[kind]
     expected = reference(model, ids, max_new_tokens=max_new, eos_token_id=None)
-    assert torch.equal(specdec.generate(model, ids, drafter, max_new_tokens=max_new, eos_token_id=None), expected)
+    got = specdec.generate(model, ids, drafter, max_new_tokens=max_new, eos_token_id=None, goodput=goodput)
+    assert torch.equal(got, expected)
 
 
 batches = st.lists(st.lists(st.integers(3, 63), min_size=1, max_size=16), min_size=1, max_size=6)
@@ -134,18 +139,21 @@ def test_shared_table_warms_later_calls_and_eos_inside_a_block_stops_there(model
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     plain = reference(model, ids, max_new_tokens=40, eos_token_id=None)
     drafter = TokenRecycling(shared=True)
-    cold = specdec.generate(model, ids, drafter, max_new_tokens=40, eos_token_id=None, return_dict_in_generate=True)
+    cold = specdec.generate(model, ids, drafter, max_new_tokens=40, eos_token_id=None, return_dict_in_generate=True,
+                            goodput=False)
     assert torch.equal(cold.sequences, plain) and len(drafter.table(model)) > 0
-    warm = specdec.generate(model, ids, drafter, max_new_tokens=40, eos_token_id=None, return_dict_in_generate=True)
+    warm = specdec.generate(model, ids, drafter, max_new_tokens=40, eos_token_id=None, return_dict_in_generate=True,
+                            goodput=False)
     assert torch.equal(warm.sequences, plain) and warm.stats.tau > cold.stats.tau
     per_call = TokenRecycling()
     for _ in range(2):  # nothing carried over: the same (cold) run twice
         again = specdec.generate(model, ids, per_call, max_new_tokens=40, eos_token_id=None,
-                                 return_dict_in_generate=True)
+                                 return_dict_in_generate=True, goodput=False)
         assert again.stats.tau == cold.stats.tau
     for eos in sorted(set(plain[0, 9:26].tolist())):
         expected = reference(model, ids, max_new_tokens=40, eos_token_id=eos)
-        out = specdec.generate(model, ids, drafter, max_new_tokens=40, eos_token_id=eos, return_dict_in_generate=True)
+        out = specdec.generate(model, ids, drafter, max_new_tokens=40, eos_token_id=eos, return_dict_in_generate=True,
+                               goodput=False)
         assert torch.equal(out.sequences, expected)
         assert out.sequences[0, -1] == eos and out.stats.accepted > 0
 
@@ -155,7 +163,7 @@ def test_cache_equals_fresh_prefill_after_steps(model):
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = (ids != 0).long()
-    options = Options(max_new_tokens=40, sampling=Sampling())
+    options = Options(max_new_tokens=40, sampling=Sampling(), goodput=False)  # a tree every step
     prepare_target(model, options)
     drafter = TokenRecycling(tree=TREES[1], top_k=4, shared=True)
     specdec.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=40, eos_token_id=None, pad_token_id=0)
@@ -215,12 +223,20 @@ def test_a_table_per_target(model):
 
 # --- sampling keeps the target's law (a warm shared table: trees at every step) ----------------------
 
-def test_speculative_sampling_matches_target(small_target):
+@pytest.fixture
+def every_step(monkeypatch):
+    """The sampling helpers' options with a tree at every step (no goodput controller): the draws do not
+    depend on measured costs, and the wrong rule meets drafts at every step."""
+    monkeypatch.setattr(test_lossless_sampling, "OPTIONS", dataclasses.replace(test_lossless_sampling.OPTIONS,
+                                                                               goodput=False))
+
+
+def test_speculative_sampling_matches_target(small_target, every_step):
     counts = sample_counts(small_target, TokenRecycling(tree=TREES[1], top_k=4, shared=True))
     assert chi2_pvalue(counts, exact_joint(small_target)) > 1e-3
 
 
-def test_wrong_rule_is_caught(small_target, monkeypatch):
+def test_wrong_rule_is_caught(small_target, every_step, monkeypatch):
     monkeypatch.setattr(specdec.engine, "accept_sampling", accept_every_draft)
     counts = sample_counts(small_target, TokenRecycling(tree=TREES[1], top_k=4, shared=True))
     assert chi2_pvalue(counts, exact_joint(small_target)) < 1e-6

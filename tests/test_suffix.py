@@ -3,6 +3,7 @@ equals model.generate; sampling keeps the target's law; the cache stays whole; t
 gives drafts to later calls and serves threads."""
 
 import itertools
+import dataclasses
 import random
 import sys
 import threading
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 import specdec
 import specdec.engine
+import test_lossless_sampling
 from specdec.drafters.base import DecodeState, TargetView
 from specdec.drafters.suffix import SuffixAutomaton, SuffixCorpus, SuffixDecoding, grow
 from specdec.engine import SpeculativeDecoder, prepare_target
@@ -23,7 +25,8 @@ from specdec.sampling import Sampling
 from conftest import attentive, tiny_llama
 from test_cache import assert_kv_close, fresh_prefill, kv
 from test_generate import assert_rows_match_alone, reference
-from test_lossless_sampling import accept_every_draft, chi2_pvalue, exact_joint, sample_counts, small_target  # noqa: F401
+from test_lossless_sampling import accept_every_draft, chi2_pvalue, exact_joint, sample_counts
+from test_lossless_sampling import small_target  # noqa: F401 - a fixture
 
 
 # --- brute-force references: O(n^2) scans of the documents ---------------------------------------
@@ -230,11 +233,13 @@ prompts = st.lists(st.integers(3, 12), min_size=1, max_size=24).map(lambda xs: t
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ids=prompts, kind=st.sampled_from(sorted(SHARED)), max_new=st.integers(1, 40), shared=st.booleans())
-def test_greedy_equals_generate(model, ids, kind, max_new, shared):
+@given(ids=prompts, kind=st.sampled_from(sorted(SHARED)), max_new=st.integers(1, 40), shared=st.booleans(),
+       goodput=st.booleans())
+def test_greedy_equals_generate(model, ids, kind, max_new, shared, goodput):
     drafter = SHARED[kind] if shared else kinds()[kind]()
     expected = reference(model, ids, max_new_tokens=max_new, eos_token_id=None)
-    assert torch.equal(specdec.generate(model, ids, drafter, max_new_tokens=max_new, eos_token_id=None), expected)
+    got = specdec.generate(model, ids, drafter, max_new_tokens=max_new, eos_token_id=None, goodput=goodput)
+    assert torch.equal(got, expected)
 
 
 batches = st.lists(st.lists(st.integers(3, 12), min_size=1, max_size=16), min_size=1, max_size=6)
@@ -254,7 +259,8 @@ def test_eos_inside_a_block_stops_exactly_there(model):
     for eos in sorted(set(plain[9:26])):
         expected = reference(model, ids, max_new_tokens=40, eos_token_id=eos)
         drafter = SuffixDecoding(k=8, corpus=SuffixCorpus([plain]), learn="none")
-        out = specdec.generate(model, ids, drafter, max_new_tokens=40, eos_token_id=eos, return_dict_in_generate=True)
+        out = specdec.generate(model, ids, drafter, max_new_tokens=40, eos_token_id=eos, return_dict_in_generate=True,
+                               goodput=False)
         assert torch.equal(out.sequences, expected)
         assert out.sequences[0, -1] == eos and out.stats.accepted > out.stats.steps  # whole blocks taken
 
@@ -265,7 +271,7 @@ def test_cache_equals_fresh_prefill_after_steps(model):
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = (ids != 0).long()
-    options = Options(max_new_tokens=40, sampling=Sampling())
+    options = Options(max_new_tokens=40, sampling=Sampling(), goodput=False)  # a tree every step
     prepare_target(model, options)
     decoder = SpeculativeDecoder(model, drafter, options)
     decoder.prefill(ids, mask)
@@ -292,7 +298,7 @@ def test_corpus_gives_drafts_to_a_later_call(model):
     taus = []
     for drafter in (learned, SuffixDecoding(k=6)):
         got = specdec.generate(model, second, drafter, max_new_tokens=30, eos_token_id=None,
-                               return_dict_in_generate=True)
+                               return_dict_in_generate=True, goodput=False)
         assert torch.equal(got.sequences, expected)
         taus.append(got.stats.tau)
     assert taus[0] > taus[1] + 0.5
@@ -337,12 +343,20 @@ def sampling_drafter():
     return SuffixDecoding(k=3, max_nodes=6, max_spec_factor=2.0, min_prob=0.05, min_match=1, learn="all")
 
 
-def test_speculative_sampling_matches_target(small_target):
+@pytest.fixture
+def every_step(monkeypatch):
+    """The sampling helpers' options with a tree at every step (no goodput controller): the draws do not
+    depend on measured costs, and the wrong rule meets drafts at every step."""
+    monkeypatch.setattr(test_lossless_sampling, "OPTIONS", dataclasses.replace(test_lossless_sampling.OPTIONS,
+                                                                               goodput=False))
+
+
+def test_speculative_sampling_matches_target(small_target, every_step):
     counts = sample_counts(small_target, sampling_drafter())
     assert chi2_pvalue(counts, exact_joint(small_target)) > 1e-3
 
 
-def test_wrong_rule_is_caught(small_target, monkeypatch):
+def test_wrong_rule_is_caught(small_target, every_step, monkeypatch):
     monkeypatch.setattr(specdec.engine, "accept_sampling", accept_every_draft)
     counts = sample_counts(small_target, sampling_drafter())
     assert chi2_pvalue(counts, exact_joint(small_target)) < 1e-6
