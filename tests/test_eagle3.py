@@ -120,10 +120,12 @@ def _wrong_mask(n, step, valid):
     return torch.cat([causal] * (step + 1), dim=2)[:, None]
 
 
-@pytest.mark.parametrize("mask, exact", [(ttt_mask, True), (_wrong_mask, False)])
+@pytest.mark.parametrize("mask, exact", [(None, True), (ttt_mask, True), (_wrong_mask, False)],
+                         ids=["structured", "ttt_mask", "wrong_mask"])
 def test_ttt_unroll_computes_what_drafting_computes(mask, exact):
     """Training step s at index j equals the head drafting s steps below position j on its own states (the
-    tokens fed are the true ones in both); a mask that lets steps see their neighbours' steps fails."""
+    tokens fed are the true ones in both), through the structured attention training uses and through
+    ttt_mask as an explicit mask; a mask that lets steps see their neighbours' steps fails."""
     torch.manual_seed(0)
     target = tiny_llama(seed=5, layers=3)
     head = EagleHead.from_target(target, (1, 2, 3))
@@ -131,20 +133,22 @@ def test_ttt_unroll_computes_what_drafting_computes(mask, exact):
         torch.nn.init.normal_(p, std=0.2)  # far from the pass-through start, so every mistake shows
     embed = target.get_input_embeddings()
     tokens = torch.randint(3, 64, (2, 9))
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 7:] = False  # right padding: row 1 has 7 tokens
     with torch.no_grad():
         hidden = target(tokens, output_hidden_states=True).hidden_states
         fused = torch.cat([hidden[1], hidden[2], hidden[3]], dim=-1)
         positions = torch.arange(9).repeat(2, 1)
-        steps = ttt_unroll(head, embed, fused, tokens, positions, torch.ones(2, 9, dtype=torch.bool), 4, mask)
+        steps = ttt_unroll(head, embed, fused, tokens, positions, valid, 4, mask)
         worst = 0.0
         for b in range(2):
-            for j in range(8):
+            for j in range(int(valid[b].sum()) - 1):
                 cache = DynamicCache(config=head.body.config)
                 out = head(head.fuse_features(fused[b : b + 1, : j + 1]), embed(tokens[b : b + 1, 1 : j + 2]),
                            positions[b : b + 1, : j + 1], cache)  # the true prefix, causal
                 state = out[:, -1:]
                 for s in range(4):
-                    if j + 1 + s >= 9:
+                    if j + 1 + s >= int(valid[b].sum()):
                         break
                     if s:  # one draft step: its own previous state, the next true token
                         state = head(state, embed(tokens[b : b + 1, j + 1 + s : j + 2 + s]),

@@ -37,7 +37,9 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from specdec.training.checkpoint import check_target, load_checkpoint
 from specdec.training.distill import DistillSet
@@ -75,6 +77,10 @@ class TrainSettings:
     retain: float = 0.5  # pard: a mask of depth j after an anchor is trained with probability retain ** j
     init_from: str = ""  # pard: start from this draft_model checkpoint (its init_layers), "" from the target
     eval_depths: int = 5  # depths of the per-depth accuracy
+    answer_only: bool = False  # train on the labels of the target's answers only (the prompt is context),
+    # where drafting happens (EAGLE's loss mask on the assistant's turn)
+    bf16: bool = False  # products in bfloat16 (torch.autocast), weights and optimiser in float32: 4x faster
+    # matrix products on CPUs with AVX512-BF16, and the draft's rounding never reaches the target's output
 
 
 @dataclass
@@ -162,15 +168,21 @@ class Objective(nn.Module):
         self.generator = torch.Generator().manual_seed(settings.seed)  # pard's mask blocks
 
     def forward(self, batch: dict[str, Tensor], depths: int | None = None) -> tuple[Tensor, list[Tensor]]:
+        if self.settings.answer_only:  # labels of the answers only (the prompt stays as context)
+            labels = batch["labels"]
+            index = torch.arange(labels.shape[1], device=labels.device)[None, :]  # (1, T)
+            batch = batch | {"labels": labels.masked_fill(index < batch["answer"].to(labels.device)[:, None], -100)}
         kind = "eagle3" if self.kind == "eagle" and self.module.eagle3 else self.kind
         return getattr(self, f"_{kind}")(batch, depths)
 
     def _ce(self, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-entropy of the reduced head on ``hidden`` and the top-1 hits ``(correct, counted)``."""
-        scores = self.head.reduced(hidden)
-        valid = labels != -100
-        loss = F.cross_entropy(scores.flatten(0, -2), labels.flatten(), ignore_index=-100)
-        hits = torch.stack([((scores.argmax(-1) == labels) & valid).sum(), valid.sum()])
+        """Cross-entropy of the reduced head on ``hidden (..., H)`` at the labelled positions of ``labels (...)``
+        (the head runs on those alone) and the top-1 hits ``(correct, counted)``."""
+        keep = labels != -100
+        scores = self.head.reduced(hidden[keep])  # (N, V)
+        want = labels[keep]
+        loss = F.cross_entropy(scores, want) if len(want) else hidden.sum() * 0.0
+        hits = torch.stack([(scores.detach().max(-1).indices == want).sum(), keep.sum()])
         return loss, hits
 
     def _eagle3(self, batch, depths):
@@ -194,9 +206,7 @@ class Objective(nn.Module):
         device = batch["tokens"].device
         block = {k: v.to(device) for k, v in block.items()}
         x = draft.embed(block["ids"], block["is_mask"])
-        bias = torch.zeros(block["visible"].shape, dtype=x.dtype, device=device)
-        bias.masked_fill_(~block["visible"], torch.finfo(x.dtype).min)
-        hidden = draft.hidden(x, block["positions"], attention_mask=bias)  # (B, L, H)
+        hidden = draft.hidden(x, block["positions"], attention_mask=attention_bias(block["visible"], draft.lm.config))
         total, hits = 0.0, []
         for d in range(min(depths or s.block, s.block)):  # depth 1: the tokens' own next-token guesses
             at = block["depth"] == d
@@ -252,14 +262,60 @@ class Objective(nn.Module):
         return ce, [hit]
 
 
+def attention_bias(visible: Tensor, config) -> Tensor:
+    """``visible (B, 1, T, K)`` bool as the layer's attention mask: itself for SDPA (any dtype under autocast),
+    else additive (0 / the float32 minimum)."""
+    if "sdpa" in (config._attn_implementation or "sdpa"):
+        return visible
+    return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, torch.finfo(torch.float32).min)
+
+
+TTT_ATTENTION = "specdec_eagle3_ttt_over_sdpa"
+
+
+def _ttt_attention(module, query, key, value, attention_mask, *args, ttt_queries: int | None = None, **kwargs):
+    """EAGLE-3's training-time-test attention, structured: ``query (B, H, n, D)`` of one unroll step over
+    ``key, value (B, Hk, (s + 1) n, D)`` (the cache: step 0's keys, then each later step's) -- causal over
+    step 0, and key ``j`` alone of each later step (:func:`~specdec.drafters.eagle.ttt_mask`), in ``n x n``
+    products instead of ``n x (s + 1) n`` masked ones. Right padding needs no mask: a real position's
+    prefix is real, and a padded position reaches only its own column of later steps. Without
+    ``ttt_queries`` it is SDPA."""
+    if ttt_queries is None:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
+    B, Hq, n, D = query.shape
+    key = key.repeat_interleave(Hq // key.shape[1], dim=1)  # (B, H, (s + 1) n, D)
+    value = value.repeat_interleave(Hq // value.shape[1], dim=1)
+    scale = kwargs.get("scaling") or D**-0.5
+    scores = (query @ key[:, :, :n].transpose(-1, -2)) * scale  # (B, H, n, n): the true prefix
+    causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    steps = key.shape[2] // n - 1
+    if steps:
+        earlier_k = key[:, :, n:].unflatten(2, (steps, n))  # (B, H, s, n, D): each earlier step's key j
+        earlier_v = value[:, :, n:].unflatten(2, (steps, n))
+        own = ((query[:, :, None] * earlier_k).sum(-1) * scale).transpose(2, 3)  # (B, H, n, s)
+        scores = torch.cat([scores, own], dim=-1)
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)  # (B, H, n, n + s)
+    out = probs[..., :n] @ value[:, :, :n]  # (B, H, n, D)
+    if steps:
+        out = out + (probs[..., n:, None] * earlier_v.transpose(2, 3)).sum(dim=-2)
+    return out.transpose(1, 2).contiguous(), None  # (B, n, H, D)
+
+
+AttentionInterface.register(TTT_ATTENTION, _ttt_attention)
+AttentionMaskInterface.register(TTT_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
 def ttt_unroll(head: EagleHead, embed: nn.Module, fused: Tensor, tokens: Tensor, positions: Tensor, valid: Tensor,
-               steps: int, mask=ttt_mask) -> list[Tensor]:
+               steps: int, mask=None) -> list[Tensor]:
     """EAGLE-3's training-time test: the head run ``steps`` times over every position at once.
 
     Index ``j`` of step ``s`` is the pair ``(state, x_{j+1+s})`` at position ``j + s``: step 0 reads the
-    fused target features ``g_j``, step ``s`` the head's own output of step ``s - 1`` at ``j``, attending
-    (``mask``, :func:`~specdec.drafters.eagle.ttt_mask`) to the true prefix and its own earlier steps, as
-    the node at depth ``s`` below ``j`` does when drafting.
+    fused target features ``g_j``, step ``s`` the head's own output of step ``s - 1`` at ``j``, attending to
+    the true prefix and its own earlier steps (:func:`~specdec.drafters.eagle.ttt_mask`), as the node at
+    depth ``s`` below ``j`` does when drafting. ``mask=None`` computes that attention structured
+    (:func:`_ttt_attention`, selected on the head once); a mask function (``ttt_mask`` or any other)
+    runs it as an explicit mask through the layer's own attention.
 
     Args:
         fused: ``(B, T, F)`` target features side by side; tokens, positions: ``(B, T)``; valid ``(B, T)``.
@@ -267,6 +323,8 @@ def ttt_unroll(head: EagleHead, embed: nn.Module, fused: Tensor, tokens: Tensor,
     Returns:
         Per step ``(B, T - 1, H)`` the head's output states (index ``j`` predicts the label ``j + 1 + s``).
     """
+    if mask is None and head.body.config._attn_implementation != TTT_ATTENTION:
+        head.body.set_attn_implementation(TTT_ATTENTION)  # SDPA itself wherever ttt_queries is not given
     n = tokens.shape[1] - 1  # index j: the pair (g_j, x_{j+1})
     states = head.fuse_features(fused[:, :n])  # (B, n, H)
     cache = DynamicCache(config=head.body.config)  # every step's keys, step after step
@@ -274,10 +332,12 @@ def ttt_unroll(head: EagleHead, embed: nn.Module, fused: Tensor, tokens: Tensor,
     for step in range(steps):
         ahead = 1 + step
         toks = F.pad(tokens[:, ahead:], (0, ahead - 1))[:, :n]  # (B, n): x_{j+1+step} (0 past the end)
-        visible = mask(n, step, valid[:, :n])  # (B, 1, n, (step + 1) n)
-        bias = torch.zeros(visible.shape, dtype=states.dtype, device=states.device)
-        bias.masked_fill_(~visible.to(states.device), torch.finfo(states.dtype).min)
-        states = head(states, embed(toks).to(states.dtype), positions[:, :n] + step, cache, attention_mask=bias)
+        if mask is None:
+            attend = {"ttt_queries": n}
+        else:
+            visible = mask(n, step, valid[:, :n]).to(states.device)  # (B, 1, n, (step + 1) n)
+            attend = {"attention_mask": attention_bias(visible, head.body.config)}
+        states = head(states, embed(toks).to(states.dtype), positions[:, :n] + step, cache, **attend)
         out.append(states)
     return out
 
@@ -303,7 +363,8 @@ def evaluate(objective: Objective, batches: list[dict]) -> dict[str, float]:
     """Held-out loss and top-1 accuracy per depth."""
     objective.eval()
     depth_hits, losses = None, []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(batches[0]["tokens"].device.type, dtype=torch.bfloat16,
+                                         enabled=objective.settings.bf16):
         for batch in batches:
             loss, hits = objective(batch, depths=objective.settings.eval_depths)
             losses.append(float(loss))
@@ -368,7 +429,8 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
                                                                          accelerator.num_processes]
         del order[: settings.batch_size * accelerator.num_processes]
         batch = {k: v.to(accelerator.device) for k, v in collate(mine, head.label_index).items()}
-        loss, hits = objective(batch)
+        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+            loss, hits = objective(batch)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
