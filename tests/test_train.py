@@ -18,8 +18,8 @@ from specdec.training.distill import teacher_pass
 from specdec.drafters import Distilled, Eagle, EarlyExit, Medusa
 from specdec.drafters.pard import Pard, mask_blocks
 from specdec.drafters.vocab import ReducedHead, frequent_tokens
-from specdec.training.train import (KINDS, Objective, TrainSettings, collate, chunks, module_settings, train,
-                                    trained_weights, ttt_unroll)
+from specdec.training.train import (KINDS, Chunk, Objective, TrainSettings, collate, chunks, length_batched,
+                                    module_settings, train, trained_weights, ttt_unroll)
 from specdec.tree import TreeSpec
 
 from conftest import save_with_tokenizer, tiny_llama
@@ -119,6 +119,18 @@ def test_pard_objective_shapes_and_gradients(teacher, distill_set):
     assert objective.module.lm.model.embed_tokens.weight.grad is None  # the target's embedding stays frozen
     block = mask_blocks(batch["tokens"], batch["labels"], batch["positions"], batch["mask"], batch["answer"], 3, 1.0)
     assert block["visible"].shape[-1] == block["ids"].shape[1] > batch["tokens"].shape[1]
+
+
+def test_length_batches_are_a_seeded_permutation_of_similar_lengths():
+    import random
+
+    items = [Chunk(torch.zeros(n), torch.zeros(n, 1), None, torch.zeros(n), 0) for n in range(1, 257)]
+    order = length_batched(items, 8, random.Random(0))
+    assert sorted(map(id, order)) == sorted(map(id, items))  # every chunk once
+    assert [len(c.tokens) for c in order] == [len(c.tokens) for c in length_batched(items, 8, random.Random(0))]
+    spread = [max(len(c.tokens) for c in order[i : i + 8]) - min(len(c.tokens) for c in order[i : i + 8])
+              for i in range(0, 256, 8)]
+    assert max(spread) < 64  # a random batch of 8 out of 1..256 spreads over ~200
 
 
 def test_eagle3_needs_its_layers_in_the_set(teacher, distill_set):

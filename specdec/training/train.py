@@ -422,9 +422,7 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
     bar = tqdm(range(steps), desc=f"train {kind}", disable=not accelerator.is_main_process)
     for step in bar:
         if len(order) < settings.batch_size * accelerator.num_processes:
-            refill = list(train_chunks)
-            rng.shuffle(refill)
-            order += refill
+            order += length_batched(train_chunks, settings.batch_size * accelerator.num_processes, rng)
         mine = order[: settings.batch_size * accelerator.num_processes][accelerator.process_index ::
                                                                          accelerator.num_processes]
         del order[: settings.batch_size * accelerator.num_processes]
@@ -502,6 +500,20 @@ def trained_weights(kind: str, module: nn.Module) -> dict[str, Tensor]:
     if kind == "pard":
         return module.own_weights()
     return module.state_dict()
+
+
+def length_batched(items: list[Chunk], size: int, rng: random.Random, window: int = 16) -> list[Chunk]:
+    """``items`` shuffled, then within each ``window`` batches sorted by length and cut into batches of ``size``
+    in random order: batches of similar lengths pad less (the same epoch, in a seeded order)."""
+    items = list(items)
+    rng.shuffle(items)
+    out = []
+    for lo in range(0, len(items), size * window):
+        span = sorted(items[lo : lo + size * window], key=lambda c: len(c.tokens))
+        batches = [span[i : i + size] for i in range(0, len(span), size)]
+        rng.shuffle(batches)
+        out += [c for batch in batches for c in batch]
+    return out
 
 
 def _batched(items: list, size: int) -> list[list]:
