@@ -19,7 +19,10 @@ from specdec.drafters import (
     Medusa,
     PromptLookup,
     Proposer,
+    SuffixCorpus,
+    SuffixDecoding,
     TargetView,
+    TokenRecycling,
 )
 from specdec.generate import SpecDecodeOutput, generate, speculative
 from specdec.models import DEFAULT_MODEL, load_model
@@ -49,7 +52,10 @@ __all__ = [
     "Sampling",
     "SpecDecodeOutput",
     "SpecStats",
+    "SuffixCorpus",
+    "SuffixDecoding",
     "TargetView",
+    "TokenRecycling",
     "TreeSpec",
     "accept_greedy",
     "accept_sampling",

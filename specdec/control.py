@@ -17,8 +17,11 @@ padded to the widest tree, so a row's own columns cost nothing once another row 
 the controller counts the batch's width, not each row's.
 
 The cost curve is measured once per model, device and thread count (a few forwards of growing width,
-about a second for a 135M model on CPU) and kept on the model object; tests and experiments can give
-one directly. Draft cost per depth is learnt online from the drafter's own timings.
+about a second for a 135M model on CPU) and kept on the model object; draft cost per depth is learnt
+online from the drafter's own timings. Both come from wall-clock time, so the depths a call drafts
+(never its output's law, never a greedy output) vary with the machine's noise: a sampled output
+repeats under a fixed seed with a fixed ``CostModel(..., draft_seconds=...)`` given as ``cost_model=``
+(then nothing is timed), or with ``goodput=False``.
 """
 
 from __future__ import annotations
@@ -42,12 +45,15 @@ class CostModel:
 
     tokens: tuple[int, ...]
     seconds: tuple[float, ...]
+    draft_seconds: float | None = None  # per draft depth; None: learnt online from the drafter's timings
 
     def __post_init__(self) -> None:
         if not self.tokens or len(self.tokens) != len(self.seconds) or list(self.tokens) != sorted(self.tokens):
             raise ValueError(f"cost curve needs ascending widths with one cost each, got {self.tokens} / {self.seconds}")
         if any(s <= 0 for s in self.seconds):
             raise ValueError(f"cost curve seconds {self.seconds} must be > 0")
+        if self.draft_seconds is not None and self.draft_seconds < 0:
+            raise ValueError(f"draft_seconds={self.draft_seconds} must be >= 0 (or None: learnt online)")
 
     def __call__(self, tokens: int) -> float:
         """Cost of a forward of ``tokens`` tokens (linear interpolation; extrapolated from the last two points)."""
@@ -157,7 +163,9 @@ class Controller:
         return total
 
     def draft_cost(self) -> float:
-        """Seconds of drafting per depth, learnt from the drafter's timings (0 until seen)."""
+        """Seconds of drafting per depth: the cost model's, or learnt from the drafter's timings (0 until seen)."""
+        if self.costs.draft_seconds is not None:
+            return self.costs.draft_seconds
         return self.draft_seconds / self.draft_depths if self.draft_depths else 0.0
 
     def goodput(self, alphas: list[list[float]], depth: int) -> float:

@@ -9,7 +9,8 @@ from transformers import GenerationConfig, TextIteratorStreamer
 import specdec
 from specdec.text import left_pad
 from specdec import Combined, DraftModel, Drafter, PromptLookup, Proposer
-from specdec.drafters import Adaptive, Eagle, EagleHead, EarlyExit, Medusa, MedusaHeads
+from specdec.drafters import (Adaptive, Eagle, EagleHead, EarlyExit, Medusa, MedusaHeads, SuffixDecoding,
+                              TokenRecycling)
 
 
 def reference(model, ids, **kwargs):
@@ -32,7 +33,7 @@ def assert_rows_match_alone(model, rows, drafter, max_new_tokens, eos):
 
 KINDS = ["lookup", "lookup-tree", "draft", "draft-tree", "draft-static", "combined", "eagle", "eagle-tree",
          "medusa", "early-exit", "early-exit-tree", "adaptive", "lookup-eagle",
-         "lookup-else-eagle"]
+         "lookup-else-eagle", "suffix", "recycling"]
 STATIC = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
 
 
@@ -65,6 +66,8 @@ def make_drafter(kind, k, draft, target):
         "lookup-eagle": lambda: Combined(PromptLookup(k=k, max_ngram=3), Eagle(EagleHead.from_target(target), k=k)),
         "lookup-else-eagle": lambda: Combined(PromptLookup(k=k, max_ngram=3),
                                               Eagle(EagleHead.from_target(target), k=k, top_k=2), fallback=True),
+        "suffix": lambda: SuffixDecoding(k=k, max_nodes=2 * k),
+        "recycling": lambda: TokenRecycling(shared=True),
     }[kind]()
 
 
@@ -93,9 +96,9 @@ def test_tree_beats_chain_on_acceptance(target, draft):
     """Same draft, same depth: a top-3 tree accepts at least as much per step as the chain."""
     ids = torch.tensor([[5, 9, 13, 7, 11, 3]])
     chain = specdec.generate(target, ids, DraftModel(draft, k=4), max_new_tokens=40, eos_token_id=None,
-                             return_dict_in_generate=True)
+                             return_dict_in_generate=True, goodput=False)
     tree = specdec.generate(target, ids, DraftModel(draft, k=4, top_k=3, width=3), max_new_tokens=40,
-                            eos_token_id=None, return_dict_in_generate=True)
+                            eos_token_id=None, return_dict_in_generate=True, goodput=False)
     assert torch.equal(chain.sequences, tree.sequences)
     assert tree.stats.tau >= chain.stats.tau
 
@@ -121,7 +124,7 @@ def test_other_model_family_qwen2(draft):
 def test_draft_equal_to_target_accepts_everything(target):
     ids = torch.tensor([[5, 9, 13, 7]])
     out = specdec.generate(target, ids, DraftModel(target, k=4), max_new_tokens=30, eos_token_id=None,
-                           return_dict_in_generate=True)
+                           return_dict_in_generate=True, goodput=False)  # the fixed depth, not the controller's
     assert torch.equal(out.sequences, reference(target, ids, max_new_tokens=30, eos_token_id=None))
     assert out.stats.acceptance_rate == 1.0
     assert out.stats.tau == pytest.approx(30 / out.stats.steps)
@@ -211,7 +214,7 @@ def test_speculative_wraps_only_this_instance(target, draft):
 def test_return_dict_carries_stats(target, draft):
     ids = torch.tensor([[5, 9, 13, 7, 5, 9, 13]])
     out = specdec.generate(target, ids, DraftModel(draft, k=3), max_new_tokens=20, eos_token_id=None,
-                           return_dict_in_generate=True)
+                           return_dict_in_generate=True, goodput=False)
     stats = out.stats
     assert stats.new_tokens == 20
     assert stats.drafted >= stats.accepted >= 0
@@ -228,7 +231,7 @@ def test_padded_verification_changes_nothing(target, draft, kind):
     ids, mask = left_pad([torch.tensor(r) for r in rows], pad_id=0)
     outs = [specdec.generate(target, ids, make_drafter(kind, 3, draft, target), attention_mask=mask,
                              max_new_tokens=24, eos_token_id=None, pad_token_id=0, min_verify_tokens=m,
-                             return_dict_in_generate=True) for m in (1, 8)]
+                             return_dict_in_generate=True, goodput=False) for m in (1, 8)]
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     assert outs[0].stats.accepted == outs[1].stats.accepted
     with pytest.raises(ValueError, match="min_verify_tokens=0"):

@@ -9,8 +9,28 @@ from specdec.drafters.eagle import Eagle, EagleHead
 from specdec.drafters.early_exit import EarlyExit, ExitAdapter
 from specdec.drafters.medusa import Medusa, MedusaHeads
 from specdec.drafters.prompt_lookup import PromptLookup
+from specdec.drafters.recycling import RecyclingTable, TokenRecycling
+from specdec.drafters.suffix import SuffixAutomaton, SuffixCorpus, SuffixDecoding
 
 __all__ = [
-    "Adaptive", "Combined", "DecodeState", "Distilled", "Drafter", "DraftModel", "Eagle", "EagleHead", "EarlyExit",
-    "ExitAdapter", "Medusa", "MedusaHeads", "PromptLookup",
+    "Adaptive",
+    "Combined",
+    "DecodeState",
+    "Distilled",
+    "DraftModel",
+    "Drafter",
+    "Eagle",
+    "EagleHead",
+    "EarlyExit",
+    "ExitAdapter",
+    "Medusa",
+    "MedusaHeads",
+    "PromptLookup",
+    "Proposer",
+    "RecyclingTable",
+    "SuffixAutomaton",
+    "SuffixCorpus",
+    "SuffixDecoding",
+    "TargetView",
+    "TokenRecycling",
 ]
