@@ -107,39 +107,3 @@ def test_controller_on_changes_drafts_not_outputs():
     assert torch.equal(runs["dear"].sequences, runs["off"].sequences)
     assert runs["dear"].stats.drafted < runs["off"].stats.drafted / 4  # only the exploratory steps drafted
 
-
-def test_sampling_law_in_a_batch_with_the_controller_on(monkeypatch):
-    """Row 0 of a left-padded batch of two keeps the target's law while the controller chooses the depth
-    each step from the rows' acceptance so far (a curve where depth 1 pays and deeper drafts pay only
-    with high acceptance); the wrong rule fails the same test."""
-    import specdec.engine
-    from specdec.engine import decode
-    from specdec.options import Options
-    from test_lossless_sampling import (N_SAMPLES, N_TOKENS, PROMPT, SAMPLING, V, accept_every_draft, chi2_pvalue,
-                                        exact_joint)
-
-    target, draft = tiny_llama(vocab=V, seed=10, scale=4.0), tiny_llama(vocab=V, seed=11, layers=1, scale=4.0)
-    other = torch.tensor([[0, 0, 0, 0, 0, 2, 5, 1, 3]])
-    ids = torch.cat([PROMPT, other])
-    mask = torch.cat([torch.ones_like(PROMPT), (other != 0).long()])
-    options = Options(max_new_tokens=N_TOKENS, sampling=SAMPLING, cost_model=CostModel((1, 2, 4, 8), (1.0, 1.0, 1.1, 1.9)))
-    expected = exact_joint(target)
-
-    def counts():
-        gen = torch.Generator().manual_seed(7)
-        out = torch.zeros(V**N_TOKENS)
-        depths = set()
-        for _ in range(N_SAMPLES):
-            (tokens, _), stats = decode(target, ids, DraftModel(draft, k=3, top_k=2), options, gen, attention_mask=mask)
-            index = 0
-            for tok in tokens:
-                index = index * V + tok
-            out[index] += 1
-            depths.add(len(stats.drafted_at))
-        return out, depths
-
-    got, depths = counts()
-    assert chi2_pvalue(got, expected) > 1e-3
-    assert max(depths) >= 1  # the controller drafted (so the wrong rule below has drafts to get wrong)
-    monkeypatch.setattr(specdec.engine, "accept_sampling", accept_every_draft)
-    assert chi2_pvalue(counts()[0], expected) < 1e-6

@@ -34,8 +34,27 @@ def reference(model, ids, **kwargs):
     return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, **kwargs)
 
 
-def eagle3(target, shape, k, quantize=True, vocab=None):
-    head = EagleHead.from_target(target, FUSED)
+@pytest.fixture(scope="module")
+def trained_head(target):
+    """An EAGLE-3 head trained briefly on the target's own greedy outputs: its drafts are often accepted, so
+    accepted paths (and the features they commit) are exercised, not only rejections."""
+    from specdec.training.distill import teacher_pass
+    from specdec.training.train import TrainSettings, train
+
+    gen = torch.Generator().manual_seed(0)
+    sequences = []
+    for _ in range(40):
+        prompt = torch.randint(3, 64, (1, 6), generator=gen)
+        sequences.append(reference(target, prompt, max_new_tokens=40, eos_token_id=None)[0])
+    data = teacher_pass(target, sequences, [6] * 40, layers=FUSED)
+    settings = TrainSettings(epochs=12, lr=3e-3, batch_size=4, seq_len=32, vocab=0, holdout=4, eval_every=1000,
+                             fused_layers=FUSED, unroll=3, eval_depths=3)
+    head, _, _ = train("eagle", target, data, settings)
+    return head
+
+
+def eagle3(target, shape, k, quantize=True, vocab=None, head=None):
+    head = head if head is not None else EagleHead.from_target(target, FUSED)
     shapes = {"chain": dict(k=k), "tree": dict(k=k, top_k=3, width=2, budget=2 * k), "static": dict(k=k, tree=STATIC)}
     return Eagle(head, vocab=vocab, quantize=quantize, **shapes[shape])
 
@@ -46,12 +65,12 @@ shapes = st.sampled_from(["chain", "tree", "static"])
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=prompts, shape=shapes, k=st.integers(1, 6), max_new=st.integers(1, 32), quantize=st.booleans(),
-       reduced=st.booleans())
-def test_greedy_equals_generate(target, ids, shape, k, max_new, quantize, reduced):
+       reduced=st.booleans(), trained=st.booleans())
+def test_greedy_equals_generate(target, trained_head, ids, shape, k, max_new, quantize, reduced, trained):
     vocab = torch.arange(0, target.config.vocab_size, 2) if reduced else None
     expected = reference(target, ids, max_new_tokens=max_new, eos_token_id=None)
-    got = specdec.generate(target, ids, eagle3(target, shape, k, quantize, vocab), max_new_tokens=max_new,
-                           eos_token_id=None, goodput=False)
+    drafter = eagle3(target, shape, k, quantize, vocab, trained_head if trained else None)
+    got = specdec.generate(target, ids, drafter, max_new_tokens=max_new, eos_token_id=None, goodput=False)
     assert torch.equal(got, expected)
 
 
@@ -59,15 +78,25 @@ batches = st.lists(st.lists(st.integers(3, 63), min_size=1, max_size=16), min_si
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=batches, shape=shapes, k=st.integers(1, 5), eos=st.sampled_from([None, 7, 30]))
-def test_batch_rows_equal_generate_alone(target, rows, shape, k, eos):
+@given(rows=batches, shape=shapes, k=st.integers(1, 5), eos=st.sampled_from([None, 7, 30]), trained=st.booleans())
+def test_batch_rows_equal_generate_alone(target, trained_head, rows, shape, k, eos, trained):
     ids, mask = left_pad([torch.tensor(r) for r in rows], pad_id=0)
-    got = specdec.generate(target, ids, eagle3(target, shape, k), attention_mask=mask, max_new_tokens=20,
+    drafter = eagle3(target, shape, k, head=trained_head if trained else None)
+    got = specdec.generate(target, ids, drafter, attention_mask=mask, max_new_tokens=20,
                            eos_token_id=eos, pad_token_id=0, goodput=False)
     for i, row in enumerate(rows):
         alone = reference(target, torch.tensor([row]), max_new_tokens=20, eos_token_id=eos)[0, len(row):].tolist()
         produced = got[i, ids.shape[1]:].tolist()
         assert produced[: len(alone)] == alone and all(t == 0 for t in produced[len(alone):])
+
+
+def test_trained_head_is_accepted(target, trained_head):
+    ids = torch.tensor([[5, 9, 13, 7, 11, 3]])
+    for shape in ("chain", "tree"):
+        out = specdec.generate(target, ids, eagle3(target, shape, 4, head=trained_head), max_new_tokens=30,
+                               eos_token_id=None, goodput=False, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, reference(target, ids, max_new_tokens=30, eos_token_id=None))
+        assert out.stats.tau > 1.5, shape
 
 
 def test_proposer_asks_for_the_fused_layers_and_gets_them_side_by_side(target, monkeypatch):
@@ -196,10 +225,11 @@ def test_int8_linear_is_close_and_the_head_keeps_the_reduced_vocabulary():
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40)
     x = torch.randn(3, 5, 96)
-    exact, approx = linear(x), Int8Linear(linear)(x)
+    with torch.no_grad():
+        exact, approx = linear(x), Int8Linear(linear)(x)
     assert approx.shape == exact.shape
     assert (approx - exact).abs().max() < 0.03 * exact.abs().max()
-    head = torch.nn.Linear(96, 40, bias=False)
+    head = torch.nn.Linear(96, 40, bias=False).requires_grad_(False)
     ids = torch.tensor([1, 5, 9])
     lm = DraftLMHead(ReducedHead(head, ids), int8=True)
     out = lm(x)

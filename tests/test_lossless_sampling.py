@@ -131,17 +131,21 @@ def test_static_tree_sampling_matches_target(small_target, small_draft):
 
 
 def test_sampling_in_a_batch_matches_target(small_target, small_draft):
-    """Row 0 of a left-padded batch of two keeps the target's law while row 1 decodes beside it."""
+    """Row 0 of a left-padded batch of two keeps the target's law while row 1 decodes beside it, with the
+    goodput controller on (the default): each step's depth comes from the rows' acceptance so far."""
     other = torch.tensor([[0, 0, 0, 0, 0, 2, 5, 1, 3]])  # left-padded, a different prompt
     ids = torch.cat([PROMPT, other])
     mask = torch.cat([torch.ones_like(PROMPT), (other != 0).long()])
     gen = torch.Generator().manual_seed(99)
     drafter = DraftModel(small_draft, k=2, top_k=2)
     counts = torch.zeros(V**N_TOKENS)
+    drafted = 0
     for _ in range(N_SAMPLES):
-        (tokens, _), _ = decode(small_target, ids, drafter, OPTIONS, gen, attention_mask=mask)
+        (tokens, _), stats = decode(small_target, ids, drafter, OPTIONS, gen, attention_mask=mask)
+        drafted += stats.drafted
         index = 0
         for tok in tokens:
             index = index * V + tok
         counts[index] += 1
+    assert OPTIONS.goodput and drafted > 0
     assert chi2_pvalue(counts, exact_joint(small_target)) > 1e-3
