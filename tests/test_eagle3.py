@@ -14,6 +14,7 @@ from transformers import DynamicCache
 import specdec
 import specdec.engine
 from specdec.drafters import DecodeState, Eagle, EagleHead, TargetView
+from specdec.drafters.draft_model import GrowingProposer
 from specdec.drafters.eagle import DraftLMHead, EagleNet, Int8Linear, default_fused_layers, ttt_mask
 from specdec.drafters.vocab import ReducedHead
 from specdec.engine import decode
@@ -97,6 +98,59 @@ def test_trained_head_is_accepted(target, trained_head):
                                eos_token_id=None, goodput=False, return_dict_in_generate=True)
         assert torch.equal(out.sequences, reference(target, ids, max_new_tokens=30, eos_token_id=None))
         assert out.stats.tau > 1.5, shape
+
+
+def _from_scratch(target, head, tokens, k):
+    """What the head drafts after ``tokens (1, n)``, recomputed from nothing (target features of the prefix,
+    a causal pass over its pairs, then ``k`` greedy steps on its own states): the root's logits ``(V,)``
+    and the greedy chain."""
+    embed = target.get_input_embeddings()
+    with torch.no_grad():
+        hidden = target(tokens, output_hidden_states=True).hidden_states
+        fused = torch.cat([hidden[layer] for layer in FUSED], dim=-1)
+        n = tokens.shape[1]
+        cache = DynamicCache(config=head.body.config)
+        state = head(head.fuse_features(fused[:, : n - 1]), embed(tokens[:, 1:]), torch.arange(n - 1)[None],
+                     cache)[:, -1:]
+        root = target.lm_head(head.logit_states(state))[0, -1]
+        chain = []
+        for s in range(k):
+            chain.append(int(target.lm_head(head.logit_states(state))[0, -1].argmax()))
+            state = head(state, embed(torch.tensor([[chain[-1]]])), torch.tensor([[n - 1 + s]]), cache)
+    return root, chain
+
+
+def test_every_step_drafts_what_a_fresh_head_would(target, trained_head, monkeypatch):
+    """Each step's root logits and chain, for every row of a left-padded batch, equal those recomputed from
+    scratch over that row's committed tokens: the head's cache and the features it is handed stay aligned."""
+    seen = []
+    original = EagleNet.root
+
+    def spy(self, states):
+        logits = original(self, states)
+        seen.extend((s.tokens.clone(), row) for s, row in zip(states, logits))
+        return logits
+
+    monkeypatch.setattr(EagleNet, "root", spy)
+    chains = []
+    original_propose = GrowingProposer.propose
+
+    def propose(self, states):
+        trees = original_propose(self, states)
+        chains.extend((s.tokens.clone(), tree.tokens.tolist()) for s, tree in zip(states, trees))
+        return trees
+
+    monkeypatch.setattr(GrowingProposer, "propose", propose)
+    rows = [[5, 9, 13, 7, 11, 3], [17, 4]]
+    ids, mask = left_pad([torch.tensor(r) for r in rows], pad_id=0)
+    out = specdec.generate(target, ids, Eagle(trained_head, k=4, quantize=False), attention_mask=mask,
+                           max_new_tokens=24, eos_token_id=None, pad_token_id=0, goodput=False,
+                           return_dict_in_generate=True)
+    assert out.stats.tau > 1.5 and len(seen) > 10
+    for tokens, logits in seen:
+        assert torch.allclose(logits, _from_scratch(target, trained_head, tokens, 0)[0], atol=1e-4)
+    for tokens, chain in chains:
+        assert chain == _from_scratch(target, trained_head, tokens, 4)[1][: len(chain)]
 
 
 def test_proposer_asks_for_the_fused_layers_and_gets_them_side_by_side(target, monkeypatch):
