@@ -251,7 +251,7 @@ def small_target():
 def sampled_eagle3(small_target):
     torch.manual_seed(5)
     head = EagleHead.from_target(small_target, FUSED)
-    return Eagle(head, vocab=torch.tensor([0, 2, 3, 4]), k=2, top_k=2, width=2)
+    return Eagle(head, vocab=torch.tensor([0, 2, 3, 4]), k=2, top_k=2, width=2, quantize=True)  # q from int8
 
 
 def sample_counts(model, drafter):

@@ -148,7 +148,8 @@ def sample_counts(model, drafter):
 def sampled_pard(small_target, shape):
     torch.manual_seed(5)
     draft = PardDraft.from_target(small_target, [0], torch.tensor([0, 2, 3, 4]))  # never proposes 1 or 5
-    return Pard(draft, k=3, tree=[[0], [1], [0, 0], [1, 0], [0, 1]] if shape == "tree" else None)
+    return Pard(draft, k=3, tree=[[0], [1], [0, 0], [1, 0], [0, 1]] if shape == "tree" else None,
+                quantize=shape == "tree")  # q from the int8 draft, and from the float one
 
 
 @pytest.mark.parametrize("shape", ["chain", "tree"])

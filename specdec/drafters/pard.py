@@ -210,12 +210,13 @@ class Pard(Drafter):
             ``checkpoint``: built once per target from the checkpoint's weights (its fingerprint enforced).
         checkpoint: a loaded ``pard`` checkpoint (see :meth:`from_checkpoint`).
         k: tokens per step (1 root prediction + ``k - 1`` masks); a checkpoint caps it at its trained block.
-        quantize: on CPU, draft with int8 copies of the draft's linear maps and output head.
+        quantize: on CPU, draft with int8 copies of the draft's linear maps and output head (the configs
+            turn it on; only the draft's rounding changes).
     """
 
     def __init__(self, draft: PardDraft | None = None, checkpoint: dict | None = None, k: int = 4, top_k: int = 1,
                  width: int | None = None, budget: int | None = None,
-                 tree: TreeSpec | list[list[int]] | None = None, quantize: bool = True) -> None:
+                 tree: TreeSpec | list[list[int]] | None = None, quantize: bool = False) -> None:
         if (draft is None) == (checkpoint is None):
             raise ValueError("Pard needs exactly one of draft=PardDraft(...) or checkpoint=...: use "
                              "Pard.from_checkpoint('pard-smollm2-135m') for a trained one")
