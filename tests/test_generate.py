@@ -9,8 +9,8 @@ from transformers import GenerationConfig, TextIteratorStreamer
 import specdec
 from specdec.text import left_pad
 from specdec import Combined, DraftModel, Drafter, PromptLookup, Proposer
-from specdec.drafters import (Adaptive, Eagle, EagleHead, EarlyExit, Medusa, MedusaHeads, SuffixDecoding,
-                              TokenRecycling)
+from specdec.drafters import (Adaptive, Eagle, EagleHead, EarlyExit, Medusa, MedusaHeads, Pard, PardDraft,
+                              SuffixDecoding, TokenRecycling)
 
 
 def reference(model, ids, **kwargs):
@@ -33,7 +33,7 @@ def assert_rows_match_alone(model, rows, drafter, max_new_tokens, eos):
 
 KINDS = ["lookup", "lookup-tree", "draft", "draft-tree", "draft-static", "combined", "eagle", "eagle-tree",
          "medusa", "early-exit", "early-exit-tree", "adaptive", "lookup-eagle",
-         "lookup-else-eagle", "suffix", "recycling"]
+         "lookup-else-eagle", "suffix", "recycling", "eagle3-tree", "pard", "lookup-else-eagle3"]
 STATIC = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
 
 
@@ -67,6 +67,12 @@ def make_drafter(kind, k, draft, target):
         "lookup-else-eagle": lambda: Combined(PromptLookup(k=k, max_ngram=3),
                                               Eagle(EagleHead.from_target(target), k=k, top_k=2), fallback=True),
         "suffix": lambda: SuffixDecoding(k=k, max_nodes=2 * k),
+        "eagle3-tree": lambda: Eagle(EagleHead.from_target(target, (0, 1, 2)), vocab=half, k=k, top_k=2, width=2,
+                                     budget=2 * k, quantize=True),
+        "pard": lambda: Pard(PardDraft.from_target(target, [0]), k=k, quantize=True),
+        "lookup-else-eagle3": lambda: Combined(PromptLookup(k=k, max_ngram=3),
+                                               Adaptive(Eagle(EagleHead.from_target(target, (0, 1, 2)), k=k), start=1),
+                                               fallback=True),
         "recycling": lambda: TokenRecycling(shared=True),
     }[kind]()
 

@@ -8,6 +8,7 @@ from specdec.drafters.draft_model import DraftModel
 from specdec.drafters.eagle import Eagle, EagleHead
 from specdec.drafters.early_exit import EarlyExit, ExitAdapter
 from specdec.drafters.medusa import Medusa, MedusaHeads
+from specdec.drafters.pard import Pard, PardDraft
 from specdec.drafters.prompt_lookup import PromptLookup
 from specdec.drafters.recycling import RecyclingTable, TokenRecycling
 from specdec.drafters.suffix import SuffixAutomaton, SuffixCorpus, SuffixDecoding
@@ -25,6 +26,8 @@ __all__ = [
     "ExitAdapter",
     "Medusa",
     "MedusaHeads",
+    "Pard",
+    "PardDraft",
     "PromptLookup",
     "Proposer",
     "RecyclingTable",

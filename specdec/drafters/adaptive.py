@@ -61,6 +61,7 @@ class _AdaptiveProposer(Proposer):
     def __init__(self, config: Adaptive, inner: Proposer) -> None:
         self.config, self.inner = config, inner
         self.needs_hidden, self.needs_logits = inner.needs_hidden, inner.needs_logits
+        self.hidden_layers = inner.hidden_layers
         self.depth: dict[int, int] = {}
         self.kept: dict[int, list[int]] = {}  # row -> inner node of each kept node
         self.drafted: dict[int, int] = {}

@@ -57,6 +57,11 @@ class _CombinedProposer(Proposer):
         self.parts, self.fallback = parts, fallback
         self.needs_hidden = any(p.needs_hidden for p in parts)
         self.needs_logits = any(p.needs_logits for p in parts)
+        layers = {tuple(p.hidden_layers or (-1,)) for p in parts if p.needs_hidden}
+        if len(layers) > 1:
+            raise ValueError(f"Combined drafters read different target layers {sorted(layers)}: combine drafters that "
+                             "read the same hidden states (e.g. EAGLE-3 heads fused from the same layers)")
+        self.hidden_layers = next(iter(layers)) if layers else None
         self.offsets: dict[int, tuple[list[int], int]] = {}  # row -> (first node of each part's tree, total)
 
     def prefill(self, states: list[DecodeState]) -> None:
