@@ -250,6 +250,19 @@ def _user(text: str) -> Conversation:
     return [{"role": "user", "content": text}]
 
 
+def _distinct(n: int, draw: Callable[[], object]) -> list:
+    """``n`` distinct results of ``draw()`` (fewer only if 50 n draws find no more)."""
+    out, seen = [], set()
+    for _ in range(50 * n):
+        if len(out) == n:
+            break
+        value = draw()
+        if repr(value) not in seen:
+            seen.add(repr(value))
+            out.append(value)
+    return out
+
+
 def _slots(rng: random.Random) -> dict[str, str]:
     """Template slots drawn once per prompt (each template takes the ones it names)."""
     topic, other = rng.sample(TOPICS, 2)
@@ -262,6 +275,14 @@ def _first_line(text: str) -> str:
     line = next((s for s in text.strip().splitlines() if s.strip()), "")
     line = re.sub(r"^(question|q)\s*[:.]\s*", "", line.strip(), flags=re.I)
     return line.strip().strip("\"'").strip()
+
+
+def _sentences(text: str, k: int, words: int = 60) -> str:
+    """The first ``k`` sentences (or lines) of ``text``, at most about ``words`` words: translation sources are
+    sentences, as in WMT."""
+    parts = [x.strip() for x in re.split(r"(?<=[.!?])\s+|(?<=\u3002)|\n+", text.strip()) if x.strip()]
+    out = ("" if "\u3002" in text else " ").join(parts[:k])  # Chinese/Japanese sentences join without spaces
+    return " ".join(out.split(" ")[:words])
 
 
 def _code(reply: str) -> tuple[str, str] | None:
@@ -289,7 +310,7 @@ def chat(n: int, seed: int, ask: Ask) -> list[Conversation]:
     chains = ceil(n * 2 / 5)
     seconds = min(chains, n - chains)
     thirds = n - chains - seconds
-    convs = [_user(rng.choice(OPENERS).format(**_slots(rng))) for _ in range(chains)]
+    convs = _distinct(chains, lambda: _user(rng.choice(OPENERS).format(**_slots(rng))))
     rows = list(convs)
     for turns in (seconds, thirds):
         replies = ask(convs[:turns])
@@ -303,7 +324,7 @@ def chat(n: int, seed: int, ask: Ask) -> list[Conversation]:
 def writing(n: int, seed: int, ask: Ask | None = None) -> list[Conversation]:
     """``n`` writing requests: form x topic x audience x tone x length."""
     rng = _rng(seed, "writing")
-    return [_user(rng.choice(WRITING).format(**_slots(rng))) for _ in range(n)]
+    return _distinct(n, lambda: _user(rng.choice(WRITING).format(**_slots(rng))))
 
 
 def coding(n: int, seed: int, ask: Ask) -> list[Conversation]:
@@ -311,8 +332,9 @@ def coding(n: int, seed: int, ask: Ask) -> list[Conversation]:
     code the target wrote."""
     rng = _rng(seed, "coding")
     writes = ceil(n / 2)
-    langs = [rng.choice(LANGUAGES) for _ in range(writes)]
-    rows = [_user(rng.choice(CODE_ASKS).format(lang=lang, task=rng.choice(CODE_TASKS))) for lang in langs]
+    pairs = _distinct(writes, lambda: (rng.choice(LANGUAGES), rng.choice(CODE_ASKS), rng.choice(CODE_TASKS)))
+    langs = [lang for lang, _, _ in pairs]
+    rows = [_user(ask_.format(lang=lang, task=task)) for lang, ask_, task in pairs]
     derived = []
     for lang, reply in zip(langs, ask(rows[: n - writes])):
         found = _code(reply)
@@ -330,8 +352,12 @@ def coding(n: int, seed: int, ask: Ask) -> list[Conversation]:
 def _passages(rng: random.Random, count: int, ask_template: str, genres: tuple[str, ...], ask: Ask
               ) -> tuple[list[Conversation], list[tuple[str, str]]]:
     """``count`` passage requests (rows) and the target's non-empty passages as (genre, text)."""
-    genres_drawn = [rng.choice(genres) for _ in range(count)]
-    rows = [_user(ask_template.format(genre=g, **_slots(rng))) for g in genres_drawn]
+    def draw() -> tuple[str, str]:
+        genre = rng.choice(genres)
+        return genre, ask_template.format(genre=genre, **_slots(rng))
+
+    drawn = _distinct(count, draw)
+    genres_drawn, rows = [g for g, _ in drawn], [_user(text) for _, text in drawn]
     texts = [(g, r.strip()) for g, r in zip(genres_drawn, ask(rows)) if r.strip()]
     return rows, texts
 
@@ -342,11 +368,9 @@ def extraction(n: int, seed: int, ask: Ask) -> list[Conversation]:
     rng = _rng(seed, "extraction")
     count = ceil(n / 3)
     rows, texts = _passages(rng, count, FACT_ASK, FACT_GENRES, ask)
-    for i in range(n - count):
-        if not texts:
-            break
-        _, passage = texts[(i // 2) % len(texts)]
-        rows.append(_user(rng.choice(EXTRACTIONS).format(passage=passage, question=rng.choice(PASSAGE_QUESTIONS))))
+    uses = [(passage, template) for _, passage in texts for template in rng.sample(EXTRACTIONS, 2)]
+    rows += [_user(template.format(passage=passage, question=rng.choice(PASSAGE_QUESTIONS)))
+             for passage, template in uses[: n - count]]
     return rows
 
 
@@ -355,30 +379,29 @@ def summarise(n: int, seed: int, ask: Ask) -> list[Conversation]:
     rng = _rng(seed, "summarise")
     count = ceil(n / 3)
     rows, texts = _passages(rng, count, ARTICLE_ASK, ARTICLE_GENRES, ask)
-    for i in range(n - count):
-        if not texts:
-            break
-        genre, passage = texts[(i // 2) % len(texts)]
-        rows.append(_user(rng.choice(SUMMARIES).format(passage=passage, genre=genre, **{
-            k: v for k, v in _slots(rng).items() if k in ("audience", "k")})))
+    uses = [(genre, passage, template) for genre, passage in texts for template in rng.sample(SUMMARIES, 2)]
+    rows += [_user(template.format(passage=passage, genre=genre, audience=rng.choice(AUDIENCES),
+                                   k=rng.choice(("2", "3", "4")))) for genre, passage, template in uses[: n - count]]
     return rows
 
 
 def translate(n: int, seed: int, ask: Ask) -> list[Conversation]:
-    """``n`` translation rows: English texts the target wrote and phrasebook sentences into other languages,
-    and the target's own translations back into English."""
+    """``n`` translation rows: the first sentences of English texts the target wrote, and phrasebook sentences,
+    into other languages; and the target's own translations back into English."""
     rng = _rng(seed, "translate")
     sources = ceil(n / 4)
-    rows = [_user(rng.choice(SOURCE_ASK).format(**_slots(rng))) for _ in range(sources)]
-    texts = [r.strip() for r in ask(rows) if r.strip()] + [rng.choice(PHRASES) for _ in range(ceil(n / 8))]
+    rows = _distinct(sources, lambda: _user(rng.choice(SOURCE_ASK).format(**_slots(rng))))
+    texts = [_sentences(r, rng.choice((1, 2, 3))) for r in ask(rows)]
+    texts = [t for t in texts if t] + [rng.choice(PHRASES) for _ in range(ceil(n / 8))]
     forward = min(len(texts), ceil((n - sources) / 2))
     langs = [rng.choice(TARGET_LANGUAGES) for _ in range(forward)]
     to_foreign = [_user(rng.choice(TO_FOREIGN).format(lang=lang, text=text)) for lang, text in zip(langs, texts)]
     rows += to_foreign
     back = n - len(rows)
     for lang, reply in zip(langs[:back], ask(to_foreign[:back])):
-        if reply.strip():
-            rows.append(_user(rng.choice(TO_ENGLISH).format(lang=lang, text=reply.strip())))
+        text = _sentences(reply, 3, words=80)
+        if text:
+            rows.append(_user(rng.choice(TO_ENGLISH).format(lang=lang, text=text)))
     return rows
 
 
@@ -387,11 +410,11 @@ def qa(n: int, seed: int, ask: Ask) -> list[Conversation]:
     (the request is a row too)."""
     rng = _rng(seed, "qa")
     written = n // 4
-    requests = [_user(rng.choice(QUESTION_ASK).format(kind=rng.choice(QUESTION_KINDS), topic=rng.choice(TOPICS),
-                                                      opener=rng.choice(QUESTION_OPENERS))) for _ in range(written)]
+    requests = _distinct(written, lambda: _user(rng.choice(QUESTION_ASK).format(
+        kind=rng.choice(QUESTION_KINDS), topic=rng.choice(TOPICS), opener=rng.choice(QUESTION_OPENERS))))
     questions = [_first_line(r) for r in ask(requests)]
     rows = requests + [_user(q) for q in questions if len(q) > 8]
-    rows += [_user(rng.choice(QA_TEMPLATES).format(**_slots(rng))) for _ in range(n - len(rows))]
+    rows += _distinct(n - len(rows), lambda: _user(rng.choice(QA_TEMPLATES).format(**_slots(rng))))
     return rows
 
 
