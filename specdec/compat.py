@@ -119,7 +119,7 @@ def _paths(prompt: Tensor, tree: DraftTree) -> list[tuple[Tensor, int]]:
     return out
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def _reference(model: PreTrainedModel) -> dict:
     """Logits of every probe position by a plain forward without a cache, with the model's own attention."""
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -146,7 +146,7 @@ def _close(got: Tensor, want: Tensor, dtype: torch.dtype) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp(min=1.0))
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def _probe(model: PreTrainedModel, reference: dict, backend: str) -> None:
     name = type(model).__name__
     tolerance = 1e-3 if model.dtype == torch.float32 else 3e-2

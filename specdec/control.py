@@ -78,7 +78,7 @@ class CostModel:
         gen = torch.Generator().manual_seed(0)
         prefix = torch.randint(0, vocab, (1, cached), generator=gen).to(device)
         seconds = []
-        with torch.inference_mode():
+        with torch.no_grad():
             cache = new_cache(model)
             model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
             for T in widths:

@@ -143,7 +143,7 @@ class SpeculativeDecoder:
     def done(self) -> bool:
         return not self.states
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, input_ids: Tensor, attention_mask: Tensor | None) -> None:
         """Fill the cache with each row's prompt less its last token (the first root).
 
@@ -183,7 +183,7 @@ class SpeculativeDecoder:
         self.proposer.prefill(self.states)
         self.stats.prefill_time += time.perf_counter() - t0
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def step(self) -> dict[int, list[int]]:
         """One propose -> verify -> accept -> commit; returns each active row's new tokens."""
         states, t0 = self.states, time.perf_counter()
@@ -282,9 +282,13 @@ def prepare_target(model: PreTrainedModel, options: Options) -> None:
     """Install what the engine needs on the target, once: tree attention (after :mod:`specdec.compat`'s
     checks), and the CPU products unless ``linear_backend="torch"``. Raises ``ValueError`` for a model
     that cannot be served."""
-    check_servable(model, options.attention_backend)  # installs tree attention, or refuses the model
-    if options.linear_backend != "torch":
-        install_linears(model)
+    grad = torch.is_grad_enabled()
+    try:
+        check_servable(model, options.attention_backend)  # installs tree attention, or refuses the model
+        if options.linear_backend != "torch":
+            install_linears(model)
+    finally:
+        torch.set_grad_enabled(grad)
 
 
 def decode(
@@ -310,9 +314,13 @@ def decode(
     Returns:
         Each row's new tokens (EOS included when hit) and the run's statistics.
     """
-    prepare_target(model, options)
-    return contextvars.copy_context().run(_decode, model, input_ids, drafter, options, generator, streamer,
-                                          attention_mask)
+    grad = torch.is_grad_enabled()  # an interrupt inside a no_grad block (ours or transformers') must not leak it
+    try:
+        prepare_target(model, options)
+        return contextvars.copy_context().run(_decode, model, input_ids, drafter, options, generator, streamer,
+                                              attention_mask)
+    finally:
+        torch.set_grad_enabled(grad)
 
 
 def _decode(model, input_ids, drafter, options, generator, streamer, attention_mask):

@@ -73,3 +73,12 @@ def smollm():
     from specdec import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def no_autograd_mode_leaks():
+    """Every test leaves autograd as it found it (a leaked no_grad would silently break later training)."""
+    yield
+    leaked = not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "this test left autograd disabled"

@@ -214,7 +214,8 @@ def test_engine_routes_the_drafters_networks(monkeypatch):
 
     monkeypatch.setattr(Route, "linear", spy)
     ids = torch.tensor([[5, 9, 2, 5, 9, 2, 7, 1]])
-    specdec.generate(target, ids, Eagle(head, k=3), max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    specdec.generate(target, ids, Eagle(head, k=3), max_new_tokens=6, eos_token_id=None, pad_token_id=0,
+                     goodput=False)  # always draft: the head must run
     assert head.fc.weight.data_ptr() in seen  # the EAGLE head's own layer
     assert target.model.layers[0].mlp.up_proj.weight.data_ptr() in seen  # the target's
 

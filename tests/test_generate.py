@@ -17,11 +17,11 @@ def reference(model, ids, **kwargs):
     return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, **kwargs)
 
 
-def assert_rows_match_alone(model, rows, drafter, max_new_tokens, eos):
+def assert_rows_match_alone(model, rows, drafter, max_new_tokens, eos, **kwargs):
     """Left-padded rows verified together: each row's output equals model.generate on it alone, then padding."""
     ids, mask = left_pad([torch.tensor(r) for r in rows], pad_id=0)
     got = specdec.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=max_new_tokens,
-                           eos_token_id=eos, pad_token_id=0)
+                           eos_token_id=eos, pad_token_id=0, **kwargs)
     assert got.shape[0] == len(rows)
     for i, row in enumerate(rows):
         alone = reference(model, torch.tensor([row]), max_new_tokens=max_new_tokens, eos_token_id=eos)
@@ -276,6 +276,6 @@ def test_fallback_runs_the_second_drafter_only_where_the_first_has_no_tree(targe
     eagle = Spy(Eagle(EagleHead.from_target(target), k=2))
     combined = Spy(Combined(PromptLookup(k=3, max_ngram=2), eagle, fallback=True))
     rows = [[5, 9, 2, 5, 9, 2, 7], [1, 2, 3, 4, 6, 8, 10]]  # row 0 repeats itself, row 1 not at first
-    assert_rows_match_alone(target, rows, combined, max_new_tokens=16, eos=None)
+    assert_rows_match_alone(target, rows, combined, max_new_tokens=16, eos=None, goodput=False)
     assert any(n < 2 for n in eagle.asked)  # some steps asked EAGLE for fewer rows than the batch
     assert all(n <= 3 for step in combined.made for n in step)  # never both trees: lookup's k=3 or EAGLE's chain of 2

@@ -12,6 +12,7 @@ from scipy.stats import chisquare
 import specdec.engine
 from specdec.drafters import (Adaptive, Combined, DraftModel, Eagle, EagleHead, EarlyExit, Medusa, MedusaHeads,
                               PromptLookup)
+from specdec.control import CostModel
 from specdec.engine import decode
 from specdec.options import Options
 from specdec.sampling import Sampling
@@ -22,7 +23,10 @@ from conftest import tiny_llama
 V, N_TOKENS, N_SAMPLES = 6, 3, 3000
 PROMPT = torch.tensor([[1, 3, 4, 5, 3, 4, 5, 3, 4]])  # repeats, so lookup has matches to offer
 SAMPLING = Sampling(do_sample=True, temperature=0.9, top_k=5, eos_token_ids=())
-OPTIONS = Options(max_new_tokens=N_TOKENS, sampling=SAMPLING)
+# the goodput controller on, with a fixed cost curve where drafting pays (a measured one would make the
+# drafted depths, and so the wrong rule's chance to show, depend on the machine's load)
+FLAT = CostModel((1, 2, 4, 8), (1.0, 1.0, 1.05, 1.1), draft_seconds=0.0)
+OPTIONS = Options(max_new_tokens=N_TOKENS, sampling=SAMPLING, cost_model=FLAT)
 
 
 @pytest.fixture(scope="module")

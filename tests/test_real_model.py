@@ -71,15 +71,16 @@ def test_eos_inside_accepted_block_and_max_new_mid_block(smollm, chat_ids):
     eos = int(plain[0, ids.shape[1] + 21])  # a token the model emits mid-output acts as EOS
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, eos_token_id=eos,
                               do_sample=False)
-    # the target as its own draft: every block of 8 is accepted, so EOS lands inside one
+    # the target as its own draft: every block of 8 is accepted, so EOS lands inside one (fixed blocks:
+    # the goodput controller off, since a self-draft costs as much as the target and would not pay)
     out = specdec.generate(model, ids, DraftModel(model, k=8), max_new_tokens=40, eos_token_id=eos,
-                           return_dict_in_generate=True)
+                           return_dict_in_generate=True, goodput=False)
     assert torch.equal(out.sequences, expected)
     assert out.sequences[0, -1] == eos and out.stats.acceptance_rate == 1.0
     assert out.stats.new_tokens % 9 != 0  # the last block was cut at EOS
     # max_new_tokens=31 = 3 full blocks of 9 + 4: the budget caps the last draft
     out = specdec.generate(model, ids, DraftModel(model, k=8), max_new_tokens=31, eos_token_id=None,
-                           return_dict_in_generate=True)
+                           return_dict_in_generate=True, goodput=False)
     assert torch.equal(out.sequences, plain[:, : ids.shape[1] + 31])
     assert out.stats.steps == 4
 

@@ -158,6 +158,7 @@ def test_interrupts_at_random_moments_leave_nothing_behind():
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert calls >= 300 and interrupted >= 100  # most calls were cut short somewhere
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # no autograd mode leaked either
 
 
 def test_one_drafter_serves_two_targets_and_dtypes(models):

@@ -122,7 +122,7 @@ class GrowingProposer(Proposer):
     def prefill(self, states: list[DecodeState]) -> None:
         self.net.prefill(states)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def propose(self, states: list[DecodeState]) -> list[DraftTree]:
         full, self.where = self.net.rows.full(states)
         self.growth = grow(self.shape, self.net, full)

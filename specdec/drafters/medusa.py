@@ -113,7 +113,7 @@ class _MedusaProposer(Proposer):
     def prefill(self, states: list[DecodeState]) -> None:
         self.last = {s.row: s.hidden[-1] if len(s.hidden) else None for s in states}
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def propose(self, states: list[DecodeState]) -> list[DraftTree]:
         ready = [s for s in states if self.last.get(s.row) is not None and min(self.medusa.k, s.budget) > 0]
         logits = {}
