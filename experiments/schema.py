@@ -165,7 +165,11 @@ def validate(cfg: DictConfig) -> None:
     for key, ok, want in checks:
         if not ok:
             raise ValueError(f"config {key}={_get(cfg, key)!r} is invalid: it must be {want}")
+    reserved = {cfg.drafter.name: "drafter.name", "no_draft": "the engine without a drafter"}
     for name, variant in cfg.variants.items():
+        if name in reserved:
+            raise ValueError(f"config variants.{name} has the name of {reserved[name]}: both would report as "
+                             f"specdec_{name}; rename the variant")
         if "_target_" not in variant:
             raise ValueError(f"config variants.{name} has no _target_: give the drafter class to build")
         if variant.get("linear_backend", "auto") not in LINEAR_BACKENDS:

@@ -41,6 +41,13 @@ def test_every_config_composes_and_validates(override):
     assert cfg.max_new_tokens >= 1 and "_target_" in cfg.drafter
 
 
+def test_a_variant_named_like_the_drafter_fails_naming_it():
+    with pytest.raises(ValueError, match="variants.prompt_lookup has the name of drafter.name"):
+        validate(compose_with("drafter=prompt_lookup", "+variants.prompt_lookup={_target_: specdec.drafters.PromptLookup}"))
+    with pytest.raises(ValueError, match="variants.no_draft"):
+        validate(compose_with("+variants.no_draft={_target_: specdec.engine.NoDraft}"))
+
+
 def test_misspelt_key_fails_naming_it():
     with pytest.raises((ConfigCompositionException, ConfigKeyError), match="max_new_token"):
         compose_with("max_new_token=3")
