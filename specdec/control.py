@@ -16,8 +16,12 @@ Language Models Using Goodput") and vLLM's dynamic speculation, on this engine's
 padded to the widest tree, so a row's own columns cost nothing once another row pays for the width;
 the controller counts the batch's width, not each row's.
 
-The cost curve is measured once per model, device and thread count (a few forwards of growing width,
-about a second for a 135M model on CPU) and kept on the model object; draft cost per depth is learnt
+Once drafted, the trees are cut to the common depth that pays for the trees as they are (:meth:`Controller.trim`,
+greedy only): a row that found nothing adds one token but still costs the batch's padded columns.
+
+The cost curve is measured once per model, device, thread count and batch size (rounded up to a power of
+two: A rows of T columns cost more than one row of A * T, since each row attends to its own cache; a few
+forwards of growing width, a second or two for a 135M model on CPU) and kept on the model object; draft cost per depth is learnt
 online from the drafter's own timings. Both come from wall-clock time, so the depths a call drafts
 (never its output's law, never a greedy output) vary with the machine's noise: a sampled output
 repeats under a fixed seed with a fixed ``CostModel(..., draft_seconds=...)`` given as ``cost_model=``
@@ -27,9 +31,12 @@ repeats under a fixed seed with a fixed ``CostModel(..., draft_seconds=...)`` gi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from specdec.tree import DraftTree
 
 _COSTS = "_specdec_cost_curve"  # where a model keeps its measured CostModel, per (device, threads)
 
@@ -67,45 +74,55 @@ class CostModel:
         return y1 + (y1 - y0) * (tokens - x1) / (x1 - x0)
 
     @classmethod
-    def measure(cls, model, widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), cached: int = 128,
-                repeats: int = 3) -> CostModel:
-        """Time the target's tree-attention forward at each width over a ``cached``-token prefix (median)."""
+    def measure(cls, model, rows: int = 1, columns: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 32),
+                cached: int = 128, repeats: int = 3) -> CostModel:
+        """Time the target's tree-attention forward of ``rows`` rows at each width (columns per row) over a
+        ``cached``-token prefix per row (median of ``repeats``); the curve is by total tokens, rows x columns."""
         from specdec.attention import TreeMask  # the engine's own verification path
         from specdec.cache import new_cache, truncate
 
         vocab = model.get_input_embeddings().weight.shape[0]
         device = model.device
         gen = torch.Generator().manual_seed(0)
-        prefix = torch.randint(0, vocab, (1, cached), generator=gen).to(device)
+        prefix = torch.randint(0, vocab, (rows, cached), generator=gen).to(device)
         seconds = []
         with torch.no_grad():
             cache = new_cache(model)
             model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
-            for T in widths:
-                ids = torch.randint(0, vocab, (1, T), generator=gen).to(device)
-                tree = TreeMask(torch.tensor([0], device=device), torch.tensor([cached], device=device),
-                                torch.ones(1, T, T, dtype=torch.bool, device=device).tril(),
-                                positions=torch.arange(cached, cached + T, device=device)[None])
+            for T in columns:
+                ids = torch.randint(0, vocab, (rows, T), generator=gen).to(device)
+                positions = torch.arange(cached, cached + T, device=device)[None].repeat(rows, 1)
+                tree = TreeMask(torch.zeros(rows, dtype=torch.long, device=device),
+                                torch.full((rows,), cached, device=device),
+                                torch.ones(rows, T, T, dtype=torch.bool, device=device).tril(), positions=positions)
                 times = []
                 for _ in range(repeats + 1):  # the first is a warm-up
                     t0 = time.perf_counter()
-                    model(input_ids=ids, position_ids=torch.arange(cached, cached + T, device=device)[None],
-                          cache=cache, use_cache=True, tree=tree)
+                    model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, tree=tree)
                     times.append(time.perf_counter() - t0)
                     truncate(cache, cached)
                 seconds.append(sorted(times[1:])[len(times[1:]) // 2])
         for i in range(1, len(seconds)):  # a noisy machine: the curve never falls with width
             seconds[i] = max(seconds[i], seconds[i - 1])
-        return cls(tuple(widths), tuple(seconds))
+        return cls(tuple(rows * T for T in columns), tuple(seconds))
 
     @classmethod
-    def for_model(cls, model) -> CostModel:
-        """The model's measured curve for this device and thread count (measured on first use)."""
-        key = (str(model.device), torch.get_num_threads())
-        curves = model.__dict__.setdefault(_COSTS, {})
-        if key not in curves:
-            curves[key] = cls.measure(model)
-        return curves[key]
+    def for_model(cls, model, rows: int = 1, measure: bool = True) -> CostModel:
+        """The model's measured curve for this device, thread count and batch size (measured on first use).
+
+        A forward of ``A`` rows costs more than one row of the same total width (each row attends to its own
+        cache), so curves are kept per batch size, rounded up to a power of two (1, 2, 4, 8, ...). With
+        ``measure=False`` (a batch shrinking as rows finish, mid-call) a missing size takes the nearest larger
+        measured one instead of stopping to measure; it measures only when there is none.
+        """
+        bucket = 1 << max(rows - 1, 0).bit_length()
+        curves = model.__dict__.setdefault(_COSTS, {}).setdefault((str(model.device), torch.get_num_threads()), {})
+        if bucket not in curves:
+            larger = [b for b in curves if b > bucket]
+            if larger and not measure:
+                return curves[min(larger)]
+            curves[bucket] = cls.measure(model, rows=bucket)
+        return curves[bucket]
 
 
 @dataclass
@@ -121,15 +138,17 @@ class Controller:
     """Chooses each step's draft depth from the cost curve and every row's acceptance (see module docstring).
 
     Args:
-        costs: the verification cost curve.
+        costs: the verification cost curve, or a function of the batch's rows giving it
+            (``lambda rows: CostModel.for_model(model, rows)``: the measured curve for that batch size).
         max_depth: the deepest draft considered (the drafter's own depth).
-        prior: acceptance assumed at a depth with no history yet, with ``prior_weight`` steps' weight.
+        prior: acceptance assumed at a depth with no history yet on any row, with ``prior_weight`` steps'
+            weight; a row's own history is smoothed towards the call's pooled acceptance with the same weight.
         decay: weight of a step's evidence after each later step (older steps count less).
         explore: after this many steps without drafting, one step drafts depth 1 to see again.
     """
 
-    def __init__(self, costs: CostModel, max_depth: int, prior: float = 0.6, prior_weight: float = 2.0,
-                 decay: float = 0.95, explore: int = 16) -> None:
+    def __init__(self, costs: CostModel | Callable[[int], CostModel], max_depth: int, prior: float = 0.6,
+                 prior_weight: float = 2.0, decay: float = 0.95, explore: int = 16) -> None:
         if max_depth < 0:
             raise ValueError(f"controller max_depth={max_depth} must be >= 0")
         if not 0 < prior < 1 or prior_weight <= 0 or not 0 < decay <= 1:
@@ -144,13 +163,20 @@ class Controller:
         self.idle = 0  # steps in a row that drafted nothing
 
     def acceptance(self, row: int) -> list[float]:
-        """The row's acceptance at each depth 1..max_depth (history smoothed by the prior)."""
+        """The row's acceptance at each depth 1..max_depth: its own history, smoothed towards the call's
+        pooled acceptance at that depth (every row's history, itself smoothed towards ``prior``), so a row
+        with little history of its own is expected to do what this drafter does on this call's rows."""
+        def count(h: _RowHistory, d: int) -> tuple[float, float]:
+            return (h.drafted[d] if d < len(h.drafted) else 0.0), (h.accepted[d] if d < len(h.accepted) else 0.0)
+
         h = self.rows.get(row, _RowHistory())
         out = []
         for d in range(self.max_depth):
-            drafted = h.drafted[d] if d < len(h.drafted) else 0.0
-            accepted = h.accepted[d] if d < len(h.accepted) else 0.0
-            out.append((accepted + self.prior * self.prior_weight) / (drafted + self.prior_weight))
+            pooled = [count(other, d) for other in self.rows.values()]
+            base = ((sum(a for _, a in pooled) + self.prior * self.prior_weight)
+                    / (sum(n for n, _ in pooled) + self.prior_weight))
+            drafted, accepted = count(h, d)
+            out.append((accepted + base * self.prior_weight) / (drafted + self.prior_weight))
         return out
 
     @staticmethod
@@ -162,17 +188,23 @@ class Controller:
             total += reach
         return total
 
-    def draft_cost(self) -> float:
+    def curve(self, rows: int) -> CostModel:
+        """The cost curve for a batch of ``rows`` rows."""
+        return self.costs if isinstance(self.costs, CostModel) else self.costs(rows)
+
+    def draft_cost(self, rows: int = 1) -> float:
         """Seconds of drafting per depth: the cost model's, or learnt from the drafter's timings (0 until seen)."""
-        if self.costs.draft_seconds is not None:
-            return self.costs.draft_seconds
+        given = self.curve(rows).draft_seconds
+        if given is not None:
+            return given
         return self.draft_seconds / self.draft_depths if self.draft_depths else 0.0
 
     def goodput(self, alphas: list[list[float]], depth: int) -> float:
         """Expected tokens per second of a step drafting ``depth`` deep for the rows with these acceptances."""
         tokens = sum(self.expected_tokens(a, depth) for a in alphas)
         width = 1 + depth * self.nodes_per_depth
-        seconds = self.costs(max(1, round(len(alphas) * width))) + depth * self.draft_cost()
+        rows = len(alphas)
+        seconds = self.curve(rows)(max(1, round(rows * width))) + depth * self.draft_cost(rows)
         return tokens / seconds
 
     def choose(self, rows: list[int], limits: list[int] | None = None) -> int:
@@ -193,6 +225,41 @@ class Controller:
         else:
             self.idle = 0
         return best
+
+    def trim(self, rows: list[int], trees: list[DraftTree], min_width: int = 1) -> list[DraftTree]:
+        """Once drafted, cut every tree to the depth ``W`` of greatest expected tokens per second for the
+        trees as they are: each row's own depth and width (a row without a tree adds its one token and still
+        costs the batch's padded columns), the drafting being paid already. A batch where one row found a long
+        match and the others none verifies ``A x (1 + T)`` columns for one row's gain; this keeps only what
+        pays. Greedy only (a cut that depends on the drafted tokens would bias sampled nodes; the engine does
+        not call it when sampling). Only whole depth-prefixes of a tree's node list are cut, so node indices
+        stay the proposer's (its commit reads the accepted path by them); a tree not in depth order is kept
+        whole.
+        """
+        depths = [tree.depths.tolist() if len(tree) else [] for tree in trees]
+        top = max((max(d) for d in depths if d), default=0)
+        if top == 0:
+            return trees
+        alphas = [self.acceptance(r) for r in rows]
+        costs = self.curve(len(trees))
+
+        def plan(W: int) -> tuple[float, list[int]]:
+            tokens, width, cuts = 0.0, 0, []
+            for alpha, d in zip(alphas, depths):
+                n = sum(1 for x in d if x <= W)
+                if any(x > W for x in d[:n]):  # not in depth order: all or nothing
+                    n = len(d)
+                tokens += self.expected_tokens(alpha, max(d[:n], default=0))
+                width, cuts = max(width, n), cuts + [n]
+            columns = 1 + width if width == 0 else max(1 + width, min_width)
+            return tokens / costs(len(trees) * columns), cuts
+
+        best, best_rate = plan(top)[1], plan(top)[0]
+        for W in range(top - 1, -1, -1):  # shallower only when strictly better
+            rate, cuts = plan(W)
+            if rate > best_rate * (1 + 1e-9):
+                best, best_rate = cuts, rate
+        return [tree if n == len(tree) else tree.select(torch.arange(n)) for tree, n in zip(trees, best)]
 
     def record(self, row: int, drafted_depth: int, accepted_depth: int, nodes: int | None = None) -> None:
         """One step of a row: its tree reached ``drafted_depth`` (``nodes`` nodes), its accepted path

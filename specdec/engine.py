@@ -133,7 +133,8 @@ class SpeculativeDecoder:
         depth = drafter.draft_depth if isinstance(drafter, Drafter) else None
         if not self.options.goodput or not depth:
             return None
-        costs = self.options.cost_model or CostModel.for_model(self.model)
+        model = self.model
+        costs = self.options.cost_model or (lambda rows: CostModel.for_model(model, rows, measure=False))
         return Controller(costs, depth)
 
     def _cache_rows(self):
@@ -181,6 +182,8 @@ class SpeculativeDecoder:
                 for b, state in enumerate(self.states):
                     state.hidden = features[b, int(pad[b]) :]
         self.proposer.prefill(self.states)
+        if self.controller is not None and self.options.cost_model is None:  # this batch size's curve, measured once
+            CostModel.for_model(self.model, len(self.states))
         self.stats.prefill_time += time.perf_counter() - t0
 
     @torch.no_grad()
@@ -196,6 +199,9 @@ class SpeculativeDecoder:
                 s.max_depth = depth
         trees = self.proposer.propose(states)
         check_trees(trees, states, self.vocab, self.name)
+        drafted_depth = max(int(tree.depths.max()) if len(tree) else 0 for tree in trees)
+        if self.controller is not None and not self.sampling.do_sample:  # and only what pays is verified
+            trees = self.controller.trim([s.row for s in states], trees, self.options.min_verify_tokens)
         depths = [int(tree.depths.max()) if len(tree) else 0 for tree in trees]
         t1 = time.perf_counter()
 
@@ -255,7 +261,7 @@ class SpeculativeDecoder:
             if self.states:
                 cache.select(keep)
         if self.controller is not None:
-            self.controller.record_draft_time(t1 - t0, max(depths))
+            self.controller.record_draft_time(t1 - t0, drafted_depth)
         self.stats.draft_time += t1 - t0
         self.stats.verify_time += time.perf_counter() - t1
         return new_tokens

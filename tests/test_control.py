@@ -81,6 +81,11 @@ def test_measured_curve_is_cached_per_model_and_monotone():
     costs = CostModel.for_model(model)
     assert CostModel.for_model(model) is costs
     assert list(costs.seconds) == sorted(costs.seconds) and all(s > 0 for s in costs.seconds)
+    four = CostModel.for_model(model, rows=3)  # batch sizes share a curve per power of two
+    assert four is CostModel.for_model(model, rows=4) and four is not costs
+    assert all(t % 4 == 0 for t in four.tokens) and four.tokens[0] == 4
+    assert CostModel.for_model(model, rows=2, measure=False) is four  # mid-call: the nearest larger one
+    assert CostModel.for_model(model, rows=2) is not four  # a call of 2 rows measures its own
 
 
 def test_bad_cost_curves_are_refused():
@@ -107,3 +112,68 @@ def test_controller_on_changes_drafts_not_outputs():
     assert torch.equal(runs["dear"].sequences, runs["off"].sequences)
     assert runs["dear"].stats.drafted < runs["off"].stats.drafted / 4  # only the exploratory steps drafted
 
+
+
+def chains(lengths, vocab=50):
+    return [specdec.DraftTree.chain(torch.arange(1, n + 1) % vocab) if n else specdec.DraftTree.empty()
+            for n in lengths]
+
+
+def brute_force_cut(costs, alpha, lengths):
+    """Every common depth W over chains of these lengths: expected tokens 1 + sum_{d<=min(W,L)} alpha^d per
+    row, cost c(rows * (1 + max min(W, L))); the best W (ties: the deeper)."""
+    def rate(W):
+        tokens = sum(1 + sum(alpha**d for d in range(1, min(W, n) + 1)) for n in lengths)
+        return tokens / costs(len(lengths) * (1 + max(min(W, n) for n in lengths)))
+
+    W = max(range(max(lengths) + 1), key=lambda w: (rate(w), w))
+    return [min(W, n) for n in lengths]
+
+
+@pytest.mark.parametrize("curve", list(CURVES))
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.8, 0.95])
+@pytest.mark.parametrize("lengths", [[5], [2], [5, 0, 0, 0], [5, 5, 5, 5], [3, 1, 0, 6], [8, 0, 2, 0, 0, 0, 0, 1]])
+def test_cut_after_drafting_is_the_brute_force_optimum(curve, alpha, lengths):
+    costs = CURVES[curve]
+    trees = chains(lengths)
+    cut = fixed(costs, alpha, max_depth=10).trim(list(range(len(trees))), trees)
+    assert [len(t) for t in cut] == brute_force_cut(costs, alpha, lengths)
+    for before, after in zip(trees, cut):  # a prefix: node i is still node i
+        assert torch.equal(after.tokens, before.tokens[: len(after)])
+
+
+def test_a_lone_match_in_a_batch_is_cut_and_a_tree_out_of_depth_order_is_kept_whole_or_dropped():
+    costs = CURVES["flat-then-steep"]
+    cut = fixed(costs, 0.7, 10).trim([0, 1], chains([6, 0]))
+    assert len(cut[0]) == 2  # 2 x 7 columns for one row's gain do not pay, 2 x 3 do (2.55 tokens/s against 2.19)
+    assert fixed(costs, 0.7, 10).trim([0, 1, 2, 3], chains([6, 0, 0, 0]))[0].tokens.numel() == 0  # 4 rows: nothing
+    # nodes [depth 1, depth 2, depth 1]: no prefix is a depth cut, so the tree stays whole or goes
+    odd = specdec.DraftTree(torch.tensor([4, 5, 6]), torch.tensor([-1, 0, -1]))
+    for alpha in (0.05, 0.99):
+        (kept,) = fixed(costs, alpha, 10).trim([0], [odd])
+        assert len(kept) in (0, 3)
+    assert len(fixed(costs, 0.99, 10).trim([0], [odd])[0]) == 3
+    assert len(fixed(CURVES["compute-bound"], 0.3, 10).trim([0], [odd])[0]) == 0
+
+
+def test_the_engine_cuts_greedy_drafts_only(monkeypatch):
+    """The cut depends on the drafted tree, so it would bias sampled nodes: sampling never calls it;
+    greedy output is unchanged by it."""
+    target = attentive(tiny_llama(seed=0))
+    calls = []
+    original = Controller.trim
+
+    def spy(self, rows, trees, min_width=1):
+        calls.append(len(trees))
+        return original(self, rows, trees, min_width)
+
+    monkeypatch.setattr(Controller, "trim", spy)
+    ids = torch.tensor([[5, 9, 13, 7, 5, 9, 13, 7, 5]])
+    specdec.generate(target, ids, PromptLookup(k=5), max_new_tokens=12, do_sample=True, eos_token_id=None,
+                     generator=torch.Generator().manual_seed(0), cost_model=CURVES["flat-then-steep"])
+    assert calls == []
+    out = specdec.generate(target, ids, PromptLookup(k=5), max_new_tokens=12, eos_token_id=None,
+                           cost_model=CURVES["compute-bound"], return_dict_in_generate=True)
+    assert calls and torch.equal(out.sequences, target.generate(ids, attention_mask=torch.ones_like(ids),
+                                                                 max_new_tokens=12, do_sample=False,
+                                                                 eos_token_id=None, pad_token_id=0))

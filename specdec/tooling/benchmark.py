@@ -119,8 +119,8 @@ def run_benchmark(
         raise ValueError(f"method names {names} must be distinct")
     eos = set(eos_token_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    warm = left_pad([encode(tokenizer, [{"role": "user", "content": prompts[0].turns[0]}])[:16]], pad)
-    for method in methods:  # first calls pay one-off costs (allocations, lazy init)
+    warm = left_pad([encode(tokenizer, [{"role": "user", "content": prompts[0].turns[0]}])[:16]] * batch_size, pad)
+    for method in methods:  # first calls pay one-off costs (allocations, lazy init, cost curves), at this batch size
         method.run(*warm, None)
     rows = []
     batches = _batches(prompts, batch_size)
