@@ -177,3 +177,27 @@ def test_the_engine_cuts_greedy_drafts_only(monkeypatch):
     assert calls and torch.equal(out.sequences, target.generate(ids, attention_mask=torch.ones_like(ids),
                                                                  max_new_tokens=12, do_sample=False,
                                                                  eos_token_id=None, pad_token_id=0))
+
+
+def test_cut_model_drafter_trees_keep_the_batch_exact(monkeypatch):
+    """A draft model's trees (top-2 children, several nodes per depth) in a left-padded batch, on a curve
+    where wide verifications cost: the cut shortens trees, and every row still equals model.generate."""
+    target, draft = attentive(tiny_llama(seed=0)), attentive(tiny_llama(seed=1, layers=1))
+    cuts = []
+    original = Controller.trim
+
+    def spy(self, rows, trees, min_width=1):
+        out = original(self, rows, trees, min_width)
+        cuts.extend(len(a) < len(b) for a, b in zip(out, trees))
+        return out
+
+    monkeypatch.setattr(Controller, "trim", spy)
+    rows = [[5, 9, 13, 7, 5, 9, 13], [3, 4, 5, 3, 4]]
+    ids, mask = specdec.text.left_pad([torch.tensor(r) for r in rows], pad_id=0)
+    got = specdec.generate(target, ids, DraftModel(draft, k=4, top_k=2), attention_mask=mask, max_new_tokens=24,
+                           eos_token_id=None, pad_token_id=0, cost_model=CURVES["linear"])
+    assert any(cuts)
+    for i, row in enumerate(rows):
+        alone = target.generate(torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+                                max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert got[i, -24:].tolist() == alone[0, len(row):].tolist()
