@@ -19,13 +19,13 @@ the controller counts the batch's width, not each row's.
 Once drafted, the trees are cut to the common depth that pays for the trees as they are (:meth:`Controller.trim`,
 greedy only): a row that found nothing adds one token but still costs the batch's padded columns.
 
-The cost curve is measured once per model, device, thread count and batch size (rounded up to a power of
-two: A rows of T columns cost more than one row of A * T, since each row attends to its own cache; a few
-forwards of growing width, a second or two for a 135M model on CPU) and kept on the model object; draft cost per depth is learnt
-online from the drafter's own timings. Both come from wall-clock time, so the depths a call drafts
-(never its output's law, never a greedy output) vary with the machine's noise: a sampled output
-repeats under a fixed seed with a fixed ``CostModel(..., draft_seconds=...)`` given as ``cost_model=``
-(then nothing is timed), or with ``goodput=False``.
+The cost curve is measured once per model, device, thread count and batch size (rounded up to a power
+of two: A rows of T columns cost more than one row of A * T, since each row attends to its own cache; a
+few forwards of growing width, a second or two for a 135M model on CPU) and kept on the model object;
+draft cost per depth is learnt online from the drafter's own timings. Both come from wall-clock time, so
+the depths a call drafts (never its output's law, never a greedy output) vary with the machine's noise: a
+sampled output repeats under a fixed seed with a fixed ``CostModel(..., draft_seconds=...)`` given as
+``cost_model=`` (then nothing is timed), or with ``goodput=False``.
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ class Controller:
             columns = 1 + width if width == 0 else max(1 + width, min_width)
             return tokens / costs(len(trees) * columns), cuts
 
-        best, best_rate = plan(top)[1], plan(top)[0]
+        best_rate, best = plan(top)
         for W in range(top - 1, -1, -1):  # shallower only when strictly better
             rate, cuts = plan(W)
             if rate > best_rate * (1 + 1e-9):
