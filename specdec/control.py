@@ -125,6 +125,10 @@ class CostModel:
         return curves[bucket]
 
 
+def _count(counts: list[float], depth: int) -> float:
+    return counts[depth] if depth < len(counts) else 0.0
+
+
 @dataclass
 class _RowHistory:
     """A row's acceptance so far, fading (weights ``decay`` per step): steps that drafted to depth d,
@@ -162,22 +166,20 @@ class Controller:
         self.draft_depths = 0
         self.idle = 0  # steps in a row that drafted nothing
 
-    def acceptance(self, row: int) -> list[float]:
+    def acceptance(self, row: int, pooled: list[float] | None = None) -> list[float]:
         """The row's acceptance at each depth 1..max_depth: its own history, smoothed towards the call's
-        pooled acceptance at that depth (every row's history, itself smoothed towards ``prior``), so a row
+        pooled acceptance at that depth (:meth:`pooled`, passed in when asked for many rows at once), so a row
         with little history of its own is expected to do what this drafter does on this call's rows."""
-        def count(h: _RowHistory, d: int) -> tuple[float, float]:
-            return (h.drafted[d] if d < len(h.drafted) else 0.0), (h.accepted[d] if d < len(h.accepted) else 0.0)
-
+        pooled = self.pooled() if pooled is None else pooled
         h = self.rows.get(row, _RowHistory())
-        out = []
-        for d in range(self.max_depth):
-            pooled = [count(other, d) for other in self.rows.values()]
-            base = ((sum(a for _, a in pooled) + self.prior * self.prior_weight)
-                    / (sum(n for n, _ in pooled) + self.prior_weight))
-            drafted, accepted = count(h, d)
-            out.append((accepted + base * self.prior_weight) / (drafted + self.prior_weight))
-        return out
+        return [(_count(h.accepted, d) + base * self.prior_weight) / (_count(h.drafted, d) + self.prior_weight)
+                for d, base in enumerate(pooled)]
+
+    def pooled(self) -> list[float]:
+        """Every row's acceptance at each depth together, smoothed towards ``prior``."""
+        rows = self.rows.values()
+        return [(sum(_count(h.accepted, d) for h in rows) + self.prior * self.prior_weight)
+                / (sum(_count(h.drafted, d) for h in rows) + self.prior_weight) for d in range(self.max_depth)]
 
     @staticmethod
     def expected_tokens(alpha: list[float], depth: int) -> float:
@@ -209,7 +211,8 @@ class Controller:
 
     def choose(self, rows: list[int], limits: list[int] | None = None) -> int:
         """The depth of greatest goodput for these rows (each also capped at its own ``limits``)."""
-        alphas = [self.acceptance(r) for r in rows]
+        pooled = self.pooled()
+        alphas = [self.acceptance(r, pooled) for r in rows]
         if limits is not None:
             alphas = [a[:lim] for a, lim in zip(alphas, limits)]
         best, best_rate = 0, self.goodput(alphas, 0)
@@ -240,7 +243,8 @@ class Controller:
         top = max((max(d) for d in depths if d), default=0)
         if top == 0:
             return trees
-        alphas = [self.acceptance(r) for r in rows]
+        pooled = self.pooled()
+        alphas = [self.acceptance(r, pooled) for r in rows]
         costs = self.curve(len(trees))
 
         def plan(W: int) -> tuple[float, list[int]]:

@@ -23,6 +23,7 @@ from specdec.text import left_pad
 from specdec.training.train import ttt_unroll
 
 from conftest import tiny_llama
+from test_generate import assert_rows_match_alone
 from test_lossless_sampling import N_SAMPLES, N_TOKENS, PROMPT, SAMPLING, V, accept_every_draft, chi2_pvalue, exact_joint
 
 OPTIONS = Options(max_new_tokens=N_TOKENS, sampling=SAMPLING, goodput=False)  # always draft: the rule is what is tested
@@ -81,14 +82,8 @@ batches = st.lists(st.lists(st.integers(3, 63), min_size=1, max_size=16), min_si
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=batches, shape=shapes, k=st.integers(1, 5), eos=st.sampled_from([None, 7, 30]), trained=st.booleans())
 def test_batch_rows_equal_generate_alone(target, trained_head, rows, shape, k, eos, trained):
-    ids, mask = left_pad([torch.tensor(r) for r in rows], pad_id=0)
     drafter = eagle3(target, shape, k, head=trained_head if trained else None)
-    got = specdec.generate(target, ids, drafter, attention_mask=mask, max_new_tokens=20,
-                           eos_token_id=eos, pad_token_id=0, goodput=False)
-    for i, row in enumerate(rows):
-        alone = reference(target, torch.tensor([row]), max_new_tokens=20, eos_token_id=eos)[0, len(row):].tolist()
-        produced = got[i, ids.shape[1]:].tolist()
-        assert produced[: len(alone)] == alone and all(t == 0 for t in produced[len(alone):])
+    assert_rows_match_alone(target, rows, drafter, max_new_tokens=20, eos=eos, goodput=False)
 
 
 def test_trained_head_is_accepted(target, trained_head):

@@ -5,6 +5,9 @@ wrong rule fails the same test (so the test has the power to catch a broken rule
 
 import itertools
 
+import dataclasses
+import sys
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -27,6 +30,13 @@ SAMPLING = Sampling(do_sample=True, temperature=0.9, top_k=5, eos_token_ids=())
 # drafted depths, and so the wrong rule's chance to show, depend on the machine's load)
 FLAT = CostModel((1, 2, 4, 8), (1.0, 1.0, 1.05, 1.1), draft_seconds=0.0)
 OPTIONS = Options(max_new_tokens=N_TOKENS, sampling=SAMPLING, cost_model=FLAT)
+
+
+@pytest.fixture
+def every_step(monkeypatch):
+    """These helpers' options with a tree at every step (no goodput controller): the draws do not depend on
+    measured costs, and the wrong rule meets drafts at every step."""
+    monkeypatch.setattr(sys.modules[__name__], "OPTIONS", dataclasses.replace(OPTIONS, goodput=False))
 
 
 @pytest.fixture(scope="module")

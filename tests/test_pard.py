@@ -19,6 +19,7 @@ from specdec.options import Options
 from specdec.text import left_pad
 
 from conftest import tiny_llama
+from test_generate import assert_rows_match_alone
 from test_lossless_sampling import N_SAMPLES, N_TOKENS, PROMPT, SAMPLING, V, accept_every_draft, chi2_pvalue, exact_joint
 
 OPTIONS = Options(max_new_tokens=N_TOKENS, sampling=SAMPLING, goodput=False)  # always draft: the rule is what is tested
@@ -58,13 +59,7 @@ batches = st.lists(st.lists(st.integers(3, 63), min_size=1, max_size=16), min_si
 @given(rows=batches, shape=shapes, k=st.integers(1, 5), eos=st.sampled_from([None, 7, 30]))
 def test_batch_rows_equal_generate_alone(target, rows, shape, k, eos):
     """Left-padded rows of different lengths, drafted in one forward and verified together."""
-    ids, mask = left_pad([torch.tensor(r) for r in rows], pad_id=0)
-    got = specdec.generate(target, ids, pard(target, shape, k), attention_mask=mask, max_new_tokens=20,
-                           eos_token_id=eos, pad_token_id=0, goodput=False)
-    for i, row in enumerate(rows):
-        alone = reference(target, torch.tensor([row]), max_new_tokens=20, eos_token_id=eos)[0, len(row):].tolist()
-        produced = got[i, ids.shape[1]:].tolist()
-        assert produced[: len(alone)] == alone and all(t == 0 for t in produced[len(alone):])
+    assert_rows_match_alone(target, rows, pard(target, shape, k), max_new_tokens=20, eos=eos, goodput=False)
 
 
 def test_eos_inside_a_block_ends_the_row_there(target, monkeypatch):

@@ -2,7 +2,6 @@
 output equals model.generate; sampling keeps the target's law; the cache stays whole; a shared
 table warms later calls and serves threads."""
 
-import dataclasses
 import random
 import sys
 import threading
@@ -15,7 +14,6 @@ from hypothesis import strategies as st
 
 import specdec
 import specdec.engine
-import test_lossless_sampling
 from specdec.drafters.base import DecodeState, TargetView
 from specdec.drafters.recycling import DEFAULT_TREE, RecyclingTable, TokenRecycling
 from specdec.engine import SpeculativeDecoder, prepare_target
@@ -27,7 +25,7 @@ from conftest import attentive, tiny_llama
 from test_cache import assert_kv_close, fresh_prefill, kv
 from test_generate import assert_rows_match_alone, reference
 from test_lossless_sampling import accept_every_draft, chi2_pvalue, exact_joint, sample_counts
-from test_lossless_sampling import small_target  # noqa: F401 - a fixture
+from test_lossless_sampling import every_step, small_target  # noqa: F401 - fixtures
 
 
 # --- brute-force references --------------------------------------------------------------------------
@@ -222,14 +220,6 @@ def test_a_table_per_target(model):
 
 
 # --- sampling keeps the target's law (a warm shared table: trees at every step) ----------------------
-
-@pytest.fixture
-def every_step(monkeypatch):
-    """The sampling helpers' options with a tree at every step (no goodput controller): the draws do not
-    depend on measured costs, and the wrong rule meets drafts at every step."""
-    monkeypatch.setattr(test_lossless_sampling, "OPTIONS", dataclasses.replace(test_lossless_sampling.OPTIONS,
-                                                                               goodput=False))
-
 
 def test_speculative_sampling_matches_target(small_target, every_step):
     counts = sample_counts(small_target, TokenRecycling(tree=TREES[1], top_k=4, shared=True))

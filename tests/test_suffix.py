@@ -3,7 +3,6 @@ equals model.generate; sampling keeps the target's law; the cache stays whole; t
 gives drafts to later calls and serves threads."""
 
 import itertools
-import dataclasses
 import random
 import sys
 import threading
@@ -15,7 +14,6 @@ from hypothesis import strategies as st
 
 import specdec
 import specdec.engine
-import test_lossless_sampling
 from specdec.drafters.base import DecodeState, TargetView
 from specdec.drafters.suffix import SuffixAutomaton, SuffixCorpus, SuffixDecoding, grow
 from specdec.engine import SpeculativeDecoder, prepare_target
@@ -26,7 +24,7 @@ from conftest import attentive, tiny_llama
 from test_cache import assert_kv_close, fresh_prefill, kv
 from test_generate import assert_rows_match_alone, reference
 from test_lossless_sampling import accept_every_draft, chi2_pvalue, exact_joint, sample_counts
-from test_lossless_sampling import small_target  # noqa: F401 - a fixture
+from test_lossless_sampling import every_step, small_target  # noqa: F401 - fixtures
 
 
 # --- brute-force references: O(n^2) scans of the documents ---------------------------------------
@@ -341,14 +339,6 @@ def test_threads_share_one_drafter(model):
 def sampling_drafter():
     """Trees with siblings: the corpus learns prompt + output of every sample and branches by frequency."""
     return SuffixDecoding(k=3, max_nodes=6, max_spec_factor=2.0, min_prob=0.05, min_match=1, learn="all")
-
-
-@pytest.fixture
-def every_step(monkeypatch):
-    """The sampling helpers' options with a tree at every step (no goodput controller): the draws do not
-    depend on measured costs, and the wrong rule meets drafts at every step."""
-    monkeypatch.setattr(test_lossless_sampling, "OPTIONS", dataclasses.replace(test_lossless_sampling.OPTIONS,
-                                                                               goodput=False))
 
 
 def test_speculative_sampling_matches_target(small_target, every_step):
