@@ -5,10 +5,10 @@ From the checkout ``python -m experiments.run``; from an installed wheel ``specd
 configs to the search path.
 
     python -m experiments.run                            # the default: embedded SmolLM2, Spec-Bench sample
-    python -m experiments.run dataset.per_task=10 drafter.k=8 logger=wandb
+    python -m experiments.run dataset.per_task=10 drafter=prompt_lookup drafter.k=8 logger=wandb
     python -m experiments.run +experiment=chain_vs_tree  # more drafters in the same run
     python -m experiments.run +experiment=batch4         # batches of 4 prompts
-    python -m experiments.run --multirun drafter.k=4,8   # a sweep, one run directory per job
+    python -m experiments.run --multirun drafter=prompt_lookup drafter.k=4,8  # a sweep, one run directory per job
     accelerate launch --multi_gpu --num_processes 2 -m experiments.run threads=1   # prompts sharded over 2
         processes (on a machine without GPUs they are CPU processes talking over gloo); the main
         process merges every shard's rows into one table
@@ -37,7 +37,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from specdec import load_model
-from specdec.drafters import Distilled
+from specdec.drafters import Distilled, PromptLookup
 from specdec.tooling.benchmark import (hf_generate, markdown_table, run_benchmark, specdec_generate, speedup_table,
                                        summarize)
 from specdec.tooling.data import SPEC_BENCH, load_prompts
@@ -45,7 +45,7 @@ from specdec.tooling.loggers import NullLogger, make_logger
 from specdec.tooling.report import FIGURES, write_report
 
 from . import CONFIG_DIR
-from .schema import register, validate
+from .schema import beside_prompt_lookup, register, validate
 
 register()
 
@@ -130,6 +130,9 @@ def main(cfg: DictConfig) -> None:
     methods += [specdec_generate(model, None, n, "specdec_no_draft", backend, sampling,
                                  linear_backend=cfg.linear_backend),
                 specdec_generate(model, drafter, n, f"specdec_{cfg.drafter.name}", backend, sampling, **engine)]
+    if beside_prompt_lookup(cfg):  # the reference every drafter is read against
+        lookup = PromptLookup(k=cfg.prompt_lookup_k, max_ngram=3, min_ngram=2)
+        methods.append(specdec_generate(model, lookup, n, "specdec_prompt_lookup", backend, sampling, **engine))
     methods += [specdec_generate(model, d, n, f"specdec_{name}", backend, sampling,
                                  **{key: cfg.variants[name].get(key, value) for key, value in engine.items()})
                 for name, d in variants.items()]

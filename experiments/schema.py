@@ -76,6 +76,7 @@ class RunConfig:
     min_verify_tokens: int = 1  # pad verification forwards with drafts to this many tokens (a CPU speed knob)
     linear_backend: str = "auto"  # the engine's linear layers: auto/skinny ((W @ x.T).T on CPU) or torch
     hf_prompt_lookup_num_tokens: int = 10
+    prompt_lookup_k: int = 5  # specdec's prompt lookup beside the drafter (0: off; skipped when it is the drafter)
     hf_assistant: Optional[str] = None  # a distilled draft checkpoint run as transformers' assistant_model
     progress: bool = True
     variants: Any = field(default_factory=dict)
@@ -153,6 +154,7 @@ def validate(cfg: DictConfig) -> None:
         ("batch_size", cfg.batch_size >= 1, ">= 1"),
         ("min_verify_tokens", cfg.min_verify_tokens >= 1, ">= 1"),
         ("hf_prompt_lookup_num_tokens", cfg.hf_prompt_lookup_num_tokens >= 0, ">= 0 (0 turns it off)"),
+        ("prompt_lookup_k", cfg.prompt_lookup_k >= 0, ">= 0 (0 turns it off)"),
         ("attention_backend", cfg.attention_backend in BACKENDS, f"one of {BACKENDS}"),
         ("linear_backend", cfg.linear_backend in LINEAR_BACKENDS, f"one of {LINEAR_BACKENDS}"),
         ("logger.kind", cfg.logger.kind in LOGGERS, f"one of {LOGGERS}"),
@@ -165,7 +167,10 @@ def validate(cfg: DictConfig) -> None:
     for key, ok, want in checks:
         if not ok:
             raise ValueError(f"config {key}={_get(cfg, key)!r} is invalid: it must be {want}")
-    reserved = {cfg.drafter.name: "drafter.name", "no_draft": "the engine without a drafter"}
+    reserved = {"no_draft": "the engine without a drafter"}
+    if beside_prompt_lookup(cfg):
+        reserved["prompt_lookup"] = "the prompt lookup run beside the drafter (set prompt_lookup_k=0 to drop it)"
+    reserved[cfg.drafter.name] = "drafter.name"
     for name, variant in cfg.variants.items():
         if name in reserved:
             raise ValueError(f"config variants.{name} has the name of {reserved[name]}: both would report as "
@@ -175,6 +180,11 @@ def validate(cfg: DictConfig) -> None:
         if variant.get("linear_backend", "auto") not in LINEAR_BACKENDS:
             raise ValueError(f"config variants.{name}.linear_backend={variant.linear_backend!r} is invalid: "
                              f"it must be one of {LINEAR_BACKENDS}")
+
+
+def beside_prompt_lookup(cfg: DictConfig) -> bool:
+    """Whether specdec's prompt lookup runs beside the drafter (``prompt_lookup_k`` > 0, another drafter)."""
+    return cfg.prompt_lookup_k > 0 and cfg.drafter.name != "prompt_lookup"
 
 
 def _get(cfg: DictConfig, key: str):

@@ -44,6 +44,10 @@ def test_every_config_composes_and_validates(override):
 def test_a_variant_named_like_the_drafter_fails_naming_it():
     with pytest.raises(ValueError, match="variants.prompt_lookup has the name of drafter.name"):
         validate(compose_with("drafter=prompt_lookup", "+variants.prompt_lookup={_target_: specdec.drafters.PromptLookup}"))
+    mine = "+variants.prompt_lookup={_target_: specdec.drafters.PromptLookup}"
+    with pytest.raises(ValueError, match="variants.prompt_lookup has the name of the prompt lookup run beside .*_k=0"):
+        validate(compose_with(mine))  # the default drafter runs with specdec's prompt lookup beside it
+    validate(compose_with("prompt_lookup_k=0", mine))
     with pytest.raises(ValueError, match="variants.no_draft"):
         validate(compose_with("+variants.no_draft={_target_: specdec.engine.NoDraft}"))
 
@@ -137,7 +141,8 @@ def tiny_run(tiny_model_dir, prompts_file, tmp_path_factory):
     run_dir = tmp_path / "run"
     done = run_experiment(f"model.name={tiny_model_dir}", f"dataset.path={prompts_file}", "dataset.per_task=null",
                           "dataset.name=tiny", "max_new_tokens=12", "logger=wandb", "progress=false",
-                          "hf_prompt_lookup_num_tokens=0", "drafter.k=3", f"hydra.run.dir={run_dir}",
+                          "hf_prompt_lookup_num_tokens=0", "drafter=prompt_lookup", "drafter.k=3",
+                          f"hydra.run.dir={run_dir}",
                           "+variants.plain_torch={_target_:specdec.engine.NoDraft,linear_backend:torch}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
@@ -205,7 +210,8 @@ def tiny_sweep(tiny_model_dir, prompts_file, tmp_path_factory):
     """A 2x2 sweep on the tiny model (tree shape x draft depth), logged to W&B offline."""
     tmp_path = tmp_path_factory.mktemp("tiny-sweep")
     sweep = tmp_path / "sweep"
-    done = run_experiment("--multirun", "tree=chain,dynamic", "drafter.k=2,3", f"model.name={tiny_model_dir}",
+    done = run_experiment("--multirun", "tree=chain,dynamic", "drafter=prompt_lookup", "drafter.k=2,3",
+                          f"model.name={tiny_model_dir}",
                           f"dataset.path={prompts_file}", "dataset.per_task=1", "dataset.name=tiny",
                           "max_new_tokens=8", "logger=wandb", "progress=false", "hf_prompt_lookup_num_tokens=0",
                           "threads=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -350,7 +356,8 @@ def test_find_runs_searches_upward(tiny_run, tmp_path, monkeypatch):
 def test_tree_group_reaches_the_drafters():
     from hydra.utils import instantiate
 
-    lookup = instantiate({k: v for k, v in compose_with("tree=dynamic").drafter.items() if k != "name"})
+    drafter = compose_with("drafter=prompt_lookup", "tree=dynamic").drafter
+    lookup = instantiate({k: v for k, v in drafter.items() if k != "name"})
     assert (lookup.k, lookup.branches) == (6, 3)
     cfg = compose_with("drafter=truncated", "tree=dynamic", "tree.budget=16")
     assert (cfg.drafter.top_k, cfg.drafter.width, cfg.drafter.budget, cfg.drafter.k) == (4, 4, 16, 6)
@@ -414,13 +421,17 @@ def test_two_processes_shard_the_prompts_and_merge(tiny_model_dir, prompts_file,
               for r in range(2)]
     assert sorted(set(shards[0])) == [1, 3] and sorted(set(shards[1])) == [2]  # prompts[rank::2]
     merged = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
-    assert sorted({r["prompt_id"] for r in merged}) == [1, 2, 3] and len(merged) == 3 * 3
+    assert sorted({r["prompt_id"] for r in merged}) == [1, 2, 3] and len(merged) == 3 * 4
+    # the default drafter (lookup, else Token Recycling), with specdec's prompt lookup run beside it
+    assert {r["method"] for r in merged} == {"generate", "specdec_no_draft", "specdec_lookup_else_recycling",
+                                             "specdec_prompt_lookup"}
+    assert all(r["matches_baseline"] for r in merged)
     assert "2 processes" in (run_dir / "table.md").read_text()
 
 
 def test_slurm_launcher_config_runs_in_submitit_local_mode(tiny_model_dir, prompts_file, tmp_path):
     sweep = tmp_path / "sweep"
-    done = run_experiment("--multirun", "hydra/launcher=slurm_local", "drafter.k=2,3",
+    done = run_experiment("--multirun", "hydra/launcher=slurm_local", "drafter=prompt_lookup", "drafter.k=2,3",
                           f"model.name={tiny_model_dir}", f"dataset.path={prompts_file}", "dataset.per_task=1",
                           "dataset.name=tiny", "max_new_tokens=6", "logger=none", "progress=false", "threads=1",
                           "hf_prompt_lookup_num_tokens=0", f"hydra.sweep.dir={sweep}", cwd=tmp_path)

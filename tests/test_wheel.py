@@ -134,11 +134,11 @@ def test_wheel_installs_lean_and_runs_the_experiments_outside_the_checkout(tmp_p
           "hydra.run.dir=run"], cwd=elsewhere, env=env)
     run = elsewhere / "run"
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
-    assert {r["method"] for r in rows} == {"generate", "specdec_no_draft", "specdec_my_lookup"}
+    assert {r["method"] for r in rows} == {"generate", "specdec_no_draft", "specdec_my_lookup", "specdec_prompt_lookup"}
     assert all(r["matches_baseline"] for r in rows)
     assert (run / "speedup.pdf").is_file() and list(run.glob("wandb/offline-run-*/run-*.wandb"))
     # the default experiment's own config and data: Spec-Bench from the wheel, one prompt per task
     done = _run([py, "-m", "specdec_experiments.run", "--cfg", "job", "--resolve"], cwd=elsewhere, env=env)
-    assert "spec_bench_sample" in done.stdout and "prompt_lookup" in done.stdout
+    assert "spec_bench_sample" in done.stdout and "lookup_else_recycling" in done.stdout
     _run([py, "-m", "specdec_experiments.report", str(run), "--out", "report"], cwd=elsewhere, env=env)
     assert (elsewhere / "report" / "report.md").is_file()
