@@ -14,7 +14,7 @@ One head, two modes:
 - **EAGLE-1/2** (Li et al. 2024, "EAGLE: Speculative Sampling Requires Rethinking Feature
   Uncertainty"; EAGLE-2's dynamic trees), ``fused_layers=None``: the head reads the target's final
   hidden state ``f_j`` and predicts ``f_{j+1}``, which the target's head turns into logits (the
-  shipped ``eagle-smollm2-135m`` checkpoint).
+  ``eagle-smollm2-135m`` checkpoint shipped before the 1M-token set; the one shipped now is EAGLE-3).
 
 Drafting runs the head auto-regressively, growing a tree level by level for every row at once
 (:func:`~specdec.drafters.growth.grow`: dynamic top-k, rerank to a budget, or a static shape). Each
