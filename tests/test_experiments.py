@@ -500,3 +500,18 @@ def test_bench_forward_prints_every_width_and_restores_the_model(tiny_model_dir)
         assert not model(ids).logits.any()  # the output head is free too: zeros
     with torch.inference_mode():
         assert model(ids).logits.any() and all("forward" not in vars(m) for m in model.modules())
+
+
+def test_eagle_accuracy_prints_each_task_split_by_lookup(tiny_model_dir, prompts_file):
+    """The benchmark-side accuracy command (its numbers against drafting: test_train) prints a row per task and
+    one for all, whose answer tokens add up."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "experiments.eagle_accuracy", "--model", str(tiny_model_dir),
+                           "--untrained", "--prompts", str(prompts_file), "--per-task", "2", "--max-new-tokens", "8",
+                           "--steps", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| task")}
+    assert set(rows) == {"loop", "other", "all"}
+    assert int(rows["all"][0]) == int(rows["loop"][0]) + int(rows["other"][0]) > 0
+    assert all(0.0 <= float(x) <= 1.0 for x in rows["all"][2].split())

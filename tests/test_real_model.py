@@ -105,14 +105,17 @@ SHIPPED = {
     "medusa": lambda: specdec.drafters.Medusa.from_checkpoint("medusa-smollm2-135m", budget=12),
     "early_exit": lambda: specdec.drafters.EarlyExit.from_checkpoint("early_exit-smollm2-135m", k=3),
     "draft_model": lambda: specdec.drafters.Distilled.from_checkpoint("draft_model-smollm2-135m", k=4),
+    "pard": lambda: specdec.drafters.Pard.from_checkpoint("pard-smollm2-135m", k=4),
 }
 
 
 def untrained(kind, model, shipped):
     """The same drafter before training: EAGLE started from the target's last layer, zero Medusa heads
-    (the same tree), the plain exit after 6 layers, the 2-layer draft copied from layers 0 and 29."""
+    (the same tree), the plain exit after 6 layers, the 2-layer draft copied from layers 0 and 29 (PARD: with
+    its mask embedding untrained)."""
     from specdec.drafters import EagleHead, MedusaHeads
     from specdec.drafters.distilled import build_draft
+    from specdec.drafters.pard import PardDraft
 
     if kind == "eagle":
         return specdec.Eagle(EagleHead.from_target(model), k=5, top_k=4, width=2, budget=12)
@@ -120,6 +123,8 @@ def untrained(kind, model, shipped):
         return specdec.Medusa(MedusaHeads(model.config.hidden_size, len(shipped.heads)), tree=shipped.spec)
     if kind == "early_exit":
         return specdec.EarlyExit(layers=6, k=3)
+    if kind == "pard":
+        return specdec.drafters.Pard(PardDraft.from_target(model, [0, 29]), k=4)
     return DraftModel(build_draft(model, [0, 29]), k=4)
 
 

@@ -16,9 +16,12 @@ import specdec
 from specdec.training.checkpoint import fingerprint, save_checkpoint
 from specdec.training.distill import teacher_pass
 from specdec.drafters import Distilled, Eagle, EarlyExit, Medusa
+from specdec.drafters.base import DecodeState
 from specdec.drafters.pard import Pard, mask_blocks
+from specdec.drafters.prompt_lookup import PromptLookup, lookup_hits
+from specdec.sampling import Sampling
 from specdec.drafters.vocab import ReducedHead, frequent_tokens
-from specdec.training.train import (KINDS, Chunk, Objective, TrainSettings, collate, chunks, length_batched,
+from specdec.training.train import (KINDS, Chunk, Objective, TrainSettings, collate, chunks, evaluate, length_batched,
                                     module_settings, train, trained_weights, ttt_unroll)
 from specdec.tree import TreeSpec
 
@@ -90,6 +93,53 @@ def _batch(teacher, distill_set, kind, **extra):
     return objective, batch
 
 
+@pytest.mark.parametrize("max_ngram, min_ngram", [(3, 2), (4, 1), (2, 2)])
+def test_lookup_hits_are_what_prompt_lookup_drafts_first(max_ngram, min_ngram):
+    """Position i is a hit exactly when PromptLookup over tokens[:i] drafts tokens[i] first (the drafter
+    itself is the reference), on sequences of a small vocabulary that repeat often, and loop."""
+    gen = torch.Generator().manual_seed(0)
+    drafter = PromptLookup(k=1, max_ngram=max_ngram, min_ngram=min_ngram)
+    loop = torch.tensor([5, 6, 7, 8] * 6)
+    found = []
+    for tokens in [torch.randint(0, 4, (60,), generator=gen), torch.randint(0, 9, (60,), generator=gen), loop]:
+        want = []
+        for i in range(len(tokens)):
+            tree = drafter.propose([DecodeState(0, tokens[None, :i], 0, i + 4, Sampling())])[0] if i else None
+            want.append(bool(tree is not None and len(tree.tokens) and tree.tokens[0] == tokens[i]))
+        got = lookup_hits(tokens, max_ngram, min_ngram)
+        assert got.tolist() == want
+        found += want
+    assert 0 < sum(found) < len(found)
+    assert lookup_hits(loop, max_ngram, min_ngram)[8:].all()  # a loop is found from its second lap on
+
+
+def test_validation_separates_the_labels_lookup_misses(teacher, distill_set):
+    """Chunks flag label j where lookup drafts token j + 1 of the whole sequence; the lookup-miss accuracy
+    is the accuracy over those labels alone (the same as evaluating a set with the others removed)."""
+    objective, _ = _batch(teacher, distill_set, "eagle", **EAGLE3)
+    cut = chunks(distill_set, 16, None, EAGLE3["fused_layers"])
+    sequence = iter(distill_set.sequences)
+    flagged = 0
+    for chunk in cut:  # each sequence's chunks in order, starting at 0
+        if chunk.start == 0:
+            seq = next(sequence)
+            hits = lookup_hits(seq)
+        n = len(chunk.tokens)
+        assert torch.equal(chunk.tokens, seq[chunk.start : chunk.start + n])
+        assert chunk.lookup[: n - 1].tolist() == hits[chunk.start + 1 : chunk.start + n].tolist()
+        assert chunk.lookup[n - 1] == (hits[chunk.start + n] if chunk.start + n < len(seq) else False)
+        flagged += int(chunk.lookup.sum())
+    assert flagged > 0
+    batches = [collate(cut[lo : lo + 4], lambda labels: labels) for lo in range(0, 24, 4)]
+    metrics = evaluate(objective, batches)
+    assert metrics["val/top1_depth1"] != metrics["val/top1_depth1_lookup_miss"]
+    removed = [b | {"labels": b["labels"].masked_fill(b["lookup"], -100), "lookup": torch.zeros_like(b["lookup"])}
+               for b in batches]
+    again = evaluate(objective, removed)
+    for d in (1, 2, 3):
+        assert again[f"val/top1_depth{d}"] == pytest.approx(metrics[f"val/top1_depth{d}_lookup_miss"])
+
+
 def test_eagle3_unroll_shapes_and_gradients(teacher, distill_set):
     """One state per step and position; every step's loss reaches fuse, fc and the layer; the step weights
     decay; the head reads the fused layers side by side."""
@@ -145,6 +195,53 @@ def test_a_set_too_small_for_one_batch_is_refused(teacher, distill_set):
                       {k: v[:5] for k, v in distill_set.layer_features.items()}, distill_set.labels[:5])
     with pytest.raises(ValueError, match="fewer than one batch of batch_size=4"):
         train("pard", teacher, tiny, quick("pard"))
+
+
+@pytest.fixture(scope="module")
+def eagle3_trained(teacher, distill_set):
+    """An EAGLE-3 head trained for 3 epochs on the tiny set, with its held-out loss at every step."""
+    settings = quick("eagle", epochs=3, eval_every=1, **EAGLE3)
+    fresh = []
+    module, vocab, metrics = train("eagle", teacher, distill_set, settings, log=lambda m, s: fresh.append(m["val/loss"]))
+    return module, vocab, metrics, settings, fresh
+
+
+def test_eagle_training_continues_from_its_checkpoint(teacher, distill_set, eagle3_trained, tmp_path):
+    """init_from starts EAGLE-3 from a trained head (its held-out loss after one step is the trained head's, not
+    a fresh start's); a head of other fused layers is refused, naming the setting."""
+    module, vocab, metrics, settings, fresh = eagle3_trained
+    path = save_checkpoint(tmp_path / "eagle.pt", "eagle", trained_weights("eagle", module),
+                           module_settings("eagle", teacher, settings), teacher, vocab, "tiny-teacher", metrics)
+    resumed = []
+    train("eagle", teacher, distill_set, quick("eagle", epochs=0.1, eval_every=1, init_from=str(path), **EAGLE3),
+          log=lambda m, s: resumed.append(m["val/loss"]))
+    start, end = fresh[0], metrics["val/loss"]  # held-out loss after one step from the target's layer, and trained
+    assert end < start - 0.5, (start, end)
+    assert resumed[0] < end + 0.25 * (start - end), (start, end, resumed[0])  # one step after the trained head
+    with pytest.raises(ValueError, match=r"reads target layers \[1, 2, 3\].*drafter.train.fused_layers"):
+        train("eagle", teacher, distill_set, quick("eagle", init_from=str(path), fused_layers=(0, 1, 2)))
+
+
+def test_benchmark_accuracy_is_what_eagle_drafting_gets_accepted(teacher, distill_set, eagle3_trained):
+    """experiments.eagle_accuracy's step-1 hit at each answer token is whether EAGLE drafting from the prefix
+    before it gets that token accepted (the engine drafting one token from each prefix)."""
+    from experiments.eagle_accuracy import answer_hits
+
+    module, vocab = eagle3_trained[:2]
+    seq, prompt_len = distill_set.sequences[-1], distill_set.prompt_lens[-1]  # held out: the teacher's greedy answer
+    hits, correct = answer_hits(teacher, module, ReducedHead(teacher.lm_head, vocab), seq, prompt_len, 2)
+    n = len(seq) - prompt_len
+    assert hits.shape == (n,) and correct.shape == (2, n)
+    assert hits.tolist() == lookup_hits(seq)[prompt_len:].tolist()
+    drafter, accepted = Eagle(module, vocab, k=1), []
+    for m in range(n):  # the first step's root is the prompt's last token; its one draft guesses seq[prompt_len + m]
+        out = specdec.generate(teacher, seq[None, : prompt_len + m], drafter, max_new_tokens=2, eos_token_id=None,
+                               return_dict_in_generate=True, goodput=False)
+        assert out.stats.drafted == 1
+        assert torch.equal(out.sequences[0, : len(seq)], seq[: prompt_len + m + 2])  # lossless, as ever
+        accepted.append(out.stats.accepted == 1)
+    assert correct[0].tolist() == accepted
+    assert 0 < sum(accepted) < len(accepted)
 
 
 @pytest.mark.parametrize("kind, extra", VARIANTS, ids=VARIANT_IDS)

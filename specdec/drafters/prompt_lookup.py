@@ -30,6 +30,30 @@ def trie(continuations: list[list[int]], device: torch.device | str = "cpu") -> 
                      torch.tensor(parents, dtype=torch.long, device=device))
 
 
+def lookup_hits(tokens: torch.Tensor, max_ngram: int = 3, min_ngram: int = 2) -> torch.Tensor:
+    """``(n,)`` bool: whether :class:`PromptLookup` over ``tokens[:i]`` (n-grams ``max_ngram`` down to
+    ``min_ngram``, the latest match first) drafts ``tokens[i]`` as its first token, for every ``i``.
+
+    One pass with a table per n-gram length (the latest continuation of each n-gram seen so far), so a
+    whole training set is cheap: where this is true, lookup already finds the token, and a model
+    drafter beside it (``Combined``) is only asked where it is false.
+    """
+    ids = tokens.tolist()
+    latest: dict[int, dict[tuple, int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
+    hits = []
+    for i in range(len(ids)):
+        drafted = None
+        for n in range(min(max_ngram, i - 1), min_ngram - 1, -1):  # the suffix of tokens[:i], longest first
+            drafted = latest[n].get(tuple(ids[i - n : i]))
+            if drafted is not None:
+                break
+        hits.append(drafted == ids[i])
+        for n in latest:  # the n-gram ending at i - 1 is now followed by tokens[i]
+            if i >= n:
+                latest[n][tuple(ids[i - n : i])] = ids[i]
+    return torch.tensor(hits, dtype=torch.bool)
+
+
 class PromptLookup(Drafter):
     """n-gram lookup over prompt + output so far.
 
