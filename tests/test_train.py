@@ -117,7 +117,7 @@ def test_validation_separates_the_labels_lookup_misses(teacher, distill_set):
     """Chunks flag label j where lookup drafts token j + 1 of the whole sequence; the lookup-miss accuracy
     is the accuracy over those labels alone (the same as evaluating a set with the others removed)."""
     objective, _ = _batch(teacher, distill_set, "eagle", **EAGLE3)
-    cut = chunks(distill_set, 16, None, EAGLE3["fused_layers"])
+    cut = chunks(distill_set, 16, None, EAGLE3["fused_layers"], lookup=True)
     sequence = iter(distill_set.sequences)
     flagged = 0
     for chunk in cut:  # each sequence's chunks in order, starting at 0

@@ -101,8 +101,9 @@ class Chunk:
 
 
 def chunks(data: DistillSet, seq_len: int, exit_layer: int | None = None,
-           fused_layers: tuple[int, ...] | None = None) -> list[Chunk]:
-    """Every sequence cut into consecutive pieces of at most ``seq_len`` positions."""
+           fused_layers: tuple[int, ...] | None = None, lookup: bool = False) -> list[Chunk]:
+    """Every sequence cut into consecutive pieces of at most ``seq_len`` positions; with ``lookup``, each
+    flags the labels prompt lookup already drafts (what validation splits its accuracy by)."""
     for layer in fused_layers or ():
         if layer not in data.layer_features:
             raise ValueError(f"EAGLE-3 reads the target's hidden states {list(fused_layers)}, but the distillation set "
@@ -111,14 +112,14 @@ def chunks(data: DistillSet, seq_len: int, exit_layer: int | None = None,
     out = []
     for i, seq in enumerate(data.sequences):
         # label j is token j + 1 of the sequence (the set is the target's greedy output)
-        lookup = torch.cat([lookup_hits(seq, *LOOKUP_NGRAM)[1:], torch.zeros(1, dtype=torch.bool)])
+        hits = torch.cat([lookup_hits(seq, *LOOKUP_NGRAM)[1:], torch.zeros(1, dtype=torch.bool)]) if lookup else None
         for lo in range(0, len(seq) - 1, seq_len):
             hi = min(len(seq), lo + seq_len)
             exit_feats = data.layer_features[exit_layer][i][lo:hi] if exit_layer is not None else None
             fused = None if fused_layers is None else [data.layer_features[layer][i][lo:hi] for layer in fused_layers]
             features = data.features[i][lo:hi] if data.features else torch.empty(hi - lo, 0)
             out.append(Chunk(seq[lo:hi], features, exit_feats, data.labels[i][lo:hi], lo, fused,
-                             max(0, data.prompt_lens[i] - 1 - lo), lookup[lo:hi]))
+                             max(0, data.prompt_lens[i] - 1 - lo), None if hits is None else hits[lo:hi]))
     return out
 
 
@@ -429,7 +430,7 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
         raise ValueError(f"the distillation set has {len(train_chunks)} training chunks of <= {settings.seq_len} tokens "
                          f"(after {settings.holdout} held-out sequences), fewer than one batch of "
                          f"batch_size={settings.batch_size}: build a larger set or lower drafter.train.batch_size")
-    val_chunks = chunks(val_set, settings.seq_len, exit_layer, fused)
+    val_chunks = chunks(val_set, settings.seq_len, exit_layer, fused, lookup=True)
     if not val_chunks:
         raise ValueError(f"the distillation set has {len(data.sequences)} sequences, none left for validation after "
                          f"holdout={settings.holdout}: build a larger set or set drafter.train.holdout")
