@@ -16,6 +16,6 @@ def mapped(package: str, folder: str) -> list[str]:
 
 
 setup(packages=find_packages(include=["specdec", "specdec.*"]) + ["specdec.checkpoints"]  # data: the .pt files
-      + mapped("specdec_kernels", "kernels")
+      + mapped("specdec_kernels", "kernels/specdec_kernels")
       + mapped("specdec_experiments", "experiments") + mapped("specdec_experiments.configs", "configs")
       + mapped("specdec.tooling.prompt_sets", "data"))
