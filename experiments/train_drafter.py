@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from specdec import generate, load_model
 from specdec.training.checkpoint import SHIPPED, save_checkpoint
 from specdec.training.distill import DistillSettings, distill_set
+from specdec.tooling.benchmark import pooled_position_acceptance, pooled_tau
 from specdec.tooling.loggers import NullLogger, make_logger
 from specdec.training.train import TrainSettings, drafter_layers, module_settings, resolved, train, trained_weights
 
@@ -51,18 +52,16 @@ def checkpoint_file(cfg: DictConfig) -> Path:
 
 def held_out_decode(drafter_cfg: dict, path: Path, model, tokenizer, sequences, prompt_lens, n: int,
                     max_new_tokens: int) -> dict:
-    """Acceptance of the trained drafter when decoding ``n`` held-out prompts greedily."""
+    """Acceptance of the trained drafter when decoding ``n`` held-out prompts greedily: tau and acceptance
+    per depth pooled over every step of every prompt, as Spec-Bench pools tau."""
     drafter = hydra.utils.instantiate({**drafter_cfg, "checkpoint": str(path)})
-    taus, positions = [], []
+    rows = []
     for seq, plen in zip(sequences[-n:], prompt_lens[-n:]):
         out = generate(model, seq[None, :plen], drafter, max_new_tokens=max_new_tokens, do_sample=False,
                        return_dict_in_generate=True)
-        taus.append(out.stats.tau)
-        positions.append(out.stats.position_acceptance)
-    depth = max(map(len, positions))
-    return {"decode/tau": sum(taus) / len(taus)} | {
-        f"decode/acceptance_depth{d + 1}": sum(p[d] for p in positions if len(p) > d) / len(positions)
-        for d in range(depth)}
+        rows.append(out.stats.as_dict())
+    return {"decode/tau": pooled_tau(rows)} | {
+        f"decode/acceptance_depth{d + 1}": a for d, a in enumerate(pooled_position_acceptance(rows))}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train_drafter")

@@ -247,7 +247,7 @@ class SpeculativeDecoder:
                 state.logits, state.verified = logits[a, : len(tree) + 1], ids[a, : len(tree) + 1]
             state.finished = done
             finished.append(done)
-            self.stats.record(depths[a], len(tree), len(acceptance.path), len(new))
+            self.stats.record(depths[a], len(tree), len(acceptance.path), len(new), state.row)
             if self.controller is not None:
                 self.controller.record(state.row, depths[a], len(acceptance.path), len(tree))
         cache.commit(kept)

@@ -10,13 +10,15 @@ class SpecStats:
     """Counters of one speculative generation (all rows of a batch together).
 
     Attributes:
-        steps: decoding steps (target verification forwards), prefill excluded.
+        steps: decoding steps, one per batch row per target verification forward, prefill excluded.
         drafted: draft tokens proposed.
         accepted: draft tokens accepted by the rule.
         new_tokens: tokens added to the output (accepted + one per step, less any cut
             by EOS or ``max_new_tokens``).
         drafted_at: ``drafted_at[d]`` = steps whose draft reached depth ``d + 1``.
         accepted_at: ``accepted_at[d]`` = steps whose accepted path reached depth ``d + 1``.
+        accept_lengths: ``accept_lengths[b]`` = tokens added at each step of batch row ``b``, in order
+            (Spec-Bench's per-step ``accept_lengths``); ``tau`` is their mean, pooled over rows.
         prefill_time, draft_time, verify_time: seconds in each phase (verify includes
             acceptance and cache commit).
     """
@@ -27,12 +29,16 @@ class SpecStats:
     new_tokens: int = 0
     drafted_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
+    accept_lengths: list[list[int]] = field(default_factory=list)
     prefill_time: float = 0.0
     draft_time: float = 0.0
     verify_time: float = 0.0
 
-    def record(self, depth_drafted: int, n_drafted: int, n_accepted: int, n_new: int) -> None:
-        """Add one step: deepest drafted depth, nodes drafted, drafts accepted, tokens added."""
+    def record(self, depth_drafted: int, n_drafted: int, n_accepted: int, n_new: int, row: int = 0) -> None:
+        """Add one step of batch row ``row``: deepest drafted depth, nodes drafted, drafts accepted,
+        tokens added."""
+        self.accept_lengths.extend([] for _ in range(row + 1 - len(self.accept_lengths)))
+        self.accept_lengths[row].append(n_new)
         self.steps += 1
         self.drafted += n_drafted
         self.accepted += n_accepted
@@ -47,7 +53,8 @@ class SpecStats:
 
     @property
     def tau(self) -> float:
-        """Mean accepted tokens: tokens added per decoding step (Spec-Bench's tau)."""
+        """Mean accepted tokens: tokens added per decoding step, pooled over every step of every row
+        (Spec-Bench's tau)."""
         return self.new_tokens / self.steps if self.steps else 0.0
 
     @property
@@ -66,6 +73,9 @@ class SpecStats:
             "acceptance_rate": self.acceptance_rate,
             "tau": self.tau,
             "position_acceptance": self.position_acceptance,
+            "drafted_at": self.drafted_at,
+            "accepted_at": self.accepted_at,
+            "accept_lengths": self.accept_lengths,
             "prefill_time": self.prefill_time,
             "draft_time": self.draft_time,
             "verify_time": self.verify_time,

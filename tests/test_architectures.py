@@ -102,7 +102,11 @@ def test_harness_tells_refusals_from_other_errors():
     assert late.kind == "ERROR" and "streamed" in late.detail
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
+SMOKE = ("llama", "gpt2", "opt", "qwen3", "gemma2", "mistral")  # what `make smoke-latest` runs against new releases
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.smoke) if n in SMOKE else n
+                                  for n in ARCHITECTURES])
 def test_exact_or_refused_before_decoding(name):
     report = check(name)
     if report.not_buildable is not None:

@@ -515,3 +515,164 @@ def test_eagle_accuracy_prints_each_task_split_by_lookup(tiny_model_dir, prompts
     assert set(rows) == {"loop", "other", "all"}
     assert int(rows["all"][0]) == int(rows["loop"][0]) + int(rows["other"][0]) > 0
     assert all(0.0 <= float(x) <= 1.0 for x in rows["all"][2].split())
+
+
+# --- Spec-Bench's own files and formulas ------------------------------------------------------------
+
+MT_BENCH = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
+
+
+def _spec_bench_rows(path: Path, task: str) -> list[dict]:
+    """Spec-Bench's ``speed.py`` selection: every row (overall), the MT-bench labels, or one category."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    if task == "overall":
+        return rows
+    return [r for r in rows if (r["category"] in MT_BENCH if task == "mt_bench" else r["category"] == task)]
+
+
+def _spec_bench_speed(method_file: Path, base_file: Path, task: str) -> tuple[float, float, float]:
+    """Spec-Bench's ``evaluation/speed.py``, written out here: (tokens/s, speedup, tau). Per question,
+    tokens/s = sum(new_tokens) / sum(wall_time); speedup = mean of those over the baseline's mean; tau =
+    the mean of every step's accept length, pooled over all questions. (speed.py re-tokenizes the
+    baseline's text to count its tokens, less Vicuna's BOS; ``new_tokens`` is the exact count.)"""
+    def speeds(path):
+        return [sum(r["choices"][0]["new_tokens"]) / sum(r["choices"][0]["wall_time"])
+                for r in _spec_bench_rows(path, task)]
+
+    mine, base = speeds(method_file), speeds(base_file)
+    lengths = [n for r in _spec_bench_rows(method_file, task) for n in r["choices"][0]["accept_lengths"]]
+    mean = sum(mine) / len(mine)
+    return mean, mean / (sum(base) / len(base)), sum(lengths) / len(lengths)
+
+
+def test_run_exports_spec_bench_answers_that_reproduce_its_table(tiny_run):
+    """Every method's ``model_answer/<method>.jsonl``; Spec-Bench's formulas over them give the run's
+    summary exactly (tokens/s, speedup, pooled tau), per task and overall."""
+    answers = tiny_run / "model_answer"
+    summary = list(__import__("csv").DictReader((tiny_run / "summary.csv").open()))
+    methods = {r["method"] for r in summary}
+    assert {p.stem for p in answers.glob("*.jsonl")} == methods and "generate" in methods
+    for row in summary:
+        mine = answers / f"{row['method']}.jsonl"
+        tokens_per_s, speedup, tau = _spec_bench_speed(mine, answers / "generate.jsonl", row["task"])
+        assert float(row["tokens_per_s"]) == pytest.approx(tokens_per_s, rel=1e-12)
+        assert float(row["speedup"]) == pytest.approx(speedup, rel=1e-12)
+        if row["method"] != "generate":
+            assert float(row["tau"]) == pytest.approx(tau, rel=1e-12), row
+    lookup = [json.loads(line) for line in (answers / "specdec_prompt_lookup.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in lookup] == [1, 2, 3] and [r["category"] for r in lookup] == ["loop", "loop",
+                                                                                                    "other"]
+    for r in lookup:
+        choice = r["choices"][0]
+        assert sum(choice["accept_lengths"]) == sum(choice["new_tokens"]) and len(choice["turns"]) == 1
+
+
+def _equal_py(file1: Path, file2: Path) -> bool:
+    """Spec-Bench's ``evaluation/equal.py``: each question's ``str(turns)``, one line each, line for line."""
+    def lines(path):
+        return [str(json.loads(line)["choices"][0]["turns"]) for line in path.read_text().splitlines()]
+
+    return all(a == b for a, b in zip(lines(file1), lines(file2))) and len(lines(file1)) == len(lines(file2))
+
+
+def test_exported_greedy_runs_are_equal_by_spec_bench_rule(tiny_run, tmp_path):
+    answers = tiny_run / "model_answer"
+    for path in answers.glob("specdec_*.jsonl"):
+        assert _equal_py(path, answers / "generate.jsonl"), path.name
+    # the rule can fail: one changed word in one answer
+    rows = [json.loads(line) for line in (answers / "specdec_prompt_lookup.jsonl").read_text().splitlines()]
+    rows[1]["choices"][0]["turns"][0] += " w1"
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert not _equal_py(changed, answers / "generate.jsonl")
+
+
+def test_run_records_its_manifest_in_the_run_dir_report_and_wandb(tiny_run, tiny_model_dir):
+    import importlib.metadata
+
+    import torch
+
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    assert manifest["packages"]["transformers"] == importlib.metadata.version("transformers")
+    assert manifest["packages"]["torch"] == torch.__version__
+    assert manifest["threads"] == 2  # the experiment's threads, in effect when the manifest was taken
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert manifest["specdec"]["commit"] == commit and isinstance(manifest["specdec"]["dirty"], bool)
+    assert manifest["cpu"] and manifest["torch_backends"]["cpu_capability"]
+    weights = {Path(p).name: h for p, h in manifest["model"]["sha256"].items()}
+    assert weights and all(len(h) == 64 for h in weights.values())
+    assert manifest["drafter_checkpoints"] == {}  # prompt lookup and the plain engine load no checkpoint
+    assert commit[:10] in (tiny_run / "report.md").read_text() and commit[:10] in (tiny_run / "table.md").read_text()
+    records, _ = _offline_run(tiny_run)
+    (run,) = [r.run for r in records if r.HasField("run")]
+    config = {_key(i): json.loads(i.value_json) for i in run.config.update}
+    assert config["manifest"]["specdec"]["commit"] == commit
+
+
+def test_manifest_hashes_drafter_checkpoints_of_nested_configs():
+    from specdec.tooling.manifest import checkpoint_names, run_manifest
+
+    combined = {"drafters": [{"checkpoint": "medusa-smollm2-135m"}, {"k": 3}], "checkpoint": None}
+    assert checkpoint_names(combined) == ["medusa-smollm2-135m"]
+    manifest = run_manifest("no/such/model", [combined, {"checkpoint": "eagle-smollm2-135m"}])
+    assert sorted(Path(p).name for p in manifest["drafter_checkpoints"]) == ["eagle-smollm2-135m.pt",
+                                                                              "medusa-smollm2-135m.pt"]
+    assert manifest["model"] == {"name": "no/such/model", "sha256": {}}
+
+
+def test_multi_turn_and_batched_answers_follow_spec_bench(tiny_model_dir):
+    """A two-turn question is one answer with two turns, its steps in order; a batch gives each question
+    its own tokens and steps and the batch's wall time; pooled tau is the mean over all steps, which a
+    mean of per-question taus is not."""
+    from specdec import PromptLookup, load_model
+    from specdec.tooling.benchmark import hf_generate, pooled_tau, run_benchmark, specdec_generate, summarize
+    from specdec.tooling.data import Prompt
+    from specdec.tooling.spec_bench import answers
+
+    model, tokenizer = load_model(tiny_model_dir)
+    methods = [hf_generate(model, 8), specdec_generate(model, PromptLookup(k=3), 8, "specdec_lookup")]
+    two_turns = [Prompt(7, "mt_bench", "writing", ("w5 w6 w7 w5 w6", "w9 w10 w9 w10"))]
+    rows = run_benchmark(methods, tokenizer, two_turns, progress=False, all_turns=True)
+    (answer,) = answers(rows, "specdec_lookup")
+    choice = answer["choices"][0]
+    mine = [r for r in rows if r["method"] == "specdec_lookup"]
+    assert answer["category"] == "writing" and len(choice["turns"]) == 2
+    assert choice["accept_lengths"] == mine[0]["accept_lengths"][0] + mine[1]["accept_lengths"][0]
+    assert choice["wall_time"] == [r["seconds"] for r in mine]
+    (row,) = [r for r in summarize(rows) if r["task"] == "overall" and r["method"] == "specdec_lookup"]
+    assert row["tokens_per_s"] == pytest.approx(sum(choice["new_tokens"]) / sum(choice["wall_time"]))
+
+    batch = [Prompt(1, "loop", "loop", ("w5 w6 w7 w5 w6 w7 w5 w6",)), Prompt(2, "loop", "loop", ("w30 w31",))]
+    rows = run_benchmark(methods, tokenizer, batch, progress=False, batch_size=2)
+    got = answers(rows, "specdec_lookup")
+    (row,) = [r for r in rows if r["method"] == "specdec_lookup"]
+    assert [a["question_id"] for a in got] == [1, 2]
+    assert [a["choices"][0]["wall_time"] for a in got] == [[row["seconds"]]] * 2
+    assert [sum(a["choices"][0]["accept_lengths"]) for a in got] == [sum(a["choices"][0]["new_tokens"]) for a in got]
+    lengths = [a["choices"][0]["accept_lengths"] for a in got]
+    assert pooled_tau(rows=[row]) == pytest.approx(sum(map(sum, lengths)) / sum(map(len, lengths)))
+    rows = [{"accept_lengths": [[1, 1, 1, 1, 1, 1]]}, {"accept_lengths": [[4]]}]
+    assert pooled_tau(rows) == pytest.approx(10 / 7)  # a per-prompt mean would say (1 + 4) / 2
+
+
+def test_table_tau_is_spec_bench_pooled_tau_not_a_mean_of_prompt_taus(tiny_model_dir, tmp_path):
+    """A drafter that is always right (the target drafting for itself) on answers of different lengths:
+    the table's tau is Spec-Bench's pooled mean over the exported accept lengths, and differs from the
+    mean of per-prompt taus that reports printed before (13 tokens in 5 + 5 + 3, 6 in 5 + 1)."""
+    from specdec import DraftModel, load_model
+    from specdec.tooling.benchmark import hf_generate, run_benchmark, specdec_generate, summarize
+    from specdec.tooling.data import Prompt
+    from specdec.tooling.spec_bench import export_answers
+
+    model, tokenizer = load_model(tiny_model_dir)
+    drafter = DraftModel.from_pretrained(str(tiny_model_dir), k=4)
+    rows = []
+    for i, n in enumerate([13, 6]):
+        methods = [hf_generate(model, n), specdec_generate(model, drafter, n, "specdec_self", goodput=False)]
+        rows += run_benchmark(methods, tokenizer, [Prompt(i, "t", "t", (f"w5 w{6 + i}",))], progress=False)
+    folder = export_answers(rows, tmp_path)
+    _, _, tau = _spec_bench_speed(folder / "specdec_self.jsonl", folder / "generate.jsonl", "overall")
+    (row,) = [r for r in summarize(rows) if r["task"] == "overall" and r["method"] == "specdec_self"]
+    per_prompt = [r["tau"] for r in rows if r["method"] == "specdec_self"]
+    assert row["tau"] == pytest.approx(tau, rel=1e-12) == 19 / 5
+    assert per_prompt == pytest.approx([13 / 3, 6 / 2]) and sum(per_prompt) / 2 != pytest.approx(tau)

@@ -30,11 +30,13 @@ def run_blocks(blocks: list[str]) -> dict:
     return namespace
 
 
+@pytest.mark.smoke
 def test_readme_has_python_blocks():
     blocks = python_blocks()
     assert blocks and any("specdec.generate(" in b for b in blocks)
 
 
+@pytest.mark.smoke
 def test_readme_python_blocks_run_on_a_tiny_model(tmp_path, capsys):
     tiny = save_with_tokenizer(tiny_llama(layers=4), tmp_path / "tiny")
     blocks = python_blocks()
@@ -44,6 +46,7 @@ def test_readme_python_blocks_run_on_a_tiny_model(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.smoke
 def test_readme_python_blocks_run_verbatim(capsys):
     run_blocks(python_blocks())
     assert capsys.readouterr().out.strip()

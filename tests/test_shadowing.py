@@ -16,6 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.smoke
+
 ROOT = Path(__file__).resolve().parents[1]
 OWN = {"specdec"}  # our own distribution (an editable install maps its packages from the checkout)
 FIRST_ON_PATH = (ROOT, ROOT / "tests", ROOT / "tests" / "kernels")

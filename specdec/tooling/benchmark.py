@@ -1,15 +1,18 @@
 """Benchmark: methods and their baseline, interleaved in one process on the same prompts.
 
-Spec-Bench's definitions: a prompt's *tokens/s* is new tokens over wall time with
-prefill inside the timed region; a method's *speedup* on a set of prompts is its
-mean per-prompt tokens/s over that of the baseline (``model.generate``); *tau*
-(mean accepted tokens) is tokens added per decoding step. Every prompt runs every
-method back to back, in an order rotated per prompt, so slow drift of the machine
-hits all methods alike.
+Spec-Bench's definitions (its ``evaluation/speed.py``): a question's *tokens/s* is its new tokens
+over its wall time, summed over its turns, with prefill inside the timed region; a method's
+*speedup* on a set of questions is its mean per-question tokens/s over that of the baseline
+(``model.generate``); *tau* (mean accepted tokens) is the mean of every decoding step's accepted
+length (tokens added), pooled over all steps of all questions of the task: never a mean of
+per-question taus, which weights a short lucky question like a long one. Every prompt runs every
+method back to back, in an order rotated per prompt, so slow drift of the machine hits all
+methods alike.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +29,8 @@ from specdec.generate import generate
 from specdec.stats import SpecStats
 
 BASELINE = "generate"
+TAU_NOTE = ("Speedup: mean tokens/s over questions (prefill included) over that of `model.generate`; tau: mean "
+            "accepted tokens per step, pooled over every step of every prompt (Spec-Bench's `speed.py`).")
 
 
 @dataclass(frozen=True)
@@ -145,16 +150,24 @@ def run_benchmark(
                 prompt = batch[0]
                 rows.append({
                     "prompt_id": prompt.id if len(batch) == 1 else [p.id for p in batch], "task": prompt.task,
-                    "category": prompt.category, "turn": turn + 1, "method": method.name, "batch_size": len(batch),
+                    "category": prompt.category,
+                    "categories": [p.category for p in batch], "turn": turn + 1, "method": method.name, "batch_size": len(batch),
                     "prompt_tokens": int(mask.sum()), "new_tokens": n_new, "seconds": seconds,
                     "tokens_per_s": n_new / seconds,
                     "ttft_s": clock.first - start if clock and clock.first else None,
                     "tpot_s": (start + seconds - clock.first) / (n_new - 1) if clock and clock.first and n_new > 1
                     else None,
-                    "tau": stats.tau if stats else None,
+                    "row_new_tokens": [len(n) for n in new],
+                    "texts": [tokenizer.decode(n, skip_special_tokens=True) for n in new],
+                    "tau": stats.tau if stats else None,  # this prompt's own (its steps pooled over its rows)
                     "acceptance_rate": stats.acceptance_rate if stats and stats.drafted else None,
+                    "steps": stats.steps if stats else None,
                     "drafted": stats.drafted if stats else None,
+                    "accepted": stats.accepted if stats else None,
+                    "drafted_at": stats.drafted_at if stats else None,
+                    "accepted_at": stats.accepted_at if stats else None,
                     "position_acceptance": stats.position_acceptance if stats else None,
+                    "accept_lengths": stats.accept_lengths if stats else None,  # per batch row, per step
                 })
                 bar.update()
                 bar.set_postfix(prompt=prompt.id, turn=turn + 1, method=method.name)
@@ -169,23 +182,60 @@ def run_benchmark(
     return rows
 
 
+def question_speeds(rows: Sequence[dict]) -> list[float]:
+    """Spec-Bench's per-question tokens/s: new tokens over wall time, each summed over the question's
+    turns (rows of one method; a batch of questions is one question here)."""
+    tokens: dict[str, list[float]] = {}
+    for r in rows:
+        totals = tokens.setdefault(json.dumps(r["prompt_id"]), [0, 0.0])
+        totals[0] += r["new_tokens"]
+        totals[1] += r["seconds"]
+    return [n / seconds for n, seconds in tokens.values()]
+
+
+def pooled_tau(rows: Sequence[dict]) -> float | None:
+    """Spec-Bench's tau: the mean accepted length over every decoding step of every row, pooled
+    (``None`` where no row has per-step accept lengths)."""
+    lengths = [n for r in rows for row in (r.get("accept_lengths") or []) for n in row]
+    return sum(lengths) / len(lengths) if lengths else None
+
+
+def pooled_acceptance(rows: Sequence[dict]) -> float | None:
+    """Accepted draft tokens over drafted ones, pooled over every step of every row (``None`` when
+    nothing was drafted)."""
+    drafted = sum(r.get("drafted") or 0 for r in rows)
+    return sum(r.get("accepted") or 0 for r in rows) / drafted if drafted else None
+
+
+def pooled_position_acceptance(rows: Sequence[dict]) -> list[float]:
+    """Per depth d: steps (of every row, pooled) accepting a token at depth d over steps drafting depth d;
+    from each row's ``drafted_at`` / ``accepted_at`` counts."""
+    rows = [r for r in rows if r.get("drafted_at")]
+    out = []
+    for d in range(max((len(r["drafted_at"]) for r in rows), default=0)):
+        drafted = sum(r["drafted_at"][d] for r in rows if len(r["drafted_at"]) > d)
+        accepted = sum(r["accepted_at"][d] for r in rows if len(r["accepted_at"]) > d)
+        out.append(accepted / drafted if drafted else 0.0)
+    return out
+
+
 def summarize(rows: Sequence[dict], baseline: str = BASELINE, greedy: bool = True) -> list[dict]:
-    """Per task (and ``overall``) and method: prompts, mean tokens/s, speedup over ``baseline``, tau,
-    acceptance rate, latencies, and ``exact`` (share of prompts equal to the baseline; ``None`` when
-    sampling, where outputs differ by design)."""
+    """Per task (and ``overall``) and method: prompts, tokens/s (mean over questions), speedup over
+    ``baseline``, tau and acceptance rate (pooled over steps), latencies (mean over prompts), and
+    ``exact`` (share of prompts equal to the baseline; ``None`` when sampling, where outputs differ
+    by design). The figures are Spec-Bench's: see the module docstring."""
     tasks = list(dict.fromkeys(r["task"] for r in rows)) + ["overall"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     table = []
     for task in tasks:
         mine = [r for r in rows if task in ("overall", r["task"])]
-        base = statistics.mean(r["tokens_per_s"] for r in mine if r["method"] == baseline)
+        base = statistics.mean(question_speeds([r for r in mine if r["method"] == baseline]))
         for method in methods:
             sel = [r for r in mine if r["method"] == method]
-            speed = statistics.mean(r["tokens_per_s"] for r in sel)
+            speed = statistics.mean(question_speeds(sel))
             table.append({
                 "task": task, "method": method, "prompts": len(sel), "tokens_per_s": speed,
-                "speedup": speed / base, "tau": _mean(r["tau"] for r in sel),
-                "acceptance_rate": _mean(r.get("acceptance_rate") for r in sel),
+                "speedup": speed / base, "tau": pooled_tau(sel), "acceptance_rate": pooled_acceptance(sel),
                 "ttft_s": _mean(r.get("ttft_s") for r in sel), "tpot_s": _mean(r.get("tpot_s") for r in sel),
                 "exact": sum(r["matches_baseline"] for r in sel) / len(sel) if greedy else None,
             })
@@ -230,6 +280,7 @@ def markdown_table(summary: Sequence[dict]) -> str:
                 parts.append("-" if r["tau"] is None else f"{r['tau']:.2f}")
         lines.append(f"| {task} | " + " | ".join(parts) + " |")
     lines.append("")
+    lines.append(TAU_NOTE)
     if any(r["exact"] is None for r in summary):  # sampled: equality with the baseline means nothing
         lines.append("Sampled: outputs differ from `model.generate`'s by design (the distribution is the "
                      "target's); compare tau, acceptance and speed.")

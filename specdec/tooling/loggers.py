@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from specdec.tooling.benchmark import pooled_position_acceptance
+
 
 class RunLogger(Protocol):
     def log_metrics(self, metrics: dict, step: int) -> None: ...
@@ -69,14 +71,13 @@ SUMMARY_METRICS = ("tokens_per_s", "speedup", "tau", "acceptance_rate", "exact")
 
 
 def acceptance_rows(rows: list[dict]) -> list[list]:
-    """``[method, depth, acceptance, prompts]``: per-position acceptance, mean over the prompts that
-    drafted that deep, per method (the long format a line plot or a pivot wants)."""
+    """``[method, depth, acceptance, prompts]``: per-position acceptance pooled over every step of the
+    prompts that drafted that deep, per method (the long format a line plot or a pivot wants)."""
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
-        curves = [r["position_acceptance"] for r in rows if r["method"] == method and r.get("position_acceptance")]
-        for d in range(max(map(len, curves), default=0)):
-            at = [c[d] for c in curves if len(c) > d]
-            out.append([method, d + 1, sum(at) / len(at), len(at)])
+        mine = [r for r in rows if r["method"] == method and r.get("drafted_at")]
+        for d, acceptance in enumerate(pooled_position_acceptance(mine)):
+            out.append([method, d + 1, acceptance, sum(len(r["drafted_at"]) > d for r in mine)])
     return out
 
 

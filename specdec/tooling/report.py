@@ -31,7 +31,9 @@ from pathlib import Path
 from matplotlib.figure import Figure  # figures without pyplot: no global backend, nothing to close
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from specdec.tooling.benchmark import BASELINE, markdown_table, summarize
+from specdec.tooling.benchmark import (BASELINE, markdown_table, pooled_position_acceptance, pooled_tau,
+                                       question_speeds, summarize)
+from specdec.tooling.manifest import headline
 
 DRAFTER_KEYS = ("drafter", "tree", "variants", "min_verify_tokens")  # settings only speculative methods see
 NOISE_KEYS = ("hydra", "progress", "logger")  # where and how a job logged: never a setting
@@ -191,20 +193,22 @@ def _se(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
 
 
-def _prompt_key(row: dict) -> tuple:
-    return row["job"], json.dumps(row["prompt_id"]), row.get("turn", 1)
-
-
 def _speedups(rows: list[dict], series: str, task: str | None) -> tuple[float, list[float]] | None:
-    """Spec-Bench speedup of ``series`` (mean tokens/s over that of model.generate on the same prompts)
-    and the per-prompt ratios, over ``task`` (None: every task)."""
+    """Spec-Bench speedup of ``series`` (mean per-question tokens/s, turns summed, over that of
+    model.generate on the same questions) and the per-question ratios, over ``task`` (None: every task)."""
     mine = [r for r in rows if r["series"] == series and task in (None, r["task"])]
-    base = {_prompt_key(r): r["tokens_per_s"] for r in rows if r["method"] == BASELINE}
-    pairs = [(r["tokens_per_s"], base[_prompt_key(r)]) for r in mine if _prompt_key(r) in base]
+    keys = list(dict.fromkeys(_question_key(r) for r in mine))
+    base = {k: question_speeds([r for r in rows if r["method"] == BASELINE and _question_key(r) == k])
+            for k in keys}
+    pairs = [(question_speeds([r for r in mine if _question_key(r) == k])[0], base[k][0]) for k in keys if base[k]]
     if not pairs:
         return None
     value = statistics.mean(p[0] for p in pairs) / statistics.mean(p[1] for p in pairs)
     return value, [a / b for a, b in pairs]
+
+
+def _question_key(row: dict) -> tuple:
+    return row["job"], json.dumps(row["prompt_id"])
 
 
 # --- figures -------------------------------------------------------------------------------------
@@ -281,22 +285,25 @@ def speedup_figure(runs: Runs) -> Figure:
 
 
 def tau_figure(runs: Runs) -> Figure:
-    """Horizontal bars: mean accepted tokens per step (tau) per series, error bars over prompts,
-    the prompts themselves as points."""
+    """Horizontal bars: Spec-Bench's tau (mean accepted tokens per step, pooled over every step of every
+    prompt) per series; each prompt's own tau as a point, the spread over prompts."""
     colors = _colors(runs)
     series = [s for s in runs.series if _speculative(s.split(" (")[0])
               and any(r["tau"] is not None for r in runs.rows if r["series"] == s)]
     facets = runs.facets
     fig, axes = _figure(runs, 7.0, 1.6 + 0.45 * max(1, len(series)) * len(facets), len(facets), 1,
-                        "tau: new tokens per target forward (Spec-Bench's mean accepted tokens), mean over prompts; "
-                        "error bars: ±1 standard error; points: the prompts", sharex=True)
+                        "bars: tau, Spec-Bench's mean accepted tokens per step, pooled over every step of every "
+                        "prompt; points: each prompt's own tau (the spread over prompts, not an error bar)",
+                        sharex=True)
     for ax, facet in zip(axes[:, 0], facets):
         rows = [r for r in runs.rows if r["facet"] == facet and r["tau"] is not None]
         names = [s for s in series if any(r["series"] == s for r in rows)]
         for y, name in enumerate(names):
-            taus = [r["tau"] for r in rows if r["series"] == name]
-            ax.barh(y, statistics.mean(taus), 0.6, xerr=_se(taus), color=colors[name], alpha=0.85,
-                    error_kw={"elinewidth": 0.8, "capsize": 2}, gid=name)
+            mine = [r for r in rows if r["series"] == name]
+            taus = [r["tau"] for r in mine]
+            pooled = pooled_tau(mine)
+            ax.barh(y, statistics.mean(taus) if pooled is None else pooled, 0.6, color=colors[name], alpha=0.85,
+                    gid=name)
             jitter = [y + 0.18 * ((k * 0.618) % 1 - 0.5) for k in range(len(taus))]
             ax.scatter(taus, jitter, s=6, color="black", zorder=3, linewidths=0)
         ax.set_yticks(range(len(names)), [_label(n) for n in names], fontsize=8)
@@ -311,23 +318,27 @@ def tau_figure(runs: Runs) -> Figure:
 
 
 def acceptance_figure(runs: Runs) -> Figure:
-    """Curves: acceptance at each draft depth, mean over prompts with a ±1 standard error band, per series."""
+    """Curves: acceptance at each draft depth, pooled over every step of every prompt, with a band of
+    ±1 standard error of the per-prompt values (a spread over prompts), per series."""
     colors = _colors(runs)
     facets = runs.facets
     fig, axes = _figure(runs, 9.0, 1.6 + 3.0 * len(facets), len(facets), 1,
-                        "acceptance at depth d: share of steps whose draft reached depth d that accepted its token "
-                        "there; band: ±1 standard error over prompts", sharex=True, sharey=True)
+                        "acceptance at depth d: share of all steps (of every prompt, pooled) whose draft reached "
+                        "depth d that accepted its token there; band: ±1 standard error of the per-prompt values "
+                        "(a spread over prompts)", sharex=True, sharey=True)
     for ax, facet in zip(axes[:, 0], facets):
         rows = [r for r in runs.rows if r["facet"] == facet and r.get("position_acceptance")]
         names = list(dict.fromkeys(r["series"] for r in rows))
         for i, name in enumerate(names):
-            curves = [r["position_acceptance"] for r in rows if r["series"] == name]
+            mine = [r for r in rows if r["series"] == name]
+            curves = [r["position_acceptance"] for r in mine]
+            pooled = pooled_position_acceptance(mine) if all(r.get("drafted_at") for r in mine) else []
             dodge = 0.06 * (i - (len(names) - 1) / 2)  # equal curves side by side, not hidden behind each other
             depths, means, errors = [], [], []
             for d in range(max(map(len, curves))):
                 at = [c[d] for c in curves if len(c) > d]
                 depths.append(d + 1 + dodge)
-                means.append(statistics.mean(at))
+                means.append(pooled[d] if len(pooled) > d else statistics.mean(at))
                 errors.append(_se(at))
             ax.plot(depths, means, marker="osD^v<>"[i % 7], markersize=3.5, color=colors[name], label=_label(name, 28),
                     gid=name)
@@ -400,7 +411,10 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
     for job in runs.jobs:
         greedy = not (job.config.get("sampling") or {}).get("do_sample", False)
         title = ", ".join(f"{k}={job.settings[k]}" for k in runs.swept if k in job.settings) or "run"
-        parts += [f"## {title}", "", f"`{job.label}`", "", markdown_table(summarize(job.rows, greedy=greedy)), ""]
+        parts += [f"## {title}", "", f"`{job.label}`", ""]
+        if (job.path / "manifest.json").is_file():  # what the job ran on
+            parts += [headline(json.loads((job.path / "manifest.json").read_text())), ""]
+        parts += [markdown_table(summarize(job.rows, greedy=greedy)), ""]
     for name, draw in FIGURES.items():
         fig = draw(runs)
         for fmt in FORMATS:
