@@ -6,7 +6,8 @@ neither (a failure).
     python -m experiments.arch_sweep --only llama falcon   # some of them
 
 The models and the checks are ``tests/architectures.py``, the same code ``tests/test_architectures.py``
-asserts on: a prompt-lookup chain, a draft-model tree, an adversarial tree (the truth behind 12 wrong
+asserts on, plus short-window variants of learned-position models (``gpt2:window64``,
+``opt:window64``): a prompt-lookup chain, a draft-model tree, an adversarial tree (the truth behind 12 wrong
 siblings per level, with the verification logits of the accepted path compared to a no-cache
 recompute) and a left-padded batch of two, each against ``model.generate(do_sample=False)``.
 Outcomes: ``exact``, ``refused: <message>``, ``WRONG: <detail>``, ``ERROR: <exception>``,
@@ -36,8 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()  # per-model warnings would bury the table
-    names = args.only or architectures.ARCHITECTURES
-    unknown = sorted(set(names) - set(architectures.ARCHITECTURES))
+    names = args.only or architectures.SWEEP
+    unknown = sorted(set(names) - set(architectures.SWEEP))
     if unknown:
         parser.error(f"not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES: {', '.join(unknown)}")
 

@@ -103,7 +103,7 @@ def _swept_keys(argv: list[str]) -> set[str]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    validate(cfg)  # before anything loads
+    validate(cfg, HydraConfig.get().overrides.task)  # before anything loads
     torch.set_num_threads(cfg.threads)
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of `accelerate launch`'s
     tasks = list(cfg.dataset.tasks) if cfg.dataset.tasks else None

@@ -7,6 +7,8 @@ wrong type fails at composition, before any model loads, with Hydra naming the k
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -146,8 +148,11 @@ def validate_training(cfg: DictConfig):
     return settings
 
 
-def validate(cfg: DictConfig) -> None:
-    """Ranges and choices the types cannot express; raises ``ValueError`` naming the key."""
+def validate(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
+    """Ranges and choices the types cannot express, the sampling settings as ``generate`` would check
+    them, and the ``tree.*`` settings among ``overrides`` (the command line's) that no drafter of the run
+    reads; raises ``ValueError`` naming the key, before any model loads."""
+    _validate_tree_overrides(cfg, overrides)
     checks = [
         ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
         ("threads", cfg.threads >= 1, ">= 1"),
@@ -161,12 +166,16 @@ def validate(cfg: DictConfig) -> None:
         ("logger.mode", cfg.logger.mode in ("offline", "online", "disabled"), "offline, online or disabled"),
         ("dataset.per_task", cfg.dataset.per_task is None or cfg.dataset.per_task >= 1, ">= 1 or null"),
         ("tree.depth", cfg.tree.depth >= 1, ">= 1"),
+        ("tree.branches", cfg.tree.branches >= 1, ">= 1"),
+        ("tree.top_k", cfg.tree.top_k >= 1, ">= 1"),
+        ("tree.width", cfg.tree.width >= 1, ">= 1"),
         ("tree.budget", cfg.tree.budget is None or cfg.tree.budget >= 1, ">= 1 or null"),
         ("drafter", "_target_" in cfg.drafter and "name" in cfg.drafter, "a config with name and _target_"),
     ]
     for key, ok, want in checks:
         if not ok:
             raise ValueError(f"config {key}={_get(cfg, key)!r} is invalid: it must be {want}")
+    _validate_sampling(cfg)
     reserved = {"no_draft": "the engine without a drafter"}
     if beside_prompt_lookup(cfg):
         reserved["prompt_lookup"] = "the prompt lookup run beside the drafter (set prompt_lookup_k=0 to drop it)"
@@ -180,6 +189,36 @@ def validate(cfg: DictConfig) -> None:
         if variant.get("linear_backend", "auto") not in LINEAR_BACKENDS:
             raise ValueError(f"config variants.{name}.linear_backend={variant.linear_backend!r} is invalid: "
                              f"it must be one of {LINEAR_BACKENDS}")
+
+
+def _validate_sampling(cfg: DictConfig) -> None:
+    """The sampling group as :class:`specdec.Sampling` checks it (temperature > 0, top_k >= 0, top_p in (0, 1])."""
+    from specdec.sampling import Sampling
+
+    s = cfg.sampling
+    try:
+        Sampling(do_sample=s.do_sample, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    except ValueError as err:
+        raise ValueError(f"config sampling.{err}") from err
+
+
+def _validate_tree_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """A ``tree.<key>`` override that neither the drafter nor any variant reads (as ``${tree.<key>}``), or a
+    ``tree=<shape>`` choice when none reads any tree setting, would be silently ignored: refuse it."""
+    text = json.dumps([OmegaConf.to_container(cfg.drafter, resolve=False),
+                       OmegaConf.to_container(cfg.variants, resolve=False)])
+    read = {f.name for f in fields(TreeConfig) if "${tree." + f.name + "}" in text}
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "tree" and not read:
+            raise ValueError(f"config tree={value} is not read by drafter {cfg.drafter.name} (nor any variant): its "
+                             "settings are in its own config (e.g. drafter.k, drafter.top_k); drop tree=")
+        if key.startswith("tree.") and key.removeprefix("tree.") not in read:
+            name = key.removeprefix("tree.")
+            raise ValueError(f"config {key}={value} is not read by drafter {cfg.drafter.name} (nor any variant): "
+                             + (f"set drafter.{name} instead" if name in cfg.drafter else
+                                f"drafter {cfg.drafter.name} reads tree.{', tree.'.join(sorted(read))}" if read
+                                else "it reads no tree.* setting"))
 
 
 def beside_prompt_lookup(cfg: DictConfig) -> bool:

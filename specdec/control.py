@@ -77,9 +77,17 @@ class CostModel:
     def measure(cls, model, rows: int = 1, columns: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 32),
                 cached: int = 128, repeats: int = 3) -> CostModel:
         """Time the target's tree-attention forward of ``rows`` rows at each width (columns per row) over a
-        ``cached``-token prefix per row (median of ``repeats``); the curve is by total tokens, rows x columns."""
+        ``cached``-token prefix per row (median of ``repeats``); the curve is by total tokens, rows x columns.
+        Every position stays inside the model's window (``max_position_embeddings``): a model of learned
+        positions has no embedding past it, so a short window measures over a shorter prefix and, below
+        ``max(columns) + 1`` positions, fewer widths."""
         from specdec.attention import TreeMask  # the engine's own verification path
         from specdec.cache import new_cache, truncate
+
+        window = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if isinstance(window, int) and window > 0:
+            columns = tuple(T for T in columns if T < window) or (1,)
+            cached = max(1, min(cached, window - max(columns)))
 
         vocab = model.get_input_embeddings().weight.shape[0]
         device = model.device

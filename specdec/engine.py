@@ -83,8 +83,9 @@ def check_trees(trees, states: list[DecodeState], vocab: int, where: str) -> Non
                              f"{state.budget}: keep drafts at most state.budget deep")
 
 
-def check_q(tree: DraftTree, vocab: int, row: int, where: str) -> None:
-    """Raise ``ValueError`` unless the tree's q rows are distributions over the target's vocabulary."""
+def check_q(tree: DraftTree, vocab: int, row: int, where: str, sampled: bool = True) -> None:
+    """Raise ``ValueError`` unless the tree's q rows are distributions over the target's vocabulary and, when
+    ``sampled`` (the only case where the rule reads q), give each node's own token a positive probability."""
     q = tree.q
     if q is None:
         return
@@ -99,6 +100,13 @@ def check_q(tree: DraftTree, vocab: int, row: int, where: str) -> None:
         i = int(((total - 1).abs() > 1e-4).nonzero()[0])
         raise ValueError(f"drafter {where}: q of node {i} of row {row} sums to {float(total[i]):.6f}, not 1 (within "
                          "1e-4): normalise q rows (softmax over the processed logits)")
+    own = q.gather(1, tree.tokens.long().unsqueeze(1)).squeeze(1)  # (T,) q of each node's own token
+    if sampled and (own <= 0).any():
+        i = int((own <= 0).nonzero()[0])
+        raise ValueError(f"drafter {where}: node {i} of row {row} drafted token {int(tree.tokens[i])}, to which its "
+                         "own q gives probability 0: a sampled draft token must be drawn from its q (q is the "
+                         "distribution each token was drawn from; the rule would reject it always and bias the "
+                         "output)")
 
 
 class SpeculativeDecoder:
@@ -220,7 +228,7 @@ class SpeculativeDecoder:
                                  output_hidden_states=hidden, **tree_inputs(self.model, tree_mask, S))
             logits = out.logits  # (A, T, V)
             for a, (state, tree) in enumerate(zip(states, trees)):
-                check_q(tree, logits.shape[-1], state.row, self.name)
+                check_q(tree, logits.shape[-1], state.row, self.name, self.sampling.do_sample)
         except BaseException:
             cache.truncate(S)  # layers that ran already appended the tree: undo, keep the cache whole
             raise
@@ -265,6 +273,13 @@ class SpeculativeDecoder:
         self.stats.draft_time += t1 - t0
         self.stats.verify_time += time.perf_counter() - t1
         return new_tokens
+
+    def stop(self) -> None:
+        """End every active row where it stands (``max_time`` ran out)."""
+        for state in self.states:
+            state.finished = True
+            self.finished[state.row] = state
+        self.states = []
 
     def _hidden_layers(self) -> tuple[int, ...]:
         """Which of the target's hidden states the proposer reads: ``-1`` the final one (what the head reads)."""
@@ -340,5 +355,7 @@ def _decode(model, input_ids, drafter, options, generator, streamer, attention_m
             new = decoder.step()
             if streamer is not None:
                 streamer.put(torch.tensor(next(iter(new.values()))))
+            if options.deadline is not None and time.perf_counter() > options.deadline:
+                decoder.stop()  # max_time: as transformers' MaxTimeCriteria, checked after each step
     rows = sorted(decoder.finished.values(), key=lambda s: s.row)
     return [s.tokens[0, s.prompt_len :].tolist() for s in rows], decoder.stats

@@ -11,7 +11,9 @@ same tensor (or, with ``return_dict_in_generate=True``, the same output class pl
 from __future__ import annotations
 
 import copy
+import numbers
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,48 +23,14 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from specdec.checks import as_int, as_number
 from specdec.drafters.base import Drafter, as_drafter
 from specdec.engine import NO_DRAFT, decode, prepare_target
 from specdec.options import Options
 from specdec.sampling import Sampling
+from specdec.settings import refusal
 from specdec.stats import SpecStats
 
-# generation settings with no speculative equivalent, and the value that means "off"
-_UNSUPPORTED = {
-    "num_beams": 1,
-    "num_beam_groups": 1,
-    "num_return_sequences": 1,
-    "penalty_alpha": None,
-    "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "bad_words_ids": None,
-    "force_words_ids": None,
-    "sequence_bias": None,
-    "suppress_tokens": None,
-    "begin_suppress_tokens": None,
-    "min_p": None,
-    "top_h": None,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "diversity_penalty": 0.0,
-    "length_penalty": 1.0,
-    "exponential_decay_length_penalty": None,
-    "forced_bos_token_id": None,
-    "forced_eos_token_id": None,
-    "guidance_scale": None,
-    "watermarking_config": None,
-    "stop_strings": None,
-    "output_scores": False,
-    "output_logits": False,
-    "output_attentions": False,
-    "output_hidden_states": False,
-    "prompt_lookup_num_tokens": None,
-    "assistant_early_exit": None,
-    "use_cache": True,
-    "cache_implementation": None,
-}
 _DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is set
 
 
@@ -74,47 +42,90 @@ class SpecDecodeOutput(GenerateDecoderOnlyOutput):
 
 
 def _resolve_config(model: PreTrainedModel, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+    """transformers' resolution (the model's config, then ``generation_config``, then keywords), then every
+    field checked against :mod:`specdec.settings`: honoured, no effect, or a ``ValueError`` naming it."""
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise ValueError(f"generation_config is a {type(generation_config).__name__}, not a "
+                         "transformers.GenerationConfig: pass GenerationConfig(**settings), or the settings as "
+                         "keyword arguments")
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-    unused = config.update(**kwargs)
+    kwargs = {k: as_int(k, v, optional=True) if k in _INTEGERS else v for k, v in kwargs.items()}  # before
+    unused = config.update(**kwargs)  # transformers' own validation, which compares them as numbers
     if unused:
         names = ", ".join(sorted(unused))
         raise ValueError(
             f"generate() argument(s) {names} are not supported by specdec.generate: "
             "pass generation settings only (see GenerationConfig) or call model.generate without specdec"
         )
-    for name, off in _UNSUPPORTED.items():
-        value = getattr(config, name, None)
-        if value is not None and value != off:
-            raise ValueError(
-                f"{name}={value!r} is not supported by speculative decoding: leave it at {off!r} "
-                "or call model.generate without specdec"
-            )
+    for name in GenerationConfig().to_dict():
+        why = refusal(name, getattr(config, name, None))
+        if why:
+            raise ValueError(why)
+    for name in _INTEGERS:
+        setattr(config, name, as_int(name, getattr(config, name, None), optional=True))
+    config.eos_token_id = _token_ids("eos_token_id", config.eos_token_id)
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        setattr(config, name, _token_ids(name, getattr(config, name, None)))
+    config.max_time = as_number("max_time", config.max_time, optional=True)
+    if config.max_time is not None and not config.max_time > 0:
+        raise ValueError(f"max_time={config.max_time!r} must be a number of seconds > 0 (or None)")
     return config
 
 
-def _sampling(config: GenerationConfig) -> Sampling:
-    eos = config.eos_token_id
-    eos = () if eos is None else tuple([eos] if isinstance(eos, int) else eos)
+_INTEGERS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "top_k", "pad_token_id")
+
+
+def _token_ids(name: str, value) -> tuple[int, ...] | None:
+    """A token id or a list of them (Python or numpy integers, or a tensor), as a tuple."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        value = value.flatten().tolist()
+    values = [value] if not isinstance(value, (list, tuple)) else list(value)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"{name}={value!r} must be a token id or a list of token ids (non-negative integers), "
+                             f"got {v!r}")
+    return tuple(int(v) for v in values)
+
+
+def _banned(config: GenerationConfig) -> tuple[int, ...]:
+    """Tokens masked at every position: ``suppress_tokens`` and the single-token ``bad_words_ids``."""
+    bad = config.bad_words_ids or []
+    if not isinstance(bad, (list, tuple)) or not all(isinstance(w, (list, tuple)) and w for w in bad):
+        raise ValueError(f"bad_words_ids={bad!r} must be a list of non-empty lists of token ids")
+    longer = [w for w in bad if len(w) > 1]
+    if longer:
+        raise ValueError(f"bad_words_ids entry {list(longer[0])} has more than one token: specdec masks single "
+                         "tokens only (a longer word depends on each draft path's history); use model.generate")
+    singles = _token_ids("bad_words_ids", [w[0] for w in bad]) or ()
+    return tuple(dict.fromkeys((config.suppress_tokens or ()) + singles))
+
+
+def _sampling(config: GenerationConfig, prompt_width: int) -> Sampling:
+    """The call's :class:`Sampling`; ``prompt_width`` is the padded prompt length, from which transformers
+    counts ``min_length``."""
+    min_new = max(config.min_new_tokens or 0, (config.min_length or 0) - prompt_width)
+    masks = dict(eos_token_ids=config.eos_token_id or (), min_new_tokens=min_new, banned=_banned(config),
+                 banned_first=config.begin_suppress_tokens or ())
     if not config.do_sample:  # greedy ignores the sampling-only settings, as transformers does
-        return Sampling(eos_token_ids=eos, min_new_tokens=config.min_new_tokens or 0)
-    return Sampling(
-        do_sample=True,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        eos_token_ids=eos,
-        min_new_tokens=config.min_new_tokens or 0,
-    )
+        return Sampling(**masks)
+    return Sampling(do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, **masks)
 
 
 def _check_ids(input_ids: Tensor, vocab: int) -> None:
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+    if not isinstance(input_ids, Tensor):
+        raise ValueError(f"input_ids is a {type(input_ids).__name__}, not a torch.Tensor: pass token ids as a "
+                         "(batch, length) integer tensor, e.g. torch.tensor([ids]) or tokenizer(..., "
+                         "return_tensors='pt').input_ids")
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(
             f"input_ids of shape {tuple(input_ids.shape)} is empty or not (batch, length): "
             "give at least one prompt token (e.g. the BOS token)"
         )
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids have dtype {input_ids.dtype}: pass token ids as an integer tensor (torch.long)")
+    if input_ids.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"input_ids have dtype {input_ids.dtype}: pass token ids as torch.long (or torch.int32), "
+                         "e.g. input_ids.long()")
     bad = (input_ids < 0) | (input_ids >= vocab)
     if bad.any():
         raise ValueError(f"input_ids holds token id {int(input_ids[bad][0])}, outside the model's vocabulary "
@@ -125,6 +136,9 @@ def _check_left_padding(input_ids: Tensor, attention_mask: Tensor | None) -> Ten
     """``(B,)`` real prompt length of each row; raises unless every row is left-padded and non-empty."""
     if attention_mask is None:
         return torch.full((input_ids.shape[0],), input_ids.shape[1])
+    if not isinstance(attention_mask, Tensor):
+        raise ValueError(f"attention_mask is a {type(attention_mask).__name__}, not a torch.Tensor: pass the "
+                         "tokenizer's mask as a tensor (return_tensors='pt'), or torch.tensor(mask)")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
@@ -197,9 +211,9 @@ def generate(
             ``False`` always drafts the drafter's own depth.
         cost_model: a :class:`~specdec.control.CostModel` for the controller (default: measured once
             per model, device and thread count, about a second).
-        **kwargs: ``max_new_tokens``, ``max_length``, ``min_new_tokens``, ``eos_token_id``,
-            ``pad_token_id``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-            ``return_dict_in_generate``; anything else raises ``ValueError``.
+        **kwargs: ``GenerationConfig`` fields: each is honoured exactly, has no effect on this kind of
+            decoding (as in transformers), or raises ``ValueError`` naming it before any token; the
+            table is :mod:`specdec.settings` (and the README's "Generation settings").
 
     Returns:
         ``(B, n + new)`` token ids, finished rows padded with ``pad_token_id``; with
@@ -207,19 +221,24 @@ def generate(
         hold drafted / accepted counts, acceptance rate, tau, per-position acceptance
         and time in prefill / draft / verify.
     """
+    started = time.perf_counter()  # max_time counts from here, as transformers' MaxTimeCriteria
     config = _resolve_config(model, generation_config, kwargs)
     drafter = NO_DRAFT if drafter is None else as_drafter(drafter)
     _check_ids(input_ids, model.get_input_embeddings().weight.shape[0])
     lengths = _check_left_padding(input_ids, attention_mask)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator={generator!r} must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) "
+                         "or None")
     if streamer is not None and input_ids.shape[0] > 1:
         raise ValueError(f"streamer needs batch size 1, got {input_ids.shape[0]} rows")
     longest = int(lengths.max())
     max_new = config.max_new_tokens
     if max_new is None:
         max_new = config.max_length - input_ids.shape[1] if config.max_length is not None else _DEFAULT_NEW_TOKENS
-    options = Options(max_new_tokens=max_new, sampling=_sampling(config), attention_backend=attention_backend,
-                      linear_backend=linear_backend, pack_weights=pack_weights, min_verify_tokens=min_verify_tokens,
-                      goodput=goodput, cost_model=cost_model)
+    options = Options(max_new_tokens=max_new, sampling=_sampling(config, input_ids.shape[1]),
+                      attention_backend=attention_backend, linear_backend=linear_backend, pack_weights=pack_weights,
+                      min_verify_tokens=min_verify_tokens, goodput=goodput, cost_model=cost_model,
+                      deadline=None if config.max_time is None else started + config.max_time)
     window = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if window is not None and window > 0 and longest + max_new > window:
         raise ValueError(

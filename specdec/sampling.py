@@ -3,9 +3,12 @@
 The same :class:`Sampling` object turns target logits into p and draft logits into q,
 so temperature, top-k and top-p act identically on both, in the order and with
 the exact arithmetic of ``model.generate`` (it reuses transformers' own warpers).
-``min_new_tokens`` is applied per position: EOS gets probability zero at every
-position that would end the output too early, as transformers'
-``MinNewTokensLengthLogitsProcessor`` does one token at a time.
+``min_new_tokens`` (and ``min_length``, turned into it) is applied per position: EOS gets
+probability zero at every position that would end the output too early, as transformers'
+``MinNewTokensLengthLogitsProcessor`` does one token at a time. ``banned`` tokens
+(``suppress_tokens``, single-token ``bad_words_ids``) get zero everywhere, ``banned_first``
+(``begin_suppress_tokens``) at the first new token. Ids outside the vocabulary are ignored, as
+transformers ignores them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class Sampling:
         temperature, top_k, top_p: as in ``GenerationConfig``; ``None`` = off.
         eos_token_ids: tokens that end a row.
         min_new_tokens: EOS is forbidden before this many new tokens.
+        banned: tokens forbidden at every position.
+        banned_first: tokens forbidden at the first new token.
     """
 
     do_sample: bool = False
@@ -34,11 +39,19 @@ class Sampling:
     top_p: float | None = None
     eos_token_ids: tuple[int, ...] = ()
     min_new_tokens: int = 0
+    banned: tuple[int, ...] = ()
+    banned_first: tuple[int, ...] = ()
     _warpers: LogitsProcessorList = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         warpers = LogitsProcessorList()
         if self.do_sample:  # greedy ignores the sampling-only settings, as transformers does
+            for name in ("temperature", "top_p"):
+                value = getattr(self, name)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise ValueError(f"{name}={value!r} must be a number (or None)")
+            if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
+                raise ValueError(f"top_k={self.top_k!r} must be an integer (or None)")
             if self.temperature is not None and not self.temperature > 0:
                 raise ValueError(f"temperature={self.temperature} must be > 0 when sampling "
                                  "(use do_sample=False for greedy)")
@@ -66,12 +79,16 @@ class Sampling:
             ``(T, V)`` float32 processed logits (``-inf`` where a token is ruled out).
         """
         scores = logits.float()
-        if self.min_new_tokens > 0 and self.eos_token_ids:
-            early = torch.as_tensor(n_generated, device=scores.device).expand(scores.shape[0]) < self.min_new_tokens
-            if early.any():
-                eos = torch.tensor(self.eos_token_ids, device=scores.device)
-                scores = scores.clone()
-                scores[early.nonzero()[:, :1], eos] = -float("inf")
+        V = scores.shape[-1]
+        n = torch.as_tensor(n_generated, device=scores.device).expand(scores.shape[0])  # (T,)
+        for tokens, rows in ((self.eos_token_ids, n < self.min_new_tokens if self.min_new_tokens > 0 else None),
+                             (self.banned, n >= 0 if self.banned else None),
+                             (self.banned_first, n == 0 if self.banned_first else None)):
+            ids = [t for t in tokens if t < V]  # an id outside the vocabulary never occurs
+            if rows is not None and ids and rows.any():
+                if scores is logits:
+                    scores = scores.clone()
+                scores[rows.nonzero()[:, :1], torch.tensor(ids, device=scores.device)] = -float("inf")
         if self._warpers:
             dummy_ids = torch.zeros(scores.shape[0], 1, dtype=torch.long, device=scores.device)
             scores = self._warpers(dummy_ids, scores)

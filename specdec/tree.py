@@ -39,6 +39,16 @@ class DraftTree:
     q: Tensor | None = None
 
     def __post_init__(self) -> None:
+        for name in ("tokens", "parents"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor) or value.dtype.is_floating_point or value.dtype.is_complex \
+                    or value.dtype == torch.bool:
+                kind = value.dtype if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"tree {name} of {kind}: token ids and parent indices must be integer tensors "
+                                 "(torch.long), e.g. torch.tensor([...], dtype=torch.long)")
+        if self.q is not None and (not isinstance(self.q, Tensor) or not self.q.dtype.is_floating_point):
+            kind = self.q.dtype if isinstance(self.q, Tensor) else type(self.q).__name__
+            raise ValueError(f"tree q of {kind}: q must be a float tensor of probabilities (T, V), or None")
         if self.tokens.dim() != 1 or self.parents.shape != self.tokens.shape:
             raise ValueError(
                 f"tree tokens {tuple(self.tokens.shape)} and parents {tuple(self.parents.shape)} "

@@ -41,6 +41,13 @@ from specdec.compat import check_servable
 from specdec.text import left_pad
 
 ARCHITECTURES: tuple[str, ...] = tuple(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)  # model types, the mapping's order
+# variants of a model type, swept beside it: learned positions with a short window (64 positions), where no
+# position past the window has an embedding (the goodput controller's cost curve must fit inside it)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "gpt2:window64": ("gpt2", {"n_positions": 64}),
+    "opt:window64": ("opt", {"max_position_embeddings": 64}),
+}
+SWEEP: tuple[str, ...] = ARCHITECTURES + tuple(VARIANTS)
 
 VOCAB = 96
 WINDOW = 6  # sliding windows and attention chunks: shorter than every test sequence
@@ -216,14 +223,20 @@ def tiny_config_kwargs(cls: type[PreTrainedConfig], overrides: dict | None = Non
     return kwargs
 
 
+def model_type(name: str) -> str:
+    """The model type of a sweep entry (a variant's base type)."""
+    return VARIANTS[name][0] if name in VARIANTS else name
+
+
 def tiny_config(name: str) -> PreTrainedConfig:
-    """The tiny config of model type ``name``; raises :class:`NotBuildable`."""
-    cls = CONFIG_MAPPING[name]
-    model_config = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[name]).config_class
+    """The tiny config of model type (or variant) ``name``; raises :class:`NotBuildable`."""
+    base = model_type(name)
+    cls = CONFIG_MAPPING[base]
+    model_config = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base]).config_class
     if model_config in (getattr(cls, "sub_configs", None) or {}).values():
         cls = model_config  # a composite config whose causal LM takes only the text config
     try:
-        config = cls(**tiny_config_kwargs(cls, OVERRIDES.get(name)))
+        config = cls(**tiny_config_kwargs(cls, {**OVERRIDES.get(base, {}), **VARIANTS.get(name, (base, {}))[1]}))
     except Exception as e:  # noqa: BLE001 - any failure of a config class is the reason it is not buildable
         raise NotBuildable(f"tiny config rejected: {_short(e)}") from e
     config.use_cache = True
@@ -316,7 +329,7 @@ def build(name: str, seed: int = 0) -> Built:
     try:
         config = tiny_config(name)
         try:
-            model_cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[name])
+            model_cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type(name)])
             torch.manual_seed(seed)
             model = model_cls(config).float().eval()
         except Exception as e:  # noqa: BLE001

@@ -119,7 +119,7 @@ def test_attention_mask_values_other_than_0_and_1(target, value):
 def test_out_of_vocabulary_ids(target, bad):
     with pytest.raises(ValueError, match=f"token id {bad}, outside the model's vocabulary \\[0, 64\\)"):
         specdec.generate(target, torch.tensor([[5, bad, 7]]), PromptLookup(), max_new_tokens=5)
-    with pytest.raises(ValueError, match="integer tensor"):
+    with pytest.raises(ValueError, match="pass token ids as torch.long"):
         specdec.generate(target, IDS.float(), PromptLookup(), max_new_tokens=5)
 
 

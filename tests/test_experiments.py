@@ -676,3 +676,34 @@ def test_table_tau_is_spec_bench_pooled_tau_not_a_mean_of_prompt_taus(tiny_model
     per_prompt = [r["tau"] for r in rows if r["method"] == "specdec_self"]
     assert row["tau"] == pytest.approx(tau, rel=1e-12) == 19 / 5
     assert per_prompt == pytest.approx([13 / 3, 6 / 2]) and sum(per_prompt) / 2 != pytest.approx(tau)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sampling=sample", "sampling.temperature=0"], "config sampling.temperature=0.0 must be > 0"),
+    (["sampling=sample", "sampling.top_p=1.5"], r"config sampling.top_p=1.5 must be in \(0, 1\]"),
+    (["sampling=sample", "sampling.top_k=-1"], "config sampling.top_k=-1 must be >= 0"),
+    (["drafter=eagle", "tree.top_k=0"], "config tree.top_k=0 is not read by drafter eagle .*set drafter.top_k"),
+    (["drafter=eagle", "tree=dynamic"], "config tree=dynamic is not read by drafter eagle"),
+    (["drafter=prompt_lookup", "tree.width=3"], "config tree.width=3 is not read by drafter prompt_lookup .*reads "
+                                                "tree.branches, tree.depth"),
+])
+def test_bad_configs_fail_before_the_model_loads(monkeypatch, capsys, tmp_path, overrides, message):
+    """Run as a user runs it (Hydra's main, the command line's overrides), with load_model replaced by a
+    spy: the error names the setting, and no model was loaded."""
+    import re
+
+    import experiments.run as run
+
+    loaded = []
+    monkeypatch.setattr(run, "load_model", lambda *args, **kwargs: loaded.append(args) or 1 / 0)
+    monkeypatch.setattr(sys, "argv", ["run", *overrides, f"hydra.run.dir={tmp_path}", "logger=none",
+                                      "progress=false"])
+    with pytest.raises(SystemExit):
+        run.main()
+    assert re.search(message, capsys.readouterr().err), message
+    assert loaded == []
+
+
+def test_a_tree_setting_the_drafter_reads_is_accepted():
+    validate(compose_with("drafter=prompt_lookup", "tree.depth=7"), ["drafter=prompt_lookup", "tree.depth=7"])
+    validate(compose_with("drafter=truncated", "tree=dynamic"), ["drafter=truncated", "tree=dynamic"])

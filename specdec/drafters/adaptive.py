@@ -15,6 +15,7 @@ import dataclasses
 
 import torch
 
+from specdec.checks import as_int
 from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView, as_drafter
 from specdec.tree import DraftTree
 from specdec.verify import Acceptance
@@ -33,6 +34,10 @@ class Adaptive(Drafter):
     def __init__(self, drafter: Drafter, start: int | None = None, min_depth: int = 1, max_depth: int | None = None,
                  grow: int = 2, shrink: int = 1) -> None:
         drafter = as_drafter(drafter)
+        start = as_int("Adaptive start", start, 1, optional=True)
+        min_depth, max_depth = as_int("Adaptive min_depth", min_depth, 1), as_int("Adaptive max_depth", max_depth, 1,
+                                                                                  optional=True)
+        grow, shrink = as_int("Adaptive grow", grow, 0), as_int("Adaptive shrink", shrink, 0)
         max_depth = max_depth if max_depth is not None else getattr(drafter, "k", None)
         if max_depth is None:
             raise ValueError("Adaptive needs max_depth= for a drafter without a `k` (draft depth) attribute")

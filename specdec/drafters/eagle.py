@@ -45,7 +45,7 @@ from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, Tar
 from specdec.drafters.draft_model import GrowingProposer, RowTable, chain_feed, prepare
 from specdec.drafters.growth import Level, TreeShape
 from specdec.drafters.vocab import ReducedHead
-from specdec.training.checkpoint import check_target, load_checkpoint
+from specdec.training.checkpoint import check_target, load_checkpoint, load_weights
 from specdec.tree import TreeSpec
 
 
@@ -396,7 +396,7 @@ class Eagle(Drafter):
         ckpt = load_checkpoint(checkpoint, "eagle")
         config = dict(ckpt["settings"]["target_config"])
         head = EagleHead(AutoConfig.for_model(config.pop("model_type"), **config), ckpt["settings"].get("fused_layers"))
-        head.load_state_dict(ckpt["state_dict"])
+        load_weights(head, ckpt)
         return cls(head, ckpt["vocab"], ckpt, **kwargs)
 
     def _bind(self, target: torch.nn.Module) -> tuple[EagleHead, nn.Module]:

@@ -25,7 +25,7 @@ from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, Tar
 from specdec.drafters.draft_model import GrowingProposer, RowTable
 from specdec.drafters.growth import Level, TreeShape
 from specdec.drafters.vocab import ReducedHead
-from specdec.training.checkpoint import check_target, load_checkpoint
+from specdec.training.checkpoint import check_target, load_checkpoint, load_weights
 from specdec.tree import TreeSpec
 
 
@@ -158,7 +158,7 @@ class EarlyExit(Drafter):
         """A shipped checkpoint by name, or a ``.pt`` path written by ``experiments.train_drafter``."""
         ckpt = load_checkpoint(checkpoint, "early_exit")
         adapter = ExitAdapter(ckpt["settings"]["hidden"])
-        adapter.load_state_dict(ckpt["state_dict"])
+        load_weights(adapter, ckpt)
         return cls(ckpt["settings"]["layers"], adapter, ckpt["vocab"], ckpt, **kwargs)
 
     def _bind(self, target: torch.nn.Module) -> tuple[ExitAdapter, ReducedHead]:

@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from specdec.checks import as_int
 from specdec.drafters.base import DecodeState
 from specdec.tree import DraftTree, TreeSpec
 
@@ -115,14 +116,10 @@ class TreeShape:
     spec: TreeSpec | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"draft depth k={self.k} must be >= 1")
-        if self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1")
-        if self.width is not None and self.width < 1:
-            raise ValueError(f"width={self.width} must be >= 1 (or None: top_k)")
-        if self.budget is not None and self.budget < 1:
-            raise ValueError(f"budget={self.budget} must be >= 1 (or None for no limit)")
+        object.__setattr__(self, "k", as_int("draft depth k", self.k, 1))
+        object.__setattr__(self, "top_k", as_int("top_k", self.top_k, 1))
+        object.__setattr__(self, "width", as_int("width", self.width, 1, optional=True))
+        object.__setattr__(self, "budget", as_int("budget", self.budget, 1, optional=True))
 
     @classmethod
     def make(cls, k: int = 4, top_k: int = 1, width: int | None = None, budget: int | None = None,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from specdec.backends.cpu_linear import install_linears
 from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, TargetView, module_for
-from specdec.training.checkpoint import check_target, load_checkpoint
+from specdec.training.checkpoint import check_target, load_checkpoint, load_weights
 from specdec.drafters.vocab import ReducedHead
 from specdec.tree import DraftTree, TreeSpec
 from specdec.verify import Acceptance
@@ -81,7 +81,7 @@ class Medusa(Drafter):
         ckpt = load_checkpoint(checkpoint, "medusa")
         settings = ckpt["settings"]
         heads = MedusaHeads(settings["hidden"], settings["heads"])
-        heads.load_state_dict(ckpt["state_dict"])
+        load_weights(heads, ckpt)
         accuracy = ckpt["metrics"].get("rank_accuracy")
         kwargs.setdefault("rank_accuracy", None if accuracy is None else torch.tensor(accuracy))
         return cls(heads, ckpt["vocab"], checkpoint=ckpt, **kwargs)

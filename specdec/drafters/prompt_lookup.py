@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from specdec.checks import as_int
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.tree import DraftTree
 
@@ -65,12 +66,11 @@ class PromptLookup(Drafter):
     """
 
     def __init__(self, k: int = 10, max_ngram: int = 3, min_ngram: int = 1, branches: int = 1) -> None:
-        if k < 1:
-            raise ValueError(f"PromptLookup k={k} must be >= 1")
+        k = as_int("PromptLookup k", k, 1)
+        max_ngram, min_ngram = as_int("PromptLookup max_ngram", max_ngram, 1), as_int("PromptLookup min_ngram", min_ngram, 1)
+        branches = as_int("PromptLookup branches", branches, 1)
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"PromptLookup needs 1 <= min_ngram ({min_ngram}) <= max_ngram ({max_ngram})")
-        if branches < 1:
-            raise ValueError(f"PromptLookup branches={branches} must be >= 1")
         self.k, self.max_ngram, self.min_ngram, self.branches = k, max_ngram, min_ngram, branches
 
     def propose(self, states: list[DecodeState]) -> list[DraftTree]:

@@ -23,6 +23,7 @@ import threading
 import torch
 from torch import Tensor
 
+from specdec.checks import as_int
 from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, TargetView
 from specdec.tree import DraftTree, TreeSpec
 from specdec.verify import Acceptance
@@ -39,9 +40,7 @@ class RecyclingTable:
     """
 
     def __init__(self, k: int) -> None:
-        if k < 1:
-            raise ValueError(f"RecyclingTable k={k} must be >= 1")
-        self.k = k
+        self.k = as_int("RecyclingTable k", k, 1)
         self.rows: dict[int, list[int]] = {}
         self._lock = threading.Lock()
 
@@ -109,8 +108,7 @@ class TokenRecycling(Drafter):
     def __init__(self, tree: list[list[int]] | None = None, top_k: int | None = None, shared: bool = False) -> None:
         spec = TreeSpec.from_paths([list(p) for p in (DEFAULT_TREE if tree is None else tree)])
         need = max(spec.ranks) + 1
-        if top_k is None:
-            top_k = need
+        top_k = need if top_k is None else as_int("TokenRecycling top_k", top_k, 1)
         if top_k < need:
             raise ValueError(f"TokenRecycling top_k={top_k} is smaller than the tree's widest rank + 1 ({need}): "
                              f"keep at least {need} candidates per token")

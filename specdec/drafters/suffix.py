@@ -40,6 +40,7 @@ from contextlib import contextmanager
 
 import torch
 
+from specdec.checks import as_int, as_number
 from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView
 from specdec.tree import DraftTree
 from specdec.verify import Acceptance
@@ -351,16 +352,14 @@ class SuffixDecoding(Drafter):
 
     def __init__(self, k: int = 8, max_nodes: int = 8, max_spec_factor: float = 1.0, min_prob: float = 0.1,
                  min_match: int = 2, corpus: SuffixCorpus | bool | None = True, learn: str = "output") -> None:
-        if k < 1:
-            raise ValueError(f"SuffixDecoding k={k} must be >= 1")
-        if max_nodes < 1:
-            raise ValueError(f"SuffixDecoding max_nodes={max_nodes} must be >= 1")
+        k, max_nodes = as_int("SuffixDecoding k", k, 1), as_int("SuffixDecoding max_nodes", max_nodes, 1)
+        min_match = as_int("SuffixDecoding min_match", min_match, 1)
+        max_spec_factor = as_number("SuffixDecoding max_spec_factor", max_spec_factor)
+        min_prob = as_number("SuffixDecoding min_prob", min_prob)
         if not max_spec_factor > 0:
             raise ValueError(f"SuffixDecoding max_spec_factor={max_spec_factor} must be > 0")
         if not 0 < min_prob <= 1:
             raise ValueError(f"SuffixDecoding min_prob={min_prob} must be in (0, 1]")
-        if min_match < 1:
-            raise ValueError(f"SuffixDecoding min_match={min_match} must be >= 1")
         if learn not in self.LEARN:
             raise ValueError(f"SuffixDecoding learn={learn!r} must be one of {self.LEARN}")
         if corpus is True:

@@ -72,15 +72,53 @@ def save_checkpoint(path: str | Path, kind: str, state: dict[str, torch.Tensor],
     return path
 
 
+KEYS = ("kind", "settings", "state_dict", "vocab", "target_fingerprint", "target_name", "metrics")
+SETTINGS = {  # what each kind's from_checkpoint reads from its settings
+    "eagle": ("target_config",),
+    "early_exit": ("hidden", "layers"),
+    "medusa": ("hidden", "heads"),
+    "draft_model": ("init_layers",),
+    "pard": ("init_layers",),
+}
+
+
 def load_checkpoint(name_or_path: str | Path, kind: str) -> dict:
-    """Read a checkpoint of drafter ``kind``; raises ``ValueError`` for another kind."""
+    """Read a checkpoint of drafter ``kind``. Raises ``ValueError`` naming the file when it cannot be read
+    (truncated, corrupted, not a torch file), is not a specdec checkpoint, holds another kind, or lacks a
+    setting its kind needs."""
     path = checkpoint_path(name_or_path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("kind") != kind:
-        raise ValueError(f"checkpoint {str(path)!r} holds a {ckpt.get('kind')!r} drafter, not {kind!r}")
+    retrain = f"retrain it with `python -m experiments.train_drafter drafter={kind}` or give another file"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
+        raise ValueError(f"drafter checkpoint {str(path)!r} cannot be read ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'no detail'}): the file is truncated, "
+                         f"corrupted or not a torch file; {retrain}") from err
+    missing = [key for key in KEYS if key not in ckpt] if isinstance(ckpt, dict) else list(KEYS)
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a specdec drafter checkpoint (it lacks {', '.join(missing)}): "
+                         f"{retrain}")
+    if ckpt["kind"] != kind:
+        raise ValueError(f"checkpoint {str(path)!r} holds a {ckpt['kind']!r} drafter, not {kind!r}")
+    settings = ckpt["settings"] if isinstance(ckpt["settings"], dict) else {}
+    lacking = [key for key in SETTINGS.get(kind, ()) if key not in settings]
+    if lacking:
+        raise ValueError(f"checkpoint {str(path)!r} has bad settings: a {kind} checkpoint needs "
+                         f"{', '.join(lacking)}; {retrain}")
     ckpt["path"] = str(path)
     ckpt["state_dict"] = unpack(ckpt["state_dict"])
     return ckpt
+
+
+def load_weights(module: torch.nn.Module, ckpt: dict) -> None:
+    """``module.load_state_dict(ckpt["state_dict"])``, strict; a weight missing, unexpected or of another
+    shape is a ``ValueError`` naming the file."""
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:400]
+        raise ValueError(f"checkpoint {ckpt['path']!r} does not fit its {ckpt['kind']} drafter ({detail}); retrain "
+                         f"it with `python -m experiments.train_drafter drafter={ckpt['kind']}`") from err
 
 
 def pack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,6 +141,8 @@ def unpack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, value in state.items():
         if name.endswith("::int8"):
             base = name.removesuffix("::int8")
+            if f"{base}::scale" not in state:
+                raise ValueError(f"checkpoint weight {base!r} has no scale ({base}::scale): the file is damaged")
             out[base] = value.float() * state[f"{base}::scale"].float()
         elif not name.endswith("::scale"):
             out[name] = value.float() if value.is_floating_point() else value
