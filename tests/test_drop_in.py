@@ -300,3 +300,56 @@ def test_a_checkpoint_missing_a_weight_or_a_setting_names_the_file_and_the_probl
     torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt' is not a specdec drafter checkpoint"):
         specdec.drafters.Eagle.from_checkpoint(str(tmp_path / "other.pt"))
+
+
+# --- the masking settings keep the target's law when sampling -------------------------------------------
+
+
+MASKED = dict(do_sample=True, temperature=0.9, eos_token_ids=(5,), min_new_tokens=2, banned=(1,), banned_first=(3,))
+
+
+def _masked_joint(model, sampling) -> torch.Tensor:
+    """The target's exact law of the first three tokens under ``sampling`` (position-dependent masks)."""
+    import itertools
+
+    from test_lossless_sampling import N_TOKENS, PROMPT, V
+
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=N_TOKENS)))  # (V^3, 3)
+    ids = torch.cat([PROMPT.expand(len(seqs), -1), seqs], dim=1)
+    with torch.no_grad():
+        logits = model(ids).logits[:, PROMPT.shape[1] - 1 : -1]  # (V^3, 3, V)
+    probs = torch.stack([sampling.probs(logits[:, t], t) for t in range(N_TOKENS)], dim=1)  # (V^3, 3, V)
+    return probs.gather(-1, seqs[..., None]).squeeze(-1).prod(dim=-1)
+
+
+@pytest.mark.parametrize("name", ["draft_tree"])  # sampled siblings: the masks act on q as on p
+def test_masking_settings_keep_the_target_law_when_sampling(name):
+    """min_new_tokens with EOS, suppress_tokens / bad_words_ids (``banned``) and begin_suppress_tokens
+    (``banned_first``), sampled through trees: the chi-square test of the lossless-sampling suite passes,
+    and ignoring the masks (a plain Sampling) fails it."""
+    import test_lossless_sampling as law
+    from specdec.engine import decode
+    from specdec.options import Options
+    from specdec.sampling import Sampling
+
+    target, small = tiny_llama(vocab=law.V, seed=10, scale=4.0), tiny_llama(vocab=law.V, seed=11, layers=1, scale=4.0)
+    drafter = law.drafters(small, target)[name]
+    sampling = Sampling(**MASKED)
+    exact = _masked_joint(target, sampling)
+
+    def counts(used, n):
+        gen = torch.Generator().manual_seed(99)
+        out = torch.zeros(law.V ** law.N_TOKENS)
+        options = Options(max_new_tokens=law.N_TOKENS, sampling=used, goodput=False)
+        for _ in range(n):
+            (tokens,), _ = decode(target, law.PROMPT, drafter, options, gen)
+            tokens = tokens + [5] * (law.N_TOKENS - len(tokens))  # an EOS-ended row: padded with EOS (prob 1 after)
+            index = 0
+            for tok in tokens[: law.N_TOKENS]:
+                index = index * law.V + tok
+            out[index] += 1
+        return out
+
+    assert law.chi2_pvalue(counts(sampling, 2000), exact) > 1e-3
+    unmasked = Sampling(do_sample=True, temperature=0.9, eos_token_ids=(5,))
+    assert law.chi2_pvalue(counts(unmasked, 400), exact) < 1e-6  # banned tokens appear: impossible under the law

@@ -259,6 +259,9 @@ def test_softcap_and_sinks_are_transformers_eager():
     torch.testing.assert_close(ours, hf.transpose(1, 2))
 
 
+F32_SOFTMAX = {"atol": 1e-6, "rtol": 1e-6}
+
+
 def _check_paths(case, name, kernel: bool):
     H = case.q.shape[1]
     kw = _features(name, H, 0)
@@ -268,7 +271,9 @@ def _check_paths(case, name, kernel: bool):
         for path in root_to_leaf_paths(parents):
             plain = path_attention(SimpleNamespace(**{**vars(case), "q": case.q.double(), "k": case.k.double(),
                                                       "v": case.v.double()}), b, path, **kw)
-            torch.testing.assert_close(ref[b, :, path], plain)
+            # transformers' Gemma-2 eager attention (the softcap comparator) takes its softmax in float32
+            # whatever the input dtype, so there float64 agreement ends at float32's rounding (seen: 2.7e-7)
+            torch.testing.assert_close(ref[b, :, path], plain, **F32_SOFTMAX if kw.get("softcap") else {})
             if kernel:
                 torch.testing.assert_close(out[b, :, path].double(), plain, atol=2e-5, rtol=1e-4)
 
