@@ -58,6 +58,19 @@ def save_with_tokenizer(model, path):
     return path
 
 
+class Recorder:
+    """A streamer that records what it is given."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        pass
+
+
 @pytest.fixture(scope="session")
 def target():
     return tiny_llama(seed=0, layers=2)

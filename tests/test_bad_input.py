@@ -6,7 +6,7 @@ import torch
 import specdec
 from specdec import DraftModel, PromptLookup
 
-from conftest import tiny_llama
+from conftest import Recorder, tiny_llama
 
 IDS = torch.tensor([[5, 6, 7]])
 
@@ -93,19 +93,6 @@ def test_combined_needs_two_drafters_and_checks_each(target):
     with pytest.raises(ValueError, match="drafter vocab 80 != target vocab 64"):
         specdec.generate(target, IDS, Combined(PromptLookup(), DraftModel(tiny_llama(vocab=80, seed=3))),
                          max_new_tokens=3)
-
-
-class Recorder:
-    """A streamer that records what it is given."""
-
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value.flatten().tolist())
-
-    def end(self):
-        pass
 
 
 @pytest.mark.parametrize("value", [2, -1])

@@ -17,7 +17,7 @@ import specdec
 from specdec import PromptLookup
 from specdec.settings import HONOURED, NO_EFFECT, REFUSED, markdown, verdict
 
-from conftest import attentive, tiny_llama
+from conftest import Recorder, attentive, tiny_llama
 
 IDS = torch.tensor([[5, 9, 12, 5, 9, 12, 5, 9, 30, 11]])  # repeats: prompt lookup drafts
 
@@ -34,19 +34,6 @@ def plain(model):
     out = model.generate(IDS, attention_mask=torch.ones_like(IDS), do_sample=False, max_new_tokens=12,
                          eos_token_id=None, pad_token_id=0)
     return out[0, IDS.shape[1]:].tolist()
-
-
-class Recorder:
-    """A streamer that records what it is given."""
-
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value.flatten().tolist())
-
-    def end(self):
-        pass
 
 
 def values(plain: list[int]) -> dict:
