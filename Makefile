@@ -5,7 +5,9 @@
 #
 # .venv holds exactly the versions in requirements.lock (compiled by pip-tools from pyproject.toml's
 # [dev] extras and requirements.in, the CPU torch included), so an upstream release never changes what
-# these commands install or measure.
+# these commands install or measure. specdec itself is left out of the lock (--unsafe-package: pip-tools
+# would pin the checkout's absolute path) and installed editable with no dependencies of its own.
+# torch==2.13.0+cpu is found through this machine's pip find-links (/opt/wheels), as pip finds it.
 #   make lock          refreshes the lock to the newest versions pyproject admits, rebuilds .venv, runs the tests
 #   make smoke-latest  installs the newest versions pyproject admits (no lock) into .venv-latest and runs the
 #                      smoke subset there (pytest -m smoke): CI runs it to catch an upstream release that breaks us
@@ -43,7 +45,8 @@ lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install -q $(PIP_TOOLS)
 	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile -q --upgrade --extra dev --strip-extras \
-		--allow-unsafe --no-emit-find-links --no-emit-index-url -o $(LOCK) pyproject.toml requirements.in
+		--unsafe-package specdec --no-allow-unsafe --no-emit-find-links --no-emit-index-url \
+		-o $(LOCK) pyproject.toml requirements.in
 	rm -rf .venv-lock
 	$(MAKE) test
 

@@ -345,6 +345,7 @@ def decode(
 
 
 def _decode(model, input_ids, drafter, options, generator, streamer, attention_mask):
+    deadline = None if options.max_time is None else time.perf_counter() + options.max_time
     route = None
     if options.linear_backend != "torch":
         route = Route(packed_weights(model) if options.pack_weights else None)
@@ -355,7 +356,7 @@ def _decode(model, input_ids, drafter, options, generator, streamer, attention_m
             new = decoder.step()
             if streamer is not None:
                 streamer.put(torch.tensor(next(iter(new.values()))))
-            if options.deadline is not None and time.perf_counter() > options.deadline:
+            if deadline is not None and time.perf_counter() > deadline:
                 decoder.stop()  # max_time: as transformers' MaxTimeCriteria, checked after each step
     rows = sorted(decoder.finished.values(), key=lambda s: s.row)
     return [s.tokens[0, s.prompt_len :].tolist() for s in rows], decoder.stats

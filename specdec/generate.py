@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import numbers
 import threading
-import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from specdec.sampling import Sampling
 from specdec.settings import refusal
 from specdec.stats import SpecStats
 
-_DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is set
 
 
 @dataclass
@@ -41,16 +39,22 @@ class SpecDecodeOutput(GenerateDecoderOnlyOutput):
     stats: SpecStats | None = None
 
 
-def _resolve_config(model: PreTrainedModel, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
-    """transformers' resolution (the model's config, then ``generation_config``, then keywords), then every
-    field checked against :mod:`specdec.settings`: honoured, no effect, or a ``ValueError`` naming it."""
+def _resolve_config(model: PreTrainedModel, generation_config: GenerationConfig | None,
+                    kwargs: dict) -> tuple[GenerationConfig, bool]:
+    """transformers' own resolution (``model._prepare_generation_config``: the call's ``generation_config``
+    or keywords, over the model's ``generation_config``, over transformers' global defaults), then every
+    field checked against :mod:`specdec.settings`: honoured, no effect, or a ``ValueError`` naming it.
+    Returns the config and whether ``max_length`` is transformers' default (20 new tokens)."""
     if generation_config is not None and not isinstance(generation_config, GenerationConfig):
         raise ValueError(f"generation_config is a {type(generation_config).__name__}, not a "
                          "transformers.GenerationConfig: pass GenerationConfig(**settings), or the settings as "
                          "keyword arguments")
-    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     kwargs = {k: as_int(k, v, optional=True) if k in _INTEGERS else v for k, v in kwargs.items()}  # before
-    unused = config.update(**kwargs)  # transformers' own validation, which compares them as numbers
+    default_length = (kwargs.get("max_length") is None  # as transformers' generate decides it
+                      and (generation_config is None or generation_config.max_length is None)
+                      and model.generation_config.max_length is None)
+    config, unused = model._prepare_generation_config(generation_config, **kwargs)  # it validates them as numbers
+    unused = {k for k in unused if k not in ("output_attentions", "output_hidden_states")}  # refused below
     if unused:
         names = ", ".join(sorted(unused))
         raise ValueError(
@@ -69,7 +73,18 @@ def _resolve_config(model: PreTrainedModel, generation_config: GenerationConfig 
     config.max_time = as_number("max_time", config.max_time, optional=True)
     if config.max_time is not None and not config.max_time > 0:
         raise ValueError(f"max_time={config.max_time!r} must be a number of seconds > 0 (or None)")
-    return config
+    return config, default_length
+
+
+def _new_tokens(model: PreTrainedModel, config: GenerationConfig, default_length: bool, width: int) -> int:
+    """``max_new_tokens`` as transformers derives it: given, else ``max_length`` less the (padded) prompt,
+    else transformers' default of ``max_length`` (20) new tokens, within the model's window."""
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    if not default_length:
+        return config.max_length - width
+    window = getattr(model.config, "max_position_embeddings", None)
+    return config.max_length if window is None else min(config.max_length, window - width)
 
 
 _INTEGERS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "top_k", "pad_token_id")
@@ -98,14 +113,18 @@ def _banned(config: GenerationConfig) -> tuple[int, ...]:
     if longer:
         raise ValueError(f"bad_words_ids entry {list(longer[0])} has more than one token: specdec masks single "
                          "tokens only (a longer word depends on each draft path's history); use model.generate")
-    singles = _token_ids("bad_words_ids", [w[0] for w in bad]) or ()
+    eos = set(config.eos_token_id or ())  # transformers' NoBadWordsLogitsProcessor never bans an EOS id
+    singles = tuple(t for t in _token_ids("bad_words_ids", [w[0] for w in bad]) or () if t not in eos)
     return tuple(dict.fromkeys((config.suppress_tokens or ()) + singles))
 
 
 def _sampling(config: GenerationConfig, prompt_width: int) -> Sampling:
     """The call's :class:`Sampling`; ``prompt_width`` is the padded prompt length, from which transformers
     counts ``min_length``."""
-    min_new = max(config.min_new_tokens or 0, (config.min_length or 0) - prompt_width)
+    if config.min_new_tokens is not None:  # it takes precedence over min_length, in transformers as here
+        min_new = config.min_new_tokens
+    else:
+        min_new = max(0, (config.min_length or 0) - prompt_width)
     masks = dict(eos_token_ids=config.eos_token_id or (), min_new_tokens=min_new, banned=_banned(config),
                  banned_first=config.begin_suppress_tokens or ())
     if not config.do_sample:  # greedy ignores the sampling-only settings, as transformers does
@@ -221,8 +240,7 @@ def generate(
         hold drafted / accepted counts, acceptance rate, tau, per-position acceptance
         and time in prefill / draft / verify.
     """
-    started = time.perf_counter()  # max_time counts from here, as transformers' MaxTimeCriteria
-    config = _resolve_config(model, generation_config, kwargs)
+    config, default_length = _resolve_config(model, generation_config, kwargs)
     drafter = NO_DRAFT if drafter is None else as_drafter(drafter)
     _check_ids(input_ids, model.get_input_embeddings().weight.shape[0])
     lengths = _check_left_padding(input_ids, attention_mask)
@@ -232,13 +250,11 @@ def generate(
     if streamer is not None and input_ids.shape[0] > 1:
         raise ValueError(f"streamer needs batch size 1, got {input_ids.shape[0]} rows")
     longest = int(lengths.max())
-    max_new = config.max_new_tokens
-    if max_new is None:
-        max_new = config.max_length - input_ids.shape[1] if config.max_length is not None else _DEFAULT_NEW_TOKENS
+    max_new = _new_tokens(model, config, default_length, input_ids.shape[1])
     options = Options(max_new_tokens=max_new, sampling=_sampling(config, input_ids.shape[1]),
                       attention_backend=attention_backend, linear_backend=linear_backend, pack_weights=pack_weights,
                       min_verify_tokens=min_verify_tokens, goodput=goodput, cost_model=cost_model,
-                      deadline=None if config.max_time is None else started + config.max_time)
+                      max_time=config.max_time)
     window = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if window is not None and window > 0 and longest + max_new > window:
         raise ValueError(

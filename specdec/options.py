@@ -35,7 +35,8 @@ class Options:
             rows' acceptance (:mod:`specdec.control`); ``False`` drafts the drafter's fixed depth.
         cost_model: the verification cost curve the controller uses (``None``: measured once per model,
             device and thread count).
-        deadline: ``time.perf_counter()`` value after which no new step starts (``max_time``); ``None``: none.
+        max_time: seconds after which no new step starts, counted from the start of the decode (before
+            prefill), as transformers' ``MaxTimeCriteria``; ``None``: no limit.
     """
 
     max_new_tokens: int = 20
@@ -46,7 +47,7 @@ class Options:
     min_verify_tokens: int = 1
     goodput: bool = True
     cost_model: object | None = None
-    deadline: float | None = None
+    max_time: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from specdec.checks import as_int, as_number
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -46,12 +48,9 @@ class Sampling:
     def __post_init__(self) -> None:
         warpers = LogitsProcessorList()
         if self.do_sample:  # greedy ignores the sampling-only settings, as transformers does
-            for name in ("temperature", "top_p"):
-                value = getattr(self, name)
-                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                    raise ValueError(f"{name}={value!r} must be a number (or None)")
-            if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
-                raise ValueError(f"top_k={self.top_k!r} must be an integer (or None)")
+            for name in ("temperature", "top_p"):  # numpy scalars too, as transformers takes them
+                object.__setattr__(self, name, as_number(name, getattr(self, name), optional=True))
+            object.__setattr__(self, "top_k", as_int("top_k", self.top_k, optional=True))
             if self.temperature is not None and not self.temperature > 0:
                 raise ValueError(f"temperature={self.temperature} must be > 0 when sampling "
                                  "(use do_sample=False for greedy)")

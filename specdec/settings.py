@@ -25,8 +25,8 @@ HONOURED = {
     "max_length": "prompt (padded) + new tokens, as transformers counts it",
     "min_new_tokens": "EOS masked at every position that would end the output too early",
     "min_length": "EOS masked while prompt (padded) + new tokens < min_length",
-    "max_time": "stops after the first step that ends past max_time seconds (a prefix of the "
-                "output; the length depends on timing, in transformers as here)",
+    "max_time": "stops after the first step that ends past max_time seconds from the start of decoding "
+                "(a prefix of the output; its length depends on timing, in transformers as here)",
     "do_sample": "greedy, or lossless speculative sampling",
     "temperature": "transformers' own warper on p and q",
     "top_k": "transformers' own warper on p and q",
@@ -35,7 +35,8 @@ HONOURED = {
     "pad_token_id": "fills finished rows",
     "suppress_tokens": "masked at every position",
     "begin_suppress_tokens": "masked at the first new token",
-    "bad_words_ids": "single-token entries masked at every position (longer sequences are refused)",
+    "bad_words_ids": "single-token entries masked at every position, EOS ids excepted as in transformers "
+                     "(longer sequences are refused)",
     "renormalize_logits": "p is a softmax of the processed scores either way",
     "return_dict_in_generate": "returns SpecDecodeOutput (sequences and stats)",
 }
@@ -104,6 +105,9 @@ REFUSED: dict[str, tuple[Any, str]] = {  # field -> (the value that means off, w
 }
 
 
+ALSO_OFF = {"cache_implementation": ("dynamic",)}  # what specdec does anyway (Gemma's "hybrid" transformers unsets)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What ``generate`` does with one field: ``kind`` is honoured, no effect or refused."""
@@ -131,7 +135,7 @@ def refusal(field: str, value: Any) -> str | None:
         return None
     if field in REFUSED:
         off, why = REFUSED[field]
-        if value == off:
+        if value == off or value in ALSO_OFF.get(field, ()):
             return None
         return f"{field}={value!r} is not supported by specdec.generate ({why}): leave it at {off!r}"
     return (f"{field}={value!r} is a GenerationConfig field specdec does not know (new in transformers?): "
@@ -145,3 +149,9 @@ def markdown(fields) -> str:
     for v in sorted((verdict(f) for f in fields), key=lambda v: (order[v.kind], v.field)):
         lines.append(f"| `{v.field}` | {v.kind} | {v.note.replace('|', '/')} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m specdec.settings: the README's table for the installed transformers
+    from transformers import GenerationConfig
+
+    print(markdown(sorted(GenerationConfig().to_dict())))

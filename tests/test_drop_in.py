@@ -146,7 +146,7 @@ def test_the_readme_settings_table_is_generated_from_the_table():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert markdown(FIELDS) in readme, "README's settings table is stale: paste specdec.settings.markdown(fields)"
+    assert markdown(FIELDS) in readme, "README's settings table is stale: paste `python -m specdec.settings`"
 
 
 # --- values and types, checked where they enter -------------------------------------------------------
@@ -340,3 +340,65 @@ def test_masking_settings_keep_the_target_law_when_sampling(name):
     assert law.chi2_pvalue(counts(sampling, 2000), exact) > 1e-3
     unmasked = Sampling(do_sample=True, temperature=0.9, eos_token_ids=(5,))
     assert law.chi2_pvalue(counts(unmasked, 400), exact) < 1e-6  # banned tokens appear: impossible under the law
+
+
+# --- settings resolved as transformers resolves them ------------------------------------------------------
+
+
+def _both(model, drafter=None, **kw):
+    got = specdec.generate(model, IDS, drafter or PromptLookup(k=3), **kw)
+    expected = model.generate(IDS, attention_mask=torch.ones_like(IDS), **kw)
+    return got, expected
+
+
+def test_bad_words_never_ban_an_eos_id_as_transformers(model, plain):
+    got, expected = _both(model, max_new_tokens=12, eos_token_id=plain[1], bad_words_ids=[[plain[1]]],
+                          pad_token_id=0, do_sample=False)
+    assert torch.equal(got, expected) and expected.shape[1] < IDS.shape[1] + 12  # EOS still ends it
+
+
+@pytest.mark.parametrize("min_new", [0, 1, 3])
+def test_min_new_tokens_takes_precedence_over_min_length(model, plain, min_new):
+    got, expected = _both(model, max_new_tokens=12, eos_token_id=plain[1], min_new_tokens=min_new,
+                          min_length=IDS.shape[1] + 8, pad_token_id=0, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_a_generation_config_without_eos_takes_the_models(model, plain):
+    """transformers fills a given generation_config's unset fields from model.generation_config."""
+    import copy
+
+    mine = copy.deepcopy(model)
+    mine.generation_config = GenerationConfig(eos_token_id=plain[1], pad_token_id=0)
+    got, expected = _both(mine, generation_config=GenerationConfig(max_new_tokens=12, do_sample=False))
+    assert torch.equal(got, expected) and expected.shape[1] == IDS.shape[1] + 2  # stopped at the model's EOS
+
+
+def test_default_length_is_transformers_twenty_new_tokens(model):
+    got, expected = _both(model, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(got, expected) and got.shape[1] == IDS.shape[1] + 20
+
+
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7}, {"top_p": 0.8, "top_k": 5}])
+def test_sampling_defaults_are_transformers_same_seed_same_tokens(model, kw):
+    """Plain decoding through the engine draws as transformers does (one multinomial per token from the same
+    processed p): with the same seed the same tokens, so transformers' defaults (top_k=50 when unset)
+    are applied here too. A missing default would change p, and the draws with it."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        got = specdec.generate(model, IDS, None, do_sample=True, max_new_tokens=10, eos_token_id=None,
+                               pad_token_id=0, **kw)
+        torch.manual_seed(seed)
+        expected = model.generate(IDS, attention_mask=torch.ones_like(IDS), do_sample=True, max_new_tokens=10,
+                                  eos_token_id=None, pad_token_id=0, **kw)
+        assert torch.equal(got, expected), (seed, kw)
+
+
+def test_gemma_hybrid_cache_implementation_from_the_hub_is_accepted(model):
+    """Gemma-2/3 hub configs carry cache_implementation="hybrid", which transformers unsets."""
+    import copy
+
+    mine = copy.deepcopy(model)
+    mine.generation_config.cache_implementation = "hybrid"
+    got, expected = _both(mine, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, expected)

@@ -12,13 +12,13 @@ line is one question, as Spec-Bench's inference scripts write it::
 ``turns`` is each turn's text, ``new_tokens`` and ``wall_time`` each turn's count and seconds
 (prefill included), and ``accept_lengths`` every decoding step's tokens added, all turns in order:
 methods without a drafter add one token a step (``model.generate`` writes ``[1] * new_tokens``, as
-Spec-Bench's baseline does). In a batch of questions each question gets the batch's wall time: the
-speedups ``speed.py`` computes are then the run's own, and its tokens/s is the run's divided by the
-batch size.
+Spec-Bench's baseline does). In a batch of questions each question gets the batch's wall time: where
+every batch is full, the speedups ``speed.py`` computes are then the run's own and its tokens/s is the
+run's divided by the batch size (a smaller last batch weighs a little differently).
 
 Differences from ``speed.py`` to know: it counts the *baseline's* tokens by re-tokenizing its text
 less one (Vicuna's BOS); the run's table counts them as generated, as ``speed.py`` does for every
-other method. ``new_tokens`` here is exactly what was generated, and ``tests/test_spec_bench.py``
+other method. ``new_tokens`` here is exactly what was generated, and ``tests/test_experiments.py``
 recomputes the table from ``new_tokens`` on both sides.
 """
 
