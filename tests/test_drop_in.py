@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import GenerationConfig
+from transformers import CompileConfig, GenerationConfig
 
 import specdec
 from specdec import PromptLookup
@@ -49,8 +49,8 @@ def values(plain: list[int]) -> dict:
         "bad_words_ids": [[early]], "renormalize_logits": True, "return_dict_in_generate": True,
         # no effect
         "bos_token_id": 7, "decoder_start_token_id": 7, "transformers_version": "4.0.0", "_from_model_config": True,
-        "early_stopping": True, "length_penalty": 2.0, "low_memory": True, "compile_config": None,
-        "disable_compile": True, "is_assistant": True, "num_assistant_tokens": 3,
+        "early_stopping": True, "length_penalty": 2.0, "low_memory": True,
+        "compile_config": CompileConfig(fullgraph=False), "disable_compile": True, "num_assistant_tokens": 3,
         "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.2,
         "assistant_lookbehind": 5, "target_lookbehind": 5, "max_matching_ngram_size": 3,
         "assistant_ensemble_weight": 0.5,
@@ -66,7 +66,7 @@ def values(plain: list[int]) -> dict:
         "output_attentions": True, "output_hidden_states": True, "prompt_lookup_num_tokens": 3,
         "assistant_early_exit": 1, "speculation_type": "mtp", "use_mtp": True, "use_cache": False,
         "cache_implementation": "static", "cache_config": {"max_cache_len": 64}, "max_cache_len": 64,
-        "prefill_chunk_size": 4, "continuous_batching_config": {"block_size": 16},
+        "prefill_chunk_size": 4, "continuous_batching_config": {"block_size": 16}, "is_assistant": True,
     }
 
 
