@@ -100,8 +100,10 @@ def check_q(tree: DraftTree, vocab: int, row: int, where: str, sampled: bool = T
         i = int(((total - 1).abs() > 1e-4).nonzero()[0])
         raise ValueError(f"drafter {where}: q of node {i} of row {row} sums to {float(total[i]):.6f}, not 1 (within "
                          "1e-4): normalise q rows (softmax over the processed logits)")
+    if not sampled:
+        return
     own = q.gather(1, tree.tokens.long().unsqueeze(1)).squeeze(1)  # (T,) q of each node's own token
-    if sampled and (own <= 0).any():
+    if (own <= 0).any():
         i = int((own <= 0).nonzero()[0])
         raise ValueError(f"drafter {where}: node {i} of row {row} drafted token {int(tree.tokens[i])}, to which its "
                          "own q gives probability 0: a sampled draft token must be drawn from its q (q is the "

@@ -78,19 +78,24 @@ class Sampling:
             ``(T, V)`` float32 processed logits (``-inf`` where a token is ruled out).
         """
         scores = logits.float()
-        V = scores.shape[-1]
-        n = torch.as_tensor(n_generated, device=scores.device).expand(scores.shape[0])  # (T,)
-        for tokens, rows in ((self.eos_token_ids, n < self.min_new_tokens if self.min_new_tokens > 0 else None),
-                             (self.banned, n >= 0 if self.banned else None),
-                             (self.banned_first, n == 0 if self.banned_first else None)):
-            ids = [t for t in tokens if t < V]  # an id outside the vocabulary never occurs
-            if rows is not None and ids and rows.any():
-                if scores is logits:
-                    scores = scores.clone()
-                scores[rows.nonzero()[:, :1], torch.tensor(ids, device=scores.device)] = -float("inf")
+        if self.min_new_tokens > 0 or self.banned or self.banned_first:  # most calls mask nothing
+            scores = self._mask(scores, logits, n_generated)
         if self._warpers:
             dummy_ids = torch.zeros(scores.shape[0], 1, dtype=torch.long, device=scores.device)
             scores = self._warpers(dummy_ids, scores)
+        return scores
+
+    def _mask(self, scores: Tensor, logits: Tensor, n_generated: Tensor | int) -> Tensor:
+        """``-inf`` on EOS before ``min_new_tokens``, on ``banned`` everywhere and on ``banned_first`` at the
+        first new token; ids outside the vocabulary never occur and are skipped."""
+        n = torch.as_tensor(n_generated, device=scores.device).expand(scores.shape[0])  # (T,)
+        for tokens, rows in ((self.eos_token_ids, n < self.min_new_tokens), (self.banned, n >= 0),
+                             (self.banned_first, n == 0)):
+            ids = [t for t in tokens if t < scores.shape[-1]]
+            if ids and rows.any():
+                if scores is logits:  # never write into the caller's logits
+                    scores = scores.clone()
+                scores[rows.nonzero()[:, :1], torch.tensor(ids, device=scores.device)] = -float("inf")
         return scores
 
     def probs(self, logits: Tensor, n_generated: Tensor | int) -> Tensor:

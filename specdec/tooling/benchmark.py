@@ -161,7 +161,6 @@ def run_benchmark(
                     "texts": [tokenizer.decode(n, skip_special_tokens=True) for n in new],
                     "tau": stats.tau if stats else None,  # this prompt's own (its steps pooled over its rows)
                     "acceptance_rate": stats.acceptance_rate if stats and stats.drafted else None,
-                    "steps": stats.steps if stats else None,
                     "drafted": stats.drafted if stats else None,
                     "accepted": stats.accepted if stats else None,
                     "drafted_at": stats.drafted_at if stats else None,
@@ -182,15 +181,14 @@ def run_benchmark(
     return rows
 
 
-def question_speeds(rows: Sequence[dict]) -> list[float]:
-    """Spec-Bench's per-question tokens/s: new tokens over wall time, each summed over the question's
-    turns (rows of one method; a batch of questions is one question here)."""
-    tokens: dict[str, list[float]] = {}
+def question_speeds(rows: Sequence[dict], key=lambda row: json.dumps(row["prompt_id"])) -> dict:
+    """Spec-Bench's per-question tokens/s, by ``key(row)``: new tokens over wall time, each summed over the
+    question's turns (rows of one method; a batch of questions is one question here)."""
+    totals: dict = {}
     for r in rows:
-        totals = tokens.setdefault(json.dumps(r["prompt_id"]), [0, 0.0])
-        totals[0] += r["new_tokens"]
-        totals[1] += r["seconds"]
-    return [n / seconds for n, seconds in tokens.values()]
+        n, seconds = totals.get(key(r), (0, 0.0))
+        totals[key(r)] = (n + r["new_tokens"], seconds + r["seconds"])
+    return {k: n / seconds for k, (n, seconds) in totals.items()}
 
 
 def pooled_tau(rows: Sequence[dict]) -> float | None:
@@ -229,10 +227,10 @@ def summarize(rows: Sequence[dict], baseline: str = BASELINE, greedy: bool = Tru
     table = []
     for task in tasks:
         mine = [r for r in rows if task in ("overall", r["task"])]
-        base = statistics.mean(question_speeds([r for r in mine if r["method"] == baseline]))
+        base = statistics.mean(question_speeds([r for r in mine if r["method"] == baseline]).values())
         for method in methods:
             sel = [r for r in mine if r["method"] == method]
-            speed = statistics.mean(question_speeds(sel))
+            speed = statistics.mean(question_speeds(sel).values())
             table.append({
                 "task": task, "method": method, "prompts": len(sel), "tokens_per_s": speed,
                 "speedup": speed / base, "tau": pooled_tau(sel), "acceptance_rate": pooled_acceptance(sel),

@@ -196,11 +196,9 @@ def _se(values: list[float]) -> float:
 def _speedups(rows: list[dict], series: str, task: str | None) -> tuple[float, list[float]] | None:
     """Spec-Bench speedup of ``series`` (mean per-question tokens/s, turns summed, over that of
     model.generate on the same questions) and the per-question ratios, over ``task`` (None: every task)."""
-    mine = [r for r in rows if r["series"] == series and task in (None, r["task"])]
-    keys = list(dict.fromkeys(_question_key(r) for r in mine))
-    base = {k: question_speeds([r for r in rows if r["method"] == BASELINE and _question_key(r) == k])
-            for k in keys}
-    pairs = [(question_speeds([r for r in mine if _question_key(r) == k])[0], base[k][0]) for k in keys if base[k]]
+    mine = question_speeds([r for r in rows if r["series"] == series and task in (None, r["task"])], _question_key)
+    base = question_speeds([r for r in rows if r["method"] == BASELINE], _question_key)
+    pairs = [(speed, base[k]) for k, speed in mine.items() if k in base]
     if not pairs:
         return None
     value = statistics.mean(p[0] for p in pairs) / statistics.mean(p[1] for p in pairs)
