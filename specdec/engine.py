@@ -36,7 +36,7 @@ from specdec.backends.cpu_linear import Route, install_linears, packed_weights, 
 from specdec.cache import RaggedCache, zero_positions
 from specdec.compat import check_servable, checked_forward, tree_inputs
 from specdec.control import Controller, CostModel
-from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView
+from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView, Verified
 from specdec.options import Options
 from specdec.stats import SpecStats
 from specdec.tree import DraftTree, batch_trees
@@ -61,13 +61,14 @@ def _cut(tokens: list[int], eos: tuple[int, ...], room: int) -> tuple[list[int],
     return tokens[:room], len(tokens) >= room
 
 
-def check_trees(trees, states: list[DecodeState], vocab: int, where: str) -> None:
-    """Raise ``ValueError`` unless ``trees`` holds one well-formed tree per row within its budget."""
+def check_trees(trees, states: list[DecodeState], vocab: int, where: str, depths: list[int] | None = None) -> None:
+    """Raise ``ValueError`` unless ``trees`` holds one well-formed tree per row within its budget (``depths``:
+    the step's caps; default each row's ``budget``)."""
     if not isinstance(trees, (list, tuple)) or len(trees) != len(states):
         got = len(trees) if isinstance(trees, (list, tuple)) else type(trees).__name__
         raise ValueError(f"drafter {where} returned {got} trees for {len(states)} rows: return one DraftTree per "
                          "state, in the order of the states (DraftTree.empty() for a row with no draft)")
-    for state, tree in zip(states, trees):
+    for state, tree, cap in zip(states, trees, depths or [s.budget for s in states]):
         if not isinstance(tree, DraftTree):
             raise ValueError(f"drafter {where} returned a {type(tree).__name__} for row {state.row}: return DraftTree "
                              "objects")
@@ -78,9 +79,9 @@ def check_trees(trees, states: list[DecodeState], vocab: int, where: str) -> Non
             raise ValueError(f"drafter {where} proposed token {int(tree.tokens[bad][0])} for row {state.row}, outside "
                              f"the target's vocabulary [0, {vocab}): draft ids must be target token ids")
         depth = int(tree.depths.max())
-        if depth > state.budget:
+        if depth > cap:
             raise ValueError(f"drafter {where} proposed a tree {depth} deep for row {state.row}, past its budget "
-                             f"{state.budget}: keep drafts at most state.budget deep")
+                             f"{cap}: keep drafts at most depths[i] (simple path: state.budget) deep")
 
 
 def check_q(tree: DraftTree, vocab: int, row: int, where: str, sampled: bool = True) -> None:
@@ -175,11 +176,12 @@ class SpeculativeDecoder:
         ]
         self.cache = RaggedCache(self.model, B)
         self.cache.start, self.cache.end = pad.clone(), torch.full_like(pad, n - 1)
-        hidden = self.proposer.needs_hidden
+        needs = self.proposer.needs
+        hidden = needs.hidden
+        verified = [Verified() for _ in self.states]
         if hidden:  # one-token prompts: nothing cached, no hidden states
-            width = self.model.config.get_text_config().hidden_size * len(self._hidden_layers())
-            for state in self.states:
-                state.hidden = torch.empty(0, width, device=device)
+            width = self.model.config.get_text_config().hidden_size * len(needs.layers)
+            verified = [Verified(hidden=torch.empty(0, width, device=device)) for _ in self.states]
         if n > 1:
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, n)
             out = self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1] if (pad > 0).any() else None,
@@ -189,9 +191,8 @@ class SpeculativeDecoder:
                 zero_positions(self.cache.cache, self.cache.start)
             if hidden:
                 features = self._features(out.hidden_states)
-                for b, state in enumerate(self.states):
-                    state.hidden = features[b, int(pad[b]) :]
-        self.proposer.prefill(self.states)
+                verified = [Verified(hidden=features[b, int(pad[b]) :]) for b in range(B)]
+        self.proposer.prefill(self.states, verified)
         if self.controller is not None and self.options.cost_model is None:  # this batch size's curve, measured once
             CostModel.for_model(self.model, len(self.states))
         self.stats.prefill_time += time.perf_counter() - t0
@@ -201,14 +202,12 @@ class SpeculativeDecoder:
         """One propose -> verify -> accept -> commit; returns each active row's new tokens."""
         states, t0 = self.states, time.perf_counter()
         # 1. propose, each row no deeper than the goodput controller finds worth verifying
+        depths = [s.budget for s in states]
         if self.controller is not None:
-            for s in states:
-                s.max_depth = None
-            depth = self.controller.choose([s.row for s in states], [s.budget for s in states])
-            for s in states:
-                s.max_depth = depth
-        trees = self.proposer.propose(states)
-        check_trees(trees, states, self.vocab, self.name)
+            depth = self.controller.choose([s.row for s in states], depths)
+            depths = [min(d, max(0, depth)) for d in depths]
+        trees = self.proposer.propose(states, depths)
+        check_trees(trees, states, self.vocab, self.name, depths)
         drafted_depth = max(int(tree.depths.max()) if len(tree) else 0 for tree in trees)
         if self.controller is not None and not self.sampling.do_sample:  # and only what pays is verified
             trees = self.controller.trim([s.row for s in states], trees, self.options.min_verify_tokens)
@@ -223,7 +222,7 @@ class SpeculativeDecoder:
         device = self.model.device
         tree_mask = TreeMask(cache.start.to(device), cache.end.to(device), ancestors, self.options.attention_backend,
                              positions, self.overlays)
-        hidden = self.proposer.needs_hidden
+        hidden = self.proposer.needs.hidden
         try:
             with checked_forward(self.model, tree_mask):
                 out = self.model(input_ids=ids, position_ids=positions, cache=cache.cache, use_cache=True,
@@ -244,24 +243,24 @@ class SpeculativeDecoder:
             acceptances.append(self._accept(tree, logits[a, : len(tree) + 1], n_before))
 
         # 4. commit: tokens (cut at EOS / budget), roots and accepted paths to contiguous positions
-        new_tokens, kept, finished = {}, [], []
+        new_tokens, kept, finished, verified = {}, [], [], []
         for a, (state, tree, acceptance) in enumerate(zip(states, trees, acceptances)):
             room = state.max_new_tokens - state.n_generated
             new, done = _cut(acceptance.tokens(tree), self.sampling.eos_token_ids, room)
             state.tokens = torch.cat([state.tokens, state.tokens.new_tensor([new])], dim=1)
             new_tokens[state.row] = new
             kept.append(S + torch.tensor([0] + [1 + node for node in acceptance.path]))
-            if hidden:
-                state.hidden = features[a, kept[-1] - S]
-            if self.proposer.needs_logits:
-                state.logits, state.verified = logits[a, : len(tree) + 1], ids[a, : len(tree) + 1]
+            logits_seen = self.proposer.needs.logits
+            verified.append(Verified(features[a, kept[-1] - S] if hidden else None,
+                                     logits[a, : len(tree) + 1] if logits_seen else None,
+                                     ids[a, : len(tree) + 1] if logits_seen else None))
             state.finished = done
             finished.append(done)
             self.stats.record(depths[a], len(tree), len(acceptance.path), len(new), state.row)
             if self.controller is not None:
                 self.controller.record(state.row, depths[a], len(acceptance.path), len(tree))
         cache.commit(kept)
-        self.proposer.commit(states, acceptances)
+        self.proposer.commit(states, acceptances, verified)
         if any(finished):  # finished rows leave the batch
             keep = torch.tensor([a for a, done in enumerate(finished) if not done], dtype=torch.long)
             for state, done in zip(states, finished):
@@ -283,13 +282,9 @@ class SpeculativeDecoder:
             self.finished[state.row] = state
         self.states = []
 
-    def _hidden_layers(self) -> tuple[int, ...]:
-        """Which of the target's hidden states the proposer reads: ``-1`` the final one (what the head reads)."""
-        return tuple(getattr(self.proposer, "hidden_layers", None) or (-1,))
-
     def _features(self, hidden_states: tuple[Tensor, ...]) -> Tensor:
         """``(A, T, H * L)`` the requested layers' hidden states side by side."""
-        layers = self._hidden_layers()
+        layers = self.proposer.needs.layers
         if layers == (-1,):
             return hidden_states[-1]
         return torch.cat([hidden_states[layer] for layer in layers], dim=-1)
