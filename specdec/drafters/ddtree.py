@@ -197,7 +197,7 @@ class TreeBuilder:
             return None
         return options.cost_model or CostModel.for_model(self.view.model, rows, measure=False)
 
-    def trees(self, marginals: list[Tensor | None], states: list[DecodeState],
+    def trees(self, marginals: list[Tensor | None], states: list[DecodeState], depths: list[int] | None = None,
               seconds: float | None = None) -> list[DraftTree]:
         """One tree per row.
 
@@ -205,14 +205,16 @@ class TreeBuilder:
             marginals: per row ``(K, V)`` the draft's raw logits at positions 1..K after the root
                 (``None``: no draft for the row); processed like the target's (temperature, top-k, top-p,
                 masks) before ranking.
-            states: the rows; each tree is at most ``state.budget`` deep.
+            states: the rows.
+            depths: each row's depth cap this step (``None``: ``state.budget``, the output's room).
             seconds: how long the drafting of this step took (for the width choice).
         """
         if seconds is not None:
             self.draft_seconds = seconds if self.draft_seconds is None else 0.8 * self.draft_seconds + 0.2 * seconds
         trees, gains = [], []
-        for logits, state in zip(marginals, states):
-            depth = 0 if logits is None else min(logits.shape[0], state.budget)
+        caps = [s.budget for s in states] if depths is None else depths
+        for logits, state, cap in zip(marginals, states, caps):
+            depth = 0 if logits is None else max(0, min(logits.shape[0], cap, state.budget))
             if depth == 0:
                 trees.append(DraftTree.empty(state.tokens.device))
                 gains.append(torch.zeros(0, dtype=torch.float64))
@@ -242,16 +244,16 @@ class BlockProposer(Proposer):
         self.net, self.builder = net, ddtree.builder(view)
         self.needs_hidden = getattr(net, "needs_hidden", False)
 
-    def prefill(self, states: list[DecodeState]) -> None:
+    def prefill(self, states: list[DecodeState], verified=None) -> None:
         self.net.prefill(states)
 
     @torch.no_grad()
-    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
+    def propose(self, states: list[DecodeState], depths: list[int] | None = None) -> list[DraftTree]:
         full, where = self.net.rows.full(states)
         t0 = time.perf_counter()
         logits = self.net.marginals(full)  # (A, K, V)
         seconds = time.perf_counter() - t0
-        return self.builder.trees([logits[a] for a in where], states, seconds)
+        return self.builder.trees([logits[a] for a in where], states, depths, seconds)
 
-    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
+    def commit(self, states: list[DecodeState], results: list[Acceptance], verified=None) -> None:
         self.net.commit(states, {})

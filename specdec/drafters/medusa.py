@@ -6,7 +6,8 @@ K small residual blocks read the target's final hidden state of the last committ
 to its frequent tokens), guess the tokens 2 ... K+1 ahead: head d proposes depth d of the tree.
 There is no draft forward at all; the tree is a static shape over the heads' ranked candidates,
 by default the ``budget`` nodes of greatest expected acceptance under the per-rank accuracies
-measured when the heads were trained (:meth:`TreeSpec.from_accuracies`).
+measured when the heads were trained (:meth:`TreeSpec.from_accuracies`); or, with ``tree="ddtree"``,
+the ``budget`` likeliest prefixes under the heads' distributions, best-first (:mod:`specdec.drafters.ddtree`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from specdec.backends.cpu_linear import install_linears
 from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, TargetView, module_for
+from specdec.drafters.ddtree import DDTree, as_ddtree
 from specdec.training.checkpoint import check_target, load_checkpoint, load_weights
 from specdec.drafters.vocab import ReducedHead
 from specdec.tree import DraftTree, TreeSpec
@@ -47,21 +49,25 @@ class Medusa(Drafter):
         heads: the trained :class:`MedusaHeads`.
         vocab: token ids the output head scores (``None``: all).
         tree: the shape (``TreeSpec`` or paths of ranks, node depth d = head d); default: the best
-            ``budget``-node tree under ``rank_accuracy``, or a chain when there is none.
-        budget: nodes of the default tree.
+            ``budget``-node tree under ``rank_accuracy``, or a chain when there is none; ``"ddtree"`` (or a
+            :class:`~specdec.drafters.ddtree.DDTree`): each step's best-first tree over the heads' marginals.
+        budget: nodes of the default tree (of the DDTree: the most nodes).
         rank_accuracy: ``(K, R)`` how often head d's rank-r candidate was right (from training).
         k: cap on the depth (default: all heads).
         checkpoint: the loaded checkpoint, whose target fingerprint is enforced.
     """
 
-    def __init__(self, heads: MedusaHeads, vocab: Tensor | None = None, tree: TreeSpec | list | None = None,
-                 budget: int = 16, rank_accuracy: Tensor | None = None, k: int | None = None,
-                 checkpoint: dict | None = None) -> None:
+    def __init__(self, heads: MedusaHeads, vocab: Tensor | None = None,
+                 tree: TreeSpec | list | str | DDTree | None = None, budget: int = 16,
+                 rank_accuracy: Tensor | None = None, k: int | None = None, checkpoint: dict | None = None) -> None:
         if not isinstance(heads, MedusaHeads):
             raise ValueError(f"Medusa needs MedusaHeads, got {type(heads).__name__}: use Medusa.from_checkpoint(...)")
         depth = len(heads) if k is None else min(k, len(heads))
         if depth < 1:
             raise ValueError(f"Medusa k={k} must be >= 1")
+        self.ddtree = as_ddtree(tree, budget)
+        if self.ddtree is not None:  # the static shape is then only the heads' depth
+            tree = TreeSpec.from_paths([[0] * d for d in range(1, depth + 1)])
         if isinstance(tree, list):
             tree = TreeSpec.from_paths(tree)
         if tree is None:
@@ -98,7 +104,7 @@ class Medusa(Drafter):
         heads, lm = self._bound.get(view.model, lambda: self._bind(view.model))
         if view.options.linear_backend != "torch":
             install_linears(heads)
-        return _MedusaProposer(self, heads, lm)
+        return _MedusaProposer(self, heads, lm, None if self.ddtree is None else self.ddtree.builder(view))
 
 
 class _MedusaProposer(Proposer):
@@ -106,8 +112,8 @@ class _MedusaProposer(Proposer):
 
     needs_hidden = True
 
-    def __init__(self, medusa: Medusa, heads: MedusaHeads, lm: ReducedHead) -> None:
-        self.medusa, self.heads, self.lm = medusa, heads, lm
+    def __init__(self, medusa: Medusa, heads: MedusaHeads, lm: ReducedHead, builder=None) -> None:
+        self.medusa, self.heads, self.lm, self.builder = medusa, heads, lm, builder  # builder: DDTree trees
         self.last: dict[int, Tensor | None] = {}
 
     def prefill(self, states: list[DecodeState]) -> None:
@@ -120,6 +126,9 @@ class _MedusaProposer(Proposer):
         if ready:
             out = self.lm(self.heads(torch.stack([self.last[s.row] for s in ready])))  # (A, K, V)
             logits = {s.row: out[a] for a, s in enumerate(ready)}
+        if self.builder is not None:
+            k = self.medusa.k
+            return self.builder.trees([logits[s.row][:k] if s.row in logits else None for s in states], states)
         return [self._tree(s, logits[s.row]) if s.row in logits else DraftTree.empty(s.tokens.device)
                 for s in states]
 

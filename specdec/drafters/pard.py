@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 from specdec.attention import TreeMask, layer_overlays
 from specdec.cache import RaggedCache
 from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, TargetView
+from specdec.drafters.ddtree import BlockProposer, DDTree, as_ddtree
 from specdec.drafters.distilled import BORROWED, build_draft
 from specdec.drafters.draft_model import GrowingProposer, RowTable, chain_feed, check_vocab, prepare
 from specdec.drafters.eagle import DraftLMHead, direct_layers, quantized, run_layers
@@ -184,6 +185,12 @@ class PardNet:
         self.block = logits[:, 1:]
         return logits[:, 0]
 
+    def marginals(self, states: list[DecodeState]) -> Tensor:
+        """``(A, 1 + masks, V)`` logits of depths 1, 2, ...: every position of the block, from the step's one
+        forward (what :class:`~specdec.drafters.ddtree.BlockProposer` builds DDTree trees from)."""
+        root = self.root(states)
+        return torch.cat([root[:, None], self.block], dim=1)
+
     def expand(self, level: Level) -> Tensor:
         F = level.tokens.shape[1]
         return self.block[:, level.depth - 1, None, :].expand(-1, F, -1)  # (A, F, V): depth d+1 for all of them
@@ -203,7 +210,8 @@ class PardNet:
 class Pard(Drafter):
     """A PARD draft proposing ``k`` tokens per draft forward, as a chain or any tree over the block's
     per-depth distributions (``top_k``, ``width``, ``budget``, ``tree`` as in
-    :class:`~specdec.drafters.DraftModel`).
+    :class:`~specdec.drafters.DraftModel`), or ``tree="ddtree"``: the ``budget`` (default 16) likeliest
+    prefixes under the block's marginals, best-first (:mod:`specdec.drafters.ddtree`).
 
     Args:
         draft: a :class:`PardDraft` (drafts for any target of its vocabulary), or ``None`` with
@@ -216,13 +224,16 @@ class Pard(Drafter):
 
     def __init__(self, draft: PardDraft | None = None, checkpoint: dict | None = None, k: int = 4, top_k: int = 1,
                  width: int | None = None, budget: int | None = None,
-                 tree: TreeSpec | list[list[int]] | None = None, quantize: bool = False) -> None:
+                 tree: TreeSpec | list[list[int]] | str | DDTree | None = None, quantize: bool = False) -> None:
         if (draft is None) == (checkpoint is None):
             raise ValueError("Pard needs exactly one of draft=PardDraft(...) or checkpoint=...: use "
                              "Pard.from_checkpoint('pard-smollm2-135m') for a trained one")
         if draft is not None and not isinstance(draft, PardDraft):
             raise ValueError(f"Pard needs a PardDraft, got {type(draft).__name__}: use PardDraft.from_target(...) "
                              "or Pard.from_checkpoint(...)")
+        self.ddtree = as_ddtree(tree, budget)
+        if self.ddtree is not None:  # the shape is then only the block's depth k
+            tree, budget = None, None
         self.shape = TreeShape.make(k, top_k, width, budget, tree)
         trained = None if checkpoint is None else checkpoint["settings"].get("block")
         if trained is not None and self.masks + 1 > trained:
@@ -272,4 +283,6 @@ class Pard(Drafter):
     def proposer(self, view: TargetView) -> Proposer:
         draft, lm = self._bound.get(view.model, lambda: self._build(view.model))
         prepare(draft.body, view)
+        if self.ddtree is not None:
+            return BlockProposer(PardNet(draft, lm, view, self.masks), self.ddtree, view)
         return GrowingProposer(PardNet(draft, lm, view, self.masks), self.shape)
