@@ -32,6 +32,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from specdec.attention import TreeMask, layer_overlays
+from specdec.backends import native
 from specdec.backends.cpu_linear import Route, install_linears, packed_weights, routed
 from specdec.cache import RaggedCache, zero_positions
 from specdec.compat import check_servable, checked_forward, tree_inputs
@@ -345,7 +346,8 @@ def _decode(model, input_ids, drafter, options, generator, streamer, attention_m
     deadline = None if options.max_time is None else time.perf_counter() + options.max_time
     route = None
     if options.linear_backend != "torch":
-        route = Route(packed_weights(model) if options.pack_weights else None)
+        route = Route(packed_weights(model) if options.pack_weights else None,
+                      native.load() if options.linear_backend == "auto" else None)
     with routed(route):
         decoder = SpeculativeDecoder(model, drafter, options, generator)
         decoder.prefill(input_ids, attention_mask)

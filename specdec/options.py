@@ -26,7 +26,9 @@ class Options:
             elsewhere), ``"triton"`` or ``"reference"``; the target's verification and the drafters'
             tree forwards alike.
         linear_backend: the CPU linear products of the target and the drafter's networks:
-            ``"auto"``/``"skinny"`` (see :mod:`specdec.backends.cpu_linear`) or ``"torch"`` (``F.linear``).
+            ``"auto"`` (:mod:`specdec.backends.cpu_linear` with the native product of
+            :mod:`specdec.backends.native` for 1-8 rows, where it builds), ``"skinny"`` (the same without the
+            native product) or ``"torch"`` (``F.linear``).
         pack_weights: let the CPU products keep oneDNN-packed copies of large weights (faster for
             3+ rows, costs the weights' memory once more; see :class:`~specdec.backends.cpu_linear.PackedWeights`).
         min_verify_tokens: pad verification forwards that carry drafts to at least this many tokens

@@ -56,6 +56,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from specdec.backends.native import MAX_ROWS as NATIVE_ROWS
+from specdec.backends.native import RowsLinear
+
 MAX_ROWS = 64  # up to this many rows, small weights take (W @ x.T).T; past it, oneDNN (prefill)
 MIN_PACKED = 1 << 19  # weights this large take oneDNN from 3 rows; on smaller ones its per-call cost shows
 _ATTRIBUTE = "_specdec_packed_weights"  # where a model keeps its PackedWeights
@@ -159,9 +162,11 @@ def packed_weights(model: nn.Module) -> PackedWeights:
 
 @dataclass
 class Route:
-    """The products of one call: ``packs`` is ``None`` when packing is off."""
+    """The products of one call: ``packs`` is ``None`` when packing is off, ``native`` when the native
+    product (:mod:`specdec.backends.native`) is not used."""
 
     packs: PackedWeights | None
+    native: RowsLinear | None = None
     checked: set[int] = field(default_factory=set)
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -170,6 +175,8 @@ class Route:
         if not rows or x.device.type != "cpu" or x.dtype != weight.dtype:
             return nn.functional.linear(x, weight, bias)
         flat = x.reshape(rows, x.shape[-1])
+        if rows <= NATIVE_ROWS and self._native(x, weight, bias):
+            return self.native(flat.contiguous(), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
         if rows > 2 and (rows > MAX_ROWS or weight.numel() >= MIN_PACKED) and self._packable(x, weight, bias):
             bias = None if bias is None else bias.contiguous()
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packs.get(weight, self.checked), bias, "none", [], "")
@@ -184,6 +191,15 @@ class Route:
         if bias is not None:
             out = out + bias
         return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    def _native(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+        """The native product takes it: built, float32, contiguous weight and bias, no gradient to record."""
+        if self.native is None or weight.dtype != torch.float32 or not weight.is_contiguous():
+            return False
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                 or (bias is not None and bias.requires_grad)))
 
     def _packable(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         """oneDNN takes it: packing on, float32, a build with oneDNN, and no gradient to record."""
