@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from specdec.cache import GrowingLayer, commit_rows, new_cache, select_rows, truncate
 from specdec.drafters import Combined, DraftModel, PromptLookup
-from specdec.drafters.draft_model import LMNet
+from specdec.drafters.draft_model import LMNet  # a DraftNetwork (specdec.drafters.network)
 from specdec.engine import SpeculativeDecoder, prepare_target
 from specdec.options import Options
 from specdec.sampling import Sampling

@@ -14,7 +14,8 @@ from transformers import DynamicCache
 import specdec
 import specdec.engine
 from specdec.drafters import DecodeState, Eagle, EagleHead, TargetView
-from specdec.drafters.draft_model import GrowingProposer
+from specdec.drafters.base import Verified
+from specdec.drafters.network import GrowingProposer
 from specdec.drafters.eagle import DraftLMHead, EagleNet, Int8Linear, default_fused_layers, ttt_mask
 from specdec.drafters.vocab import ReducedHead
 from specdec.engine import decode
@@ -121,8 +122,8 @@ def test_every_step_drafts_what_a_fresh_head_would(target, trained_head, monkeyp
     seen = []
     original = EagleNet.root
 
-    def spy(self, states):
-        logits = original(self, states)
+    def spy(self, states, depths):
+        logits = original(self, states, depths)
         seen.extend((s.tokens.clone(), row) for s, row in zip(states, logits))
         return logits
 
@@ -130,8 +131,8 @@ def test_every_step_drafts_what_a_fresh_head_would(target, trained_head, monkeyp
     chains = []
     original_propose = GrowingProposer.propose
 
-    def propose(self, states):
-        trees = original_propose(self, states)
+    def propose(self, states, depths):
+        trees = original_propose(self, states, depths)
         chains.extend((s.tokens.clone(), tree.tokens.tolist()) for s, tree in zip(states, trees))
         return trees
 
@@ -152,23 +153,23 @@ def test_proposer_asks_for_the_fused_layers_and_gets_them_side_by_side(target, m
     seen = []
     original = EagleNet.prefill
 
-    def spy(self, states):
-        seen.extend(s.hidden.shape for s in states)
-        return original(self, states)
+    def spy(self, states, verified):
+        seen.extend(v.hidden.shape for v in verified)
+        return original(self, states, verified)
 
     monkeypatch.setattr(EagleNet, "prefill", spy)
     ids = torch.tensor([[5, 9, 13, 7]])
     specdec.generate(target, ids, eagle3(target, "chain", 2), max_new_tokens=4, eos_token_id=None, goodput=False)
     assert seen == [torch.Size([3, 3 * target.config.hidden_size])]
-    assert eagle3(target, "chain", 2).proposer(TargetView(target, OPTIONS)).hidden_layers == FUSED
+    assert eagle3(target, "chain", 2).proposer(TargetView(target, OPTIONS)).needs.layers == FUSED
 
 
 def test_head_refuses_features_of_the_wrong_width(target):
     net = EagleNet(EagleHead.from_target(target, FUSED), target.get_input_embeddings(), ReducedHead(target.lm_head),
                    TargetView(target, OPTIONS))
-    state = DecodeState(0, torch.tensor([[5, 6, 7]]), 3, 4, SAMPLING, hidden=torch.zeros(2, target.config.hidden_size))
-    with pytest.raises(ValueError, match=r"side by side \(width 96\) but got width 32.*hidden_layers"):
-        net.prefill([state])
+    state = DecodeState(0, torch.tensor([[5, 6, 7]]), 3, 4, SAMPLING)
+    with pytest.raises(ValueError, match=r"side by side \(width 96\) but got width 32.*needs"):
+        net.prefill([state], [Verified(hidden=torch.zeros(2, target.config.hidden_size))])
 
 
 def test_fused_layers_are_checked_against_the_target(target):

@@ -254,19 +254,19 @@ class Spy(Drafter):
         inner, spy = self.inner.proposer(view), self
 
         class Recording(Proposer):
-            needs_hidden, needs_logits = inner.needs_hidden, inner.needs_logits
+            needs = inner.needs
 
-            def prefill(self, states):
-                inner.prefill(states)
+            def prefill(self, states, verified):
+                inner.prefill(states, verified)
 
-            def propose(self, states):
+            def propose(self, states, depths):
                 spy.asked.append(len(states))
-                trees = inner.propose(states)
+                trees = inner.propose(states, depths)
                 spy.made.append([len(t) for t in trees])
                 return trees
 
-            def commit(self, states, results):
-                inner.commit(states, results)
+            def commit(self, states, results, verified):
+                inner.commit(states, results, verified)
 
         return Recording()
 

@@ -13,7 +13,7 @@ from transformers import DynamicCache
 import specdec
 import specdec.engine
 from specdec.drafters.pard import Pard, PardDraft, PardNet, mask_blocks
-from specdec.drafters.draft_model import GrowingProposer
+from specdec.drafters.network import GrowingProposer
 from specdec.engine import decode
 from specdec.options import Options
 from specdec.text import left_pad
@@ -75,8 +75,8 @@ def test_eos_inside_a_block_ends_the_row_there(target, monkeypatch):
     blocks = []
     original = GrowingProposer.propose
 
-    def spy(self, states):
-        trees = original(self, states)
+    def spy(self, states, depths):
+        trees = original(self, states, depths)
         blocks.extend(tree.tokens.tolist() for tree in trees)
         return trees
 
@@ -96,8 +96,8 @@ def test_cache_holds_exactly_the_committed_tokens(target, monkeypatch):
     checked = []
     original = PardNet.commit
 
-    def check(self, states, fed):
-        original(self, states, fed)
+    def check(self, states, fed, verified):
+        original(self, states, fed, verified)
         if self.cache is None:
             return
         for a, row in enumerate(self.rows.order):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import specdec
 import specdec.engine
-from specdec.drafters.base import DecodeState, TargetView
+from specdec.drafters.base import DecodeState, TargetView, Verified
 from specdec.drafters.recycling import DEFAULT_TREE, RecyclingTable, TokenRecycling
 from specdec.engine import SpeculativeDecoder, prepare_target
 from specdec.options import Options
@@ -68,19 +68,19 @@ def test_table_and_retrieval_equal_brute_force(seed, steps, vocab, tree, max_dep
     drafter = TokenRecycling(tree=tree)
     k = drafter.top_k
     proposer = drafter.proposer(TargetView(torch.nn.Linear(1, 1), Options()))
-    assert proposer.needs_logits
+    assert proposer.needs.logits
     updates = []
     for _ in range(steps):
         root = int(torch.randint(vocab, (1,), generator=gen))
         state = DecodeState(0, torch.tensor([[1, root]]), 1, 1 + max_depth + 1, Sampling())
-        tree_out = proposer.propose([state])[0]
+        tree_out = proposer.propose([state], [state.budget])[0]
         expected = brute_bfs(brute_table(updates, k), root, tree, state.budget)
         assert (tree_out.tokens.tolist(), tree_out.parents.tolist()) == expected
         T = int(torch.randint(0, 7, (1,), generator=gen))
-        state.verified = torch.randint(vocab, (T + 1,), generator=gen)  # (T + 1,) repeats overwrite
-        state.logits = torch.randn(T + 1, vocab, generator=gen)  # (T + 1, V)
-        updates.append((state.verified, state.logits))
-        proposer.commit([state], [Acceptance([], 0)])
+        verified = torch.randint(vocab, (T + 1,), generator=gen)  # (T + 1,) repeats overwrite
+        seen = Verified(logits=torch.randn(T + 1, vocab, generator=gen), tokens=verified)  # logits (T + 1, V)
+        updates.append((seen.tokens, seen.logits))
+        proposer.commit([state], [Acceptance([], 0)], [seen])
         assert proposer.table.rows == brute_table(updates, k)
 
 

@@ -4,19 +4,17 @@ The rule is transformers' ``num_assistant_tokens_schedule="heuristic"``, per row
 when a step accepts a path as deep as the tree, the next depth grows by ``grow``; otherwise it
 shrinks by ``shrink`` (never below ``min_depth`` nor above ``max_depth``). Easy text (copying,
 formulaic answers) gets long drafts; hard text stops paying for drafts that get rejected. Any
-drafter can be wrapped: its proposer is asked for no deeper drafts than each row's depth (through
-:attr:`~specdec.drafters.base.DecodeState.max_depth`, which every library drafter honours; the wrapped
-drafter is never changed), and its trees are cut to that depth in case it does not.
+drafter can be wrapped: its proposer is asked for no deeper drafts than each row's depth (the
+``depths`` argument of :meth:`~specdec.drafters.base.Proposer.propose`, which every library drafter
+honours; the wrapped drafter is never changed), and its trees are cut to that depth in case it does not.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from specdec.checks import as_int
-from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView, as_drafter
+from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView, Verified, as_drafter, cut_to, uncut
 from specdec.tree import DraftTree
 from specdec.verify import Acceptance
 
@@ -65,31 +63,26 @@ class _AdaptiveProposer(Proposer):
 
     def __init__(self, config: Adaptive, inner: Proposer) -> None:
         self.config, self.inner = config, inner
-        self.needs_hidden, self.needs_logits = inner.needs_hidden, inner.needs_logits
-        self.hidden_layers = inner.hidden_layers
+        self.needs = inner.needs
         self.depth: dict[int, int] = {}
         self.kept: dict[int, list[int]] = {}  # row -> inner node of each kept node
         self.drafted: dict[int, int] = {}
 
-    def prefill(self, states: list[DecodeState]) -> None:
+    def prefill(self, states: list[DecodeState], verified: list[Verified]) -> None:
         self.depth = {s.row: self.config.start for s in states}
-        self.inner.prefill(states)
+        self.inner.prefill(states, verified)
 
-    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
-        capped = [dataclasses.replace(s, max_depth=min(self.depth[s.row], s.budget)) for s in states]
-        return [self._cut(s.row, tree) for s, tree in zip(states, self.inner.propose(capped))]
+    def propose(self, states: list[DecodeState], depths: list[int]) -> list[DraftTree]:
+        capped = [min(self.depth[s.row], depth) for s, depth in zip(states, depths)]
+        return [self._cut(s.row, tree) for s, tree in zip(states, self.inner.propose(states, capped))]
 
     def _cut(self, row: int, tree: DraftTree) -> DraftTree:
-        """The nodes no deeper than the row's depth (parents come first, so they stay)."""
-        if not len(tree):
-            self.kept[row], self.drafted[row] = [], 0
-            return tree
-        keep = (tree.depths <= self.depth[row]).nonzero().flatten()
-        self.kept[row] = keep.tolist()
-        self.drafted[row] = int(tree.depths[keep].max()) if len(keep) else 0
-        return tree.select(keep)
+        """The nodes no deeper than the row's depth."""
+        tree, self.kept[row] = cut_to(tree, self.depth[row])
+        self.drafted[row] = int(tree.depths.max()) if len(tree) else 0
+        return tree
 
-    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
+    def commit(self, states: list[DecodeState], results: list[Acceptance], verified: list[Verified]) -> None:
         c, inner = self.config, []
         for state, result in zip(states, results):
             drafted = self.drafted.get(state.row, 0)
@@ -97,6 +90,5 @@ class _AdaptiveProposer(Proposer):
                 full = len(result.path) >= drafted
                 depth = self.depth[state.row] + c.grow if full else self.depth[state.row] - c.shrink
                 self.depth[state.row] = max(c.min_depth, min(c.max_depth, depth))
-            kept = self.kept.get(state.row, [])
-            inner.append(Acceptance([kept[node] for node in result.path], result.next_token))
-        self.inner.commit(states, inner)
+            inner.append(uncut(result, self.kept.get(state.row, [])))
+        self.inner.commit(states, inner, verified)

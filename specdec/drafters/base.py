@@ -6,26 +6,34 @@ after a failed one. Each ``generate`` call asks it for a fresh proposer (as tran
 candidate generator per call, and vLLM a proposer per engine), which holds every piece of
 per-call state: draft caches, row tables, adaptive counters. The engine drives the proposer:
 
-1. ``prefill(states)`` once, after the target's prefill;
-2. per step ``propose(states) -> list[DraftTree]`` (one tree per row, at most ``state.budget`` deep)
-   and ``commit(states, results)`` once the step's tokens are appended.
+1. ``prefill(states, verified)`` once, after the target's prefill;
+2. per step ``propose(states, depths) -> list[DraftTree]`` (one tree per row, row ``i``'s at most
+   ``depths[i]`` deep) and ``commit(states, results, verified)`` once the step's tokens are appended.
 
-What a proposer may read is explicit: the :class:`DecodeState` of each row (committed tokens, and
-the target's hidden states and last verification logits when the proposer asks for them), and
-the call's :class:`TargetView` (the target's weights and config to build from, the call's options,
-and the target's cache only through :meth:`TargetView.prefix_cache`).
+What crosses the seam travels as arguments, never as fields the engine writes into shared objects
+(as HF's ``update_candidate_strategy(input_ids, scores, num_matches)`` and vLLM's
+``propose(target_hidden_states, ...)``): each step's depth cap (``depths``: the row's output room, cut
+by the goodput controller or a wrapper such as :class:`~specdec.drafters.Adaptive`), and what the
+target's last forward saw of each row (:class:`Verified`: hidden states and logits, filled only as the
+proposer's :class:`Needs` ask). A wrapper forwards its parts' needs as one value, :meth:`Needs.combine`.
+Besides these a proposer reads the :class:`DecodeState` of each row (committed tokens) and the
+call's :class:`TargetView` (the target's weights and config to build from, the call's options, and
+the target's cache only through :meth:`TargetView.prefix_cache`).
 
 The simple path stays what it was: a drafter that implements only ``propose(states)`` (and,
-optionally, ``prefill``/``commit``/``check``/``needs_hidden``) gets a proposer that forwards to it.
+optionally, ``prefill(states)``/``commit(states, results)``/``check``) gets a proposer that forwards to
+it; a ``propose(states, depths)`` gets the caps, a ``propose(states)`` reads ``state.budget`` and its
+trees are cut to the caps.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import Tensor
@@ -50,15 +58,6 @@ class DecodeState:
         max_new_tokens: output budget of the row.
         sampling: how p and q are made from logits.
         generator: random generator for every draw (``None`` = torch's global one).
-        hidden: for proposers with ``needs_hidden``: ``(m, H)`` the target's final hidden states
-            (what its output head reads; with ``Proposer.hidden_layers``, those layers' states side by
-            side, ``(m, H * L)``) of the tokens its last forward committed to the cache:
-            the prompt less its last token after prefill, the root and the accepted nodes after
-            a step. ``hidden[-1]`` is the state whose logits chose ``tokens[0, -1]``.
-        logits: for proposers with ``needs_logits``: ``(T + 1, V)`` the target's logits at the root and
-            every node of the row's last verified tree, whose tokens are ``verified`` ``(T + 1,)``.
-        max_depth: a cap on the next draft's depth set by a wrapper (:class:`~specdec.drafters.Adaptive`)
-            or the engine; ``None``: none.
         finished: set before the last ``commit`` of a row that ends this step.
     """
 
@@ -68,10 +67,6 @@ class DecodeState:
     max_new_tokens: int
     sampling: Sampling
     generator: torch.Generator | None = None
-    hidden: Tensor | None = None
-    logits: Tensor | None = None
-    verified: Tensor | None = None
-    max_depth: int | None = None
     finished: bool = False
 
     @property
@@ -81,9 +76,68 @@ class DecodeState:
 
     @property
     def budget(self) -> int:
-        """Deepest draft worth verifying now: the step adds one more token of its own."""
-        room = max(0, self.max_new_tokens - self.n_generated - 1)
-        return room if self.max_depth is None else min(room, max(0, self.max_depth))
+        """Deepest draft the output has room for: the step adds one more token of its own (the step's
+        cap, ``depths`` in :meth:`Proposer.propose`, is at most this)."""
+        return max(0, self.max_new_tokens - self.n_generated - 1)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a proposer needs from the target's forwards, as one value; wrappers :meth:`combine` their parts'.
+
+    Attributes:
+        hidden: hand over hidden states (:attr:`Verified.hidden`) before prefill and each commit.
+        logits: hand over the last verification's logits and tokens (:attr:`Verified.logits`).
+        layers: which hidden states, side by side (indices into the model's ``output_hidden_states``:
+            0 the embeddings, -1 the final one, what the output head reads).
+    """
+
+    hidden: bool = False
+    logits: bool = False
+    layers: tuple[int, ...] = (-1,)
+
+    @staticmethod
+    def combine(needs: Iterable[Needs]) -> Needs:
+        """What a wrapper of proposers with ``needs`` asks for: everything any part asks for (parts that
+        read hidden states must read the same layers)."""
+        needs = list(needs)
+        layers = {n.layers for n in needs if n.hidden}
+        if len(layers) > 1:
+            raise ValueError(f"combined drafters read different target layers {sorted(layers)}: combine drafters "
+                             "that read the same hidden states (e.g. EAGLE-3 heads fused from the same layers)")
+        return Needs(any(n.hidden for n in needs), any(n.logits for n in needs), next(iter(layers), (-1,)))
+
+
+@dataclass(frozen=True)
+class Verified:
+    """What the target's last forward saw of one row, for a proposer whose :class:`Needs` ask for it.
+
+    Attributes:
+        hidden: with ``Needs.hidden``: ``(m, H * L)`` the target's hidden states (the ``Needs.layers``
+            side by side) of the tokens its last forward committed to the cache: the prompt less its last
+            token after prefill, the root and the accepted nodes after a step. ``hidden[-1]`` is the
+            state whose logits chose ``tokens[0, -1]``.
+        logits: with ``Needs.logits``: ``(T + 1, V)`` the target's logits at the root and every node of
+            the row's last verified tree, whose tokens are ``tokens`` ``(T + 1,)``.
+    """
+
+    hidden: Tensor | None = None
+    logits: Tensor | None = None
+    tokens: Tensor | None = None
+
+
+def cut_to(tree: DraftTree, depth: int) -> tuple[DraftTree, list[int]]:
+    """``tree``'s nodes no deeper than ``depth`` (parents come first, so they stay), and each kept node's
+    index in ``tree`` (what :func:`uncut` maps an accepted path back through)."""
+    if not len(tree) or int(tree.depths.max()) <= depth:
+        return tree, list(range(len(tree)))
+    keep = (tree.depths <= depth).nonzero().flatten()
+    return tree.select(keep), keep.tolist()
+
+
+def uncut(result: Acceptance, kept: list[int]) -> Acceptance:
+    """An acceptance of a tree cut by :func:`cut_to`, in the full tree's node indices."""
+    return Acceptance([kept[node] for node in result.path], result.next_token)
 
 
 class TargetView:
@@ -124,19 +178,17 @@ class TargetView:
 class Proposer:
     """Per-call drafting state; see the module docstring for the calling order."""
 
-    needs_hidden: bool = False  # the engine fills DecodeState.hidden before prefill and each commit
-    hidden_layers: tuple[int, ...] | None = None  # which hidden states (indices into the model's
-    # output_hidden_states: 0 the embeddings, -1 the final one) side by side in DecodeState.hidden; None: (-1,)
-    needs_logits: bool = False  # the engine fills DecodeState.logits/verified before each commit
+    needs: Needs = Needs()  # what the engine hands over in Verified (read once, when the call starts)
 
-    def prefill(self, states: list[DecodeState]) -> None:  # noqa: B027 - optional hook
-        """See the prompts before the first step."""
+    def prefill(self, states: list[DecodeState], verified: list[Verified]) -> None:  # noqa: B027 - optional hook
+        """See the prompts before the first step (``verified[i]``: the prefill's view of row ``i``)."""
 
-    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
-        """One tree per state, each at most ``state.budget`` deep, below the root ``state.tokens[0, -1]``."""
+    def propose(self, states: list[DecodeState], depths: list[int]) -> list[DraftTree]:
+        """One tree per state below the root ``state.tokens[0, -1]``, row ``i``'s at most ``depths[i]`` deep."""
         raise NotImplementedError
 
-    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:  # noqa: B027 - optional hook
+    def commit(self, states: list[DecodeState], results: list[Acceptance],  # noqa: B027 - optional hook
+               verified: list[Verified]) -> None:
         """Learn each row's outcome; ``state.tokens`` already holds the step's tokens."""
 
 
@@ -147,8 +199,6 @@ class Drafter:
     (a stateless drafter: the default proposer calls it each step, and ``prefill``/``commit`` if
     defined). ``check(target)`` may raise ``ValueError`` when the drafter cannot serve a target.
     """
-
-    needs_hidden: bool = False  # for drafters on the simple path: ask the engine for hidden states
 
     @property
     def draft_depth(self) -> int | None:
@@ -169,7 +219,8 @@ class Drafter:
         return _Forwarding(self)
 
     def propose(self, states: list[DecodeState]) -> list[DraftTree]:
-        """One tree per state, each at most ``state.budget`` deep (the simple path)."""
+        """One tree per state, each at most ``state.budget`` deep (the simple path; a ``propose(states,
+        depths)`` gets each row's cap for the step, see :meth:`Proposer.propose`)."""
         raise NotImplementedError
 
     def prefill(self, states: list[DecodeState]) -> None:  # noqa: B027 - optional hook
@@ -180,19 +231,34 @@ class Drafter:
 
 
 class _Forwarding(Proposer):
-    """The proposer of a drafter on the simple path."""
+    """The proposer of a drafter on the simple path: a ``propose(states)`` that cannot see the step's caps
+    has its trees cut to them (a tree past a row's budget is left for the engine to refuse)."""
 
     def __init__(self, drafter: Drafter) -> None:
         self.drafter = drafter
-        self.needs_hidden = bool(getattr(drafter, "needs_hidden", False))
+        self.takes_depths = len(inspect.signature(drafter.propose).parameters) >= 2
+        self.kept: dict[int, list[int]] = {}  # row -> index in the drafter's tree of each node kept
 
-    def prefill(self, states: list[DecodeState]) -> None:
+    def prefill(self, states: list[DecodeState], verified: list[Verified]) -> None:
         self.drafter.prefill(states)
 
-    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
-        return self.drafter.propose(states)
+    def propose(self, states: list[DecodeState], depths: list[int]) -> list[DraftTree]:
+        if self.takes_depths:
+            return self.drafter.propose(states, depths)
+        trees = self.drafter.propose(states)
+        if not isinstance(trees, (list, tuple)) or len(trees) != len(states):
+            return trees  # the engine names what is wrong
+        out = []
+        for state, tree, depth in zip(states, trees, depths):
+            if isinstance(tree, DraftTree) and len(tree) and int(tree.depths.max()) <= state.budget:
+                tree, self.kept[state.row] = cut_to(tree, depth)
+            else:
+                self.kept.pop(state.row, None)
+            out.append(tree)
+        return out
 
-    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
+    def commit(self, states: list[DecodeState], results: list[Acceptance], verified: list[Verified]) -> None:
+        results = [uncut(r, self.kept[s.row]) if s.row in self.kept else r for s, r in zip(states, results)]
         self.drafter.commit(states, results)
 
 
@@ -201,14 +267,13 @@ class DuckDrafter(Drafter):
 
     def __init__(self, obj: Any) -> None:
         self.obj = obj
-        self.needs_hidden = bool(getattr(obj, "needs_hidden", False))
 
     def check(self, target: torch.nn.Module) -> None:
         if callable(getattr(self.obj, "check", None)):
             self.obj.check(target)
 
     def propose(self, states: list[DecodeState]) -> list[DraftTree]:
-        return self.obj.propose(states)
+        return self.obj.propose(states)  # the object's own signature: states only
 
     def prefill(self, states: list[DecodeState]) -> None:
         if callable(getattr(self.obj, "prefill", None)):

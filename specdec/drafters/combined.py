@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView, as_drafter
+from specdec.drafters.base import DecodeState, Drafter, Needs, Proposer, TargetView, Verified, as_drafter
 from specdec.tree import DraftTree
 from specdec.verify import Acceptance
 
@@ -55,28 +55,22 @@ class _CombinedProposer(Proposer):
 
     def __init__(self, parts: list[Proposer], fallback: bool) -> None:
         self.parts, self.fallback = parts, fallback
-        self.needs_hidden = any(p.needs_hidden for p in parts)
-        self.needs_logits = any(p.needs_logits for p in parts)
-        layers = {tuple(p.hidden_layers or (-1,)) for p in parts if p.needs_hidden}
-        if len(layers) > 1:
-            raise ValueError(f"Combined drafters read different target layers {sorted(layers)}: combine drafters that "
-                             "read the same hidden states (e.g. EAGLE-3 heads fused from the same layers)")
-        self.hidden_layers = next(iter(layers)) if layers else None
+        self.needs = Needs.combine(p.needs for p in parts)
         self.offsets: dict[int, tuple[list[int], int]] = {}  # row -> (first node of each part's tree, total)
 
-    def prefill(self, states: list[DecodeState]) -> None:
+    def prefill(self, states: list[DecodeState], verified: list[Verified]) -> None:
         for part in self.parts:
-            part.prefill(states)
+            part.prefill(states, verified)
 
-    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
+    def propose(self, states: list[DecodeState], depths: list[int]) -> list[DraftTree]:
         if not self.fallback:
-            per_part = [part.propose(states) for part in self.parts]  # [part][row]
+            per_part = [part.propose(states, depths) for part in self.parts]  # [part][row]
         else:
             per_part, waiting = [], list(range(len(states)))  # rows with no tree yet
             for part in self.parts:
                 trees = [DraftTree.empty(states[0].tokens.device) for _ in states]
                 if waiting:
-                    for r, tree in zip(waiting, part.propose([states[r] for r in waiting])):
+                    for r, tree in zip(waiting, part.propose([states[r] for r in waiting], [depths[r] for r in waiting])):
                         trees[r] = tree
                     waiting = [r for r in waiting if not len(trees[r])]
                 per_part.append(trees)
@@ -87,8 +81,9 @@ class _CombinedProposer(Proposer):
             merged.append(tree)
         return merged
 
-    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
+    def commit(self, states: list[DecodeState], results: list[Acceptance], verified: list[Verified]) -> None:
         split = [DraftTree.split_path(result.path, *self.offsets.get(state.row, ([0] * len(self.parts), 0)))
                  for state, result in zip(states, results)]
         for p, part in enumerate(self.parts):
-            part.commit(states, [Acceptance(paths[p], result.next_token) for paths, result in zip(split, results)])
+            part.commit(states, [Acceptance(paths[p], result.next_token) for paths, result in zip(split, results)],
+                        verified)

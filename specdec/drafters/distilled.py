@@ -14,10 +14,9 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from specdec.drafters.base import Drafter, PerTarget, Proposer, TargetView
-from specdec.drafters.draft_model import GrowingProposer, LMNet, prepare
-from specdec.drafters.growth import TreeShape
-from specdec.training.checkpoint import check_target, load_checkpoint
+from specdec.drafters.base import TargetView
+from specdec.drafters.draft_model import LMNet
+from specdec.drafters.network import ModelDrafter, prepare
 from specdec.tree import TreeSpec
 from specdec.drafters.eagle import head_config
 from specdec.drafters.vocab import ReducedHead
@@ -51,31 +50,34 @@ def own_weights(draft: PreTrainedModel) -> dict[str, Tensor]:
     return {k: v for k, v in draft.state_dict().items() if not k.startswith(BORROWED)}
 
 
-class Distilled(Drafter):
+class Distilled(ModelDrafter):
     """A trained draft model from a checkpoint, built against each target it serves (chains or trees:
     ``k``, ``top_k``, ``width``, ``budget``, ``tree`` as in :class:`~specdec.drafters.DraftModel`)."""
 
+    kind = "draft_model"
+    default_checkpoint = "draft_model-smollm2-135m"
+
     def __init__(self, checkpoint: dict, k: int = 4, top_k: int = 1, width: int | None = None,
                  budget: int | None = None, tree: TreeSpec | list[list[int]] | None = None) -> None:
-        self.checkpoint = checkpoint
-        self.shape = TreeShape.make(k, top_k, width, budget, tree)
-        self._drafts = PerTarget()
-
-    @property
-    def k(self) -> int:
-        return self.shape.k
+        super().__init__(k, top_k, width, budget, tree, checkpoint)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str = "draft_model-smollm2-135m", **kwargs) -> Distilled:
-        """A shipped checkpoint by name, or a ``.pt`` path written by ``experiments.train_drafter``."""
-        return cls(load_checkpoint(checkpoint, "draft_model"), **kwargs)
+    def from_loaded(cls, checkpoint: dict, **kwargs) -> Distilled:
+        return cls(checkpoint, **kwargs)
+
+    @classmethod
+    def checkpoint_settings(cls, target: PreTrainedModel, settings) -> dict:
+        return {"init_layers": list(settings.init_layers)}
+
+    @classmethod
+    def trained_weights(cls, module: torch.nn.Module) -> dict[str, Tensor]:
+        return own_weights(module)
 
     def draft_for(self, target: PreTrainedModel) -> PreTrainedModel:
         """The draft LM built on ``target`` (its embedding and head), made once per target, device and dtype."""
-        return self._drafts.get(target, lambda: self._build(target))
+        return self.bound(target)
 
-    def _build(self, target: PreTrainedModel) -> PreTrainedModel:
-        check_target(self.checkpoint, target)
+    def bind(self, target: PreTrainedModel) -> PreTrainedModel:
         draft = build_draft(target, self.checkpoint["settings"]["init_layers"], self.checkpoint["vocab"])
         missing, unexpected = draft.load_state_dict(
             {k: v.to(target.dtype) for k, v in self.checkpoint["state_dict"].items()}, strict=False)
@@ -85,10 +87,6 @@ class Distilled(Drafter):
                              f"{trained_missing}, unexpected {unexpected}; retrain it with experiments.train_drafter")
         return draft
 
-    def check(self, target: torch.nn.Module) -> None:
-        self.draft_for(target)
-
-    def proposer(self, view: TargetView) -> Proposer:
-        draft = self.draft_for(view.model)
+    def network(self, draft: PreTrainedModel, view: TargetView) -> LMNet:
         prepare(draft, view)
-        return GrowingProposer(LMNet(draft, view), self.shape)
+        return LMNet(draft, view)

@@ -19,7 +19,7 @@ One head, two modes:
 Drafting runs the head auto-regressively, growing a tree level by level for every row at once
 (:func:`~specdec.drafters.growth.grow`: dynamic top-k, rerank to a budget, or a static shape). Each
 step the engine hands over the target's true features of the committed tokens (for EAGLE-3 the
-``fused_layers`` side by side, through ``Proposer.hidden_layers``); the head's cache keeps only
+``fused_layers`` side by side, asked for through the proposer's ``Needs.layers``); the head's cache keeps only
 entries made from true features.
 
 Draft-side speed (only the target must stay exact, so the draft's rounding is free): the decoder
@@ -39,13 +39,11 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig, PreTrainedModel
 
-from specdec.attention import TreeMask, layer_overlays
-from specdec.cache import RaggedCache
-from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, TargetView, module_for
-from specdec.drafters.draft_model import GrowingProposer, RowTable, chain_feed, prepare
-from specdec.drafters.growth import Level, TreeShape
+from specdec.drafters.base import DecodeState, Needs, TargetView, Verified, module_for
+from specdec.drafters.growth import Level
+from specdec.drafters.network import DraftNetwork, ModelDrafter, prepare
 from specdec.drafters.vocab import ReducedHead
-from specdec.training.checkpoint import check_target, load_checkpoint, load_weights
+from specdec.training.checkpoint import load_weights
 from specdec.tree import TreeSpec
 
 
@@ -248,69 +246,54 @@ class DraftLMHead(nn.Module):
         return full.index_copy_(-1, self.head.token_ids, scores)
 
 
-class EagleNet:
+class EagleNet(DraftNetwork):
     """The head as the draft network: a ragged cache of entries made from the target's true features,
     caught up each step on the pairs ``(features_j, x_{j+1})`` it has not fed; tree nodes feed their
     parent's output state and are dropped after the step."""
 
-    needs_hidden = True
-
     def __init__(self, head: EagleHead, embed: nn.Module, lm: nn.Module, view: TargetView) -> None:
-        self.head, self.embed, self.lm, self.backend = head, embed, lm, view.options.attention_backend
-        self.overlays = layer_overlays(head.body)
-        self.rows = RowTable()
-        self.cache: RaggedCache | None = None
+        super().__init__(view, served=head.body, cached=head.body)
+        self.head, self.embed, self.lm = head, embed, lm
+        self.needs = Needs(hidden=True, layers=head.fused_layers or (-1,))  # EAGLE-3: these layers side by side
         self.pending: dict[int, tuple[Tensor, Tensor]] = {}  # row -> (features (m, F), the tokens after them (m,))
         self.seen: dict[int, int] = {}  # row -> tokens of the row accounted for in pending/cache
         self.states: Tensor | None = None  # (A, 1 + N, H): the root's and every node's output state
-        self.tree_start = 0
-        anchor = head.body.get_input_embeddings().weight
-        self.dtype, self.device = anchor.dtype, anchor.device
+        self.dtype = head.body.get_input_embeddings().weight.dtype
 
     def _check(self, hidden: Tensor) -> None:
         if hidden.shape[-1] != self.head.feature_width:
             layers = self.head.fused_layers or (-1,)
             raise ValueError(f"the EAGLE head reads target hidden states {list(layers)} side by side (width "
                              f"{self.head.feature_width}) but got width {hidden.shape[-1]}: the proposer's "
-                             "hidden_layers did not reach the engine (a wrapper drafter must pass "
-                             "Proposer.hidden_layers of its parts on)")
+                             "needs did not reach the engine (a wrapper drafter must pass its parts' "
+                             "Proposer.needs on, combined with Needs.combine)")
 
-    def prefill(self, states: list[DecodeState]) -> None:
-        self.rows.add(states)
-        for s in states:  # elements (f_j, x_{j+1}) for the prompt: features of all but the root
-            self._check(s.hidden)
-            self.pending[s.row] = (s.hidden, s.tokens[0, 1:])
+    def prefill(self, states: list[DecodeState], verified: list[Verified]) -> None:
+        super().prefill(states, verified)
+        for s, seen in zip(states, verified):  # elements (f_j, x_{j+1}) for the prompt: features of all but the root
+            self._check(seen.hidden)
+            self.pending[s.row] = (seen.hidden, s.tokens[0, 1:])
             self.seen[s.row] = s.tokens.shape[1]
 
     def _forward(self, states: Tensor, tokens: Tensor, positions: Tensor, ancestors: Tensor,
                  key_positions: Tensor) -> Tensor:
         device = self.device
-        mask = TreeMask(self.cache.start.to(device), self.cache.end.to(device), ancestors.to(device), self.backend,
-                        key_positions.to(device), self.overlays)
         embeds = self.embed(tokens.to(device))
-        return self.head(states.to(device=device, dtype=self.dtype), embeds, positions.to(device), self.cache.cache,
-                         tree=mask)  # (A, T, H)
+        return self.through_tree(self.head, ancestors, key_positions, states.to(device=device, dtype=self.dtype),
+                                 embeds, positions.to(device), self.cache.cache)  # (A, T, H)
 
-    def root(self, states: list[DecodeState]) -> Tensor:
-        if self.cache is None:
-            self.cache = RaggedCache(self.head.body, len(states))
+    def root(self, states: list[DecodeState], depths: list[int]) -> Tensor:
         pend = [self.pending[s.row] for s in states]
-        counts = torch.tensor([len(toks) for _, toks in pend])
-        valid, ancestors, offset = chain_feed(counts)
-        A, M = valid.shape
+        feed = self.catch_up(torch.tensor([len(toks) for _, toks in pend]))
         device = self.device
-        feats = torch.zeros(A, M, self.head.feature_width, dtype=self.dtype, device=device)
-        tokens = torch.zeros(A, M, dtype=torch.long)
-        for a, (f, toks) in enumerate(pend):
-            feats[a, valid[a].to(device)] = f.to(device=device, dtype=feats.dtype)
-            tokens[a, valid[a]] = toks.cpu()
         root = self.embed(torch.cat([s.tokens[:, -1] for s in states]).to(device)).to(self.dtype)  # (A, H)
-        if M:
-            S = self.cache.length
-            positions = self.cache.lengths[:, None] + offset
-            out = self._forward(self.head.fuse_features(feats), tokens, positions, ancestors, positions)  # (A, M, H)
-            self.cache.commit([S + valid[a].nonzero().flatten() for a in range(A)])
-            fed = (counts > 0).to(device)[:, None]
+        if feed.valid.shape[1]:
+            feats = feed.place([f.to(device=device, dtype=self.dtype) for f, _ in pend])  # (A, M, F)
+            tokens = feed.place([toks.cpu() for _, toks in pend])  # (A, M)
+            out = self._forward(self.head.fuse_features(feats), tokens, feed.positions, feed.ancestors,
+                                feed.positions)  # (A, M, H)
+            self.keep_fed(feed)
+            fed = (feed.counts > 0).to(device)[:, None]
             root = torch.where(fed, out[:, -1], root)  # a one-token prompt: its embedding stands in
         for s in states:
             f, toks = self.pending[s.row]
@@ -323,9 +306,8 @@ class EagleNet:
         device = self.states.device
         index = (level.parents + 1).to(device)[:, :, None].expand(-1, -1, self.states.shape[2])
         parent_states = self.states.gather(1, index)
-        root = (self.cache.lengths - 1)[:, None]
-        out = self._forward(parent_states, level.tokens, (root + level.depth).expand_as(level.tokens),
-                            level.ancestors, root + level.key_depths)
+        positions, keys = self.level_positions(level)
+        out = self._forward(parent_states, level.tokens, positions, level.ancestors, keys)
         index = (level.nodes + 1).to(device)  # (A, F) slots in states
         width = max(self.states.shape[1], int(index.max()) + 1)
         if width > self.states.shape[1]:
@@ -335,35 +317,28 @@ class EagleNet:
         self.states.scatter_(1, index[:, :, None].expand(-1, -1, out.shape[2]), out)
         return self.lm(self.head.logit_states(out))  # (A, F, V)
 
-    def commit(self, states: list[DecodeState], fed: dict[int, list[int]]) -> None:
-        if self.cache is not None:
-            self.cache.truncate(self.tree_start)  # the tree's entries came from predicted states
-        for state in states:
+    def commit(self, states: list[DecodeState], fed: dict[int, list[int]], verified: list[Verified]) -> None:
+        self.keep_tree(fed)  # the tree's entries came from predicted states
+        for state, seen in zip(states, verified):
             if state.row not in self.seen:
                 continue
-            self._check(state.hidden)
+            self._check(seen.hidden)
             appended = state.tokens.shape[1] - self.seen[state.row]
-            m = min(len(state.hidden), appended)  # features of root + accepted nodes, each followed by a token
+            m = min(len(seen.hidden), appended)  # features of root + accepted nodes, each followed by a token
             feats, toks = self.pending[state.row]  # not fed yet when this row did not draft (Combined's fallback)
-            seen = self.seen[state.row]
-            self.pending[state.row] = (torch.cat([feats, state.hidden[:m]]),
-                                       torch.cat([toks, state.tokens[0, seen : seen + m]]))
+            start = self.seen[state.row]
+            self.pending[state.row] = (torch.cat([feats, seen.hidden[:m]]),
+                                       torch.cat([toks, state.tokens[0, start : start + m]]))
             self.seen[state.row] = state.tokens.shape[1]
         self.states = None
-        keep = self.rows.drop_finished(states)
-        if keep is not None:
-            for s in states:
-                if s.finished:
-                    self.pending.pop(s.row, None)
-                    self.seen.pop(s.row, None)
-            if self.cache is not None:
-                if len(keep):
-                    self.cache.select(keep)
-                else:
-                    self.cache = None
+        for s in states:
+            if s.finished:
+                self.pending.pop(s.row, None)
+                self.seen.pop(s.row, None)
+        self.drop_finished(states)
 
 
-class Eagle(Drafter):
+class Eagle(ModelDrafter):
     """An EAGLE head proposing chains or trees (``k``, ``top_k``, ``width``, ``budget``, ``tree`` as in
     :class:`~specdec.drafters.DraftModel`); EAGLE-3 or EAGLE-1 as the head is (:class:`EagleHead`).
 
@@ -382,26 +357,26 @@ class Eagle(Drafter):
                  tree: TreeSpec | list[list[int]] | None = None, quantize: bool = False) -> None:
         if not isinstance(head, EagleHead):
             raise ValueError(f"Eagle needs an EagleHead, got {type(head).__name__}: use Eagle.from_checkpoint(...)")
-        self.head, self.vocab, self.checkpoint, self.quantize = head.eval(), vocab, checkpoint, quantize
-        self.shape = TreeShape.make(k, top_k, width, budget, tree)
-        self._bound = PerTarget()
+        super().__init__(k, top_k, width, budget, tree, checkpoint)
+        self.head, self.vocab, self.quantize = head.eval(), vocab, quantize
 
-    @property
-    def k(self) -> int:
-        return self.shape.k
+    kind = "eagle"
+    default_checkpoint = "eagle-smollm2-135m"
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str = "eagle-smollm2-135m", **kwargs) -> Eagle:
-        """A shipped checkpoint by name, or a ``.pt`` path written by ``experiments.train_drafter``."""
-        ckpt = load_checkpoint(checkpoint, "eagle")
-        config = dict(ckpt["settings"]["target_config"])
-        head = EagleHead(AutoConfig.for_model(config.pop("model_type"), **config), ckpt["settings"].get("fused_layers"))
-        load_weights(head, ckpt)
-        return cls(head, ckpt["vocab"], ckpt, **kwargs)
+    def from_loaded(cls, checkpoint: dict, **kwargs) -> Eagle:
+        config = dict(checkpoint["settings"]["target_config"])
+        head = EagleHead(AutoConfig.for_model(config.pop("model_type"), **config),
+                         checkpoint["settings"].get("fused_layers"))
+        load_weights(head, checkpoint)
+        return cls(head, checkpoint["vocab"], checkpoint, **kwargs)
 
-    def _bind(self, target: torch.nn.Module) -> tuple[EagleHead, nn.Module]:
-        if self.checkpoint is not None:
-            check_target(self.checkpoint, target)
+    @classmethod
+    def checkpoint_settings(cls, target: PreTrainedModel, settings) -> dict:
+        fused = None if settings.fused_layers is None else list(settings.fused_layers)
+        return {"target_config": target.config.to_dict(), "fused_layers": fused}
+
+    def bind(self, target: torch.nn.Module) -> tuple[EagleHead, nn.Module]:
         if self.head.eagle3:
             check_fused_layers(self.head.fused_layers, target.config.get_text_config().num_hidden_layers)
         head = module_for(self.head, target)
@@ -410,13 +385,8 @@ class Eagle(Drafter):
             head = quantized(head)
         return head, DraftLMHead(lm, self.quantize)
 
-    def check(self, target: torch.nn.Module) -> None:
-        self._bound.get(target, lambda: self._bind(target))
-
-    def proposer(self, view: TargetView) -> Proposer:
-        head, lm = self._bound.get(view.model, lambda: self._bind(view.model))
+    def network(self, bound: tuple[EagleHead, nn.Module], view: TargetView) -> EagleNet:
+        head, lm = bound
         prepare(head.body, view)
         prepare(head, view)
-        proposer = GrowingProposer(EagleNet(head, view.model.get_input_embeddings(), lm, view), self.shape)
-        proposer.hidden_layers = head.fused_layers  # EAGLE-3: the engine hands over these layers side by side
-        return proposer
+        return EagleNet(head, view.model.get_input_embeddings(), lm, view)

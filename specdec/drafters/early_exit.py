@@ -17,15 +17,14 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
-from specdec.attention import TreeMask, layer_overlays
 from specdec.backends.cpu_linear import install_linears
-from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, TargetView, module_for
-from specdec.drafters.draft_model import GrowingProposer, RowTable
-from specdec.drafters.growth import Level, TreeShape
+from specdec.drafters.base import DecodeState, TargetView, Verified, module_for
+from specdec.drafters.growth import Level
+from specdec.drafters.network import DraftNetwork, ModelDrafter, RowTable
 from specdec.drafters.vocab import ReducedHead
-from specdec.training.checkpoint import check_target, load_checkpoint, load_weights
+from specdec.training.checkpoint import load_weights
 from specdec.tree import TreeSpec
 
 
@@ -71,29 +70,25 @@ class ExitModel(nn.Module):
         return SimpleNamespace(logits=self.head(self.adapter(hidden[:, -logits_to_keep:])))
 
 
-class ExitNet:
+class ExitNet(DraftNetwork):
     """The exit model as the draft network, attending over the target's own cached keys and values of
     its first layers (copied once per step into a scratch cache that grows by the tree's nodes and is
     dropped after the step). The root is fed first, as the tree's node 0."""
 
     def __init__(self, model: ExitModel, view: TargetView) -> None:
-        self.model, self.view, self.backend = model, view, view.options.attention_backend
-        self.overlays = layer_overlays(view.model)
+        super().__init__(view, served=view.model)  # the tree reaches the target's layers as the target takes it
+        self.model = model
         self.rows = _EngineRows(view, model.layers)
         self.scratch: DynamicCache | None = None
         self.start = self.end = None
 
-    def prefill(self, states: list[DecodeState]) -> None:
-        pass
+    def _logits(self, tokens: Tensor, positions: Tensor, ancestors: Tensor, key_positions: Tensor) -> Tensor:
+        device = self.device
+        return self.through_tree(self.model, ancestors, key_positions, start=self.start, end=self.end,
+                                 cached=self.scratch.get_seq_length(), input_ids=tokens.to(device),
+                                 position_ids=positions.to(device), cache=self.scratch).logits
 
-    def _forward(self, tokens: Tensor, positions: Tensor, ancestors: Tensor, key_positions: Tensor) -> Tensor:
-        device = self.model.device
-        mask = TreeMask(self.start.to(device), self.end.to(device), ancestors.to(device), self.backend,
-                        key_positions.to(device), self.overlays)
-        return self.model(input_ids=tokens.to(device), position_ids=positions.to(device), cache=self.scratch,
-                          tree=mask).logits
-
-    def root(self, states: list[DecodeState]) -> Tensor:
+    def root(self, states: list[DecodeState], depths: list[int]) -> Tensor:
         kv, self.start, self.end = self.rows.kv, self.rows.start, self.rows.end
         self.scratch = DynamicCache(config=self.model.truncated().config)
         for layer, (keys, values) in zip(self.scratch.layers, kv):
@@ -103,7 +98,7 @@ class ExitNet:
             layer.keys, layer.values = keys, values  # views: the next update copies them, the target's stay
         roots = torch.cat([s.tokens[:, -1:] for s in states])  # (A, 1)
         positions = (self.end - self.start)[:, None]  # the root's position: its row's committed count
-        logits = self._forward(roots, positions, torch.ones(len(states), 1, 1, dtype=torch.bool), positions)
+        logits = self._logits(roots, positions, torch.ones(len(states), 1, 1, dtype=torch.bool), positions)
         return logits[:, -1]
 
     def expand(self, level: Level) -> Tensor:
@@ -111,9 +106,9 @@ class ExitNet:
         ancestors = torch.cat([torch.ones(A, F, 1, dtype=torch.bool), level.ancestors.cpu()], dim=2)  # the root
         root = (self.end - self.start)[:, None]
         keys = torch.cat([root, root + level.key_depths.cpu()], dim=1)  # the root, then every fed node
-        return self._forward(level.tokens, (root + level.depth).expand_as(level.tokens), ancestors, keys)
+        return self._logits(level.tokens, (root + level.depth).expand_as(level.tokens), ancestors, keys)
 
-    def commit(self, states: list[DecodeState], fed: dict[int, list[int]]) -> None:
+    def commit(self, states: list[DecodeState], fed: dict[int, list[int]], verified: list[Verified]) -> None:
         self.scratch = None  # the target's cache gets the accepted tokens from the verification forward
 
 
@@ -124,12 +119,12 @@ class _EngineRows(RowTable):
         super().__init__()
         self.view, self.layers = view, layers
 
-    def full(self, states: list[DecodeState]) -> tuple[list[DecodeState], list[int]]:
+    def full(self, states: list[DecodeState], depths: list[int]) -> tuple[list[DecodeState], list[int], list[int]]:
         self.kv, self.start, self.end, self.order = self.view.prefix_cache(self.layers)
-        return super().full(states)
+        return super().full(states, depths)
 
 
-class EarlyExit(Drafter):
+class EarlyExit(ModelDrafter):
     """Drafts chains or trees (``k``, ``top_k``, ``width``, ``budget``, ``tree`` as in
     :class:`~specdec.drafters.DraftModel`) with the target's first ``layers`` layers.
 
@@ -145,37 +140,31 @@ class EarlyExit(Drafter):
                  budget: int | None = None, tree: TreeSpec | list[list[int]] | None = None) -> None:
         if layers < 1:
             raise ValueError(f"EarlyExit layers={layers} must be >= 1")
-        self.layers, self.adapter, self.vocab, self.checkpoint = layers, adapter, vocab, checkpoint
-        self.shape = TreeShape.make(k, top_k, width, budget, tree)
-        self._bound = PerTarget()
+        super().__init__(k, top_k, width, budget, tree, checkpoint)
+        self.layers, self.adapter, self.vocab = layers, adapter, vocab
 
-    @property
-    def k(self) -> int:
-        return self.shape.k
+    kind = "early_exit"
+    default_checkpoint = "early_exit-smollm2-135m"
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str = "early_exit-smollm2-135m", **kwargs) -> EarlyExit:
-        """A shipped checkpoint by name, or a ``.pt`` path written by ``experiments.train_drafter``."""
-        ckpt = load_checkpoint(checkpoint, "early_exit")
-        adapter = ExitAdapter(ckpt["settings"]["hidden"])
-        load_weights(adapter, ckpt)
-        return cls(ckpt["settings"]["layers"], adapter, ckpt["vocab"], ckpt, **kwargs)
+    def from_loaded(cls, checkpoint: dict, **kwargs) -> EarlyExit:
+        adapter = ExitAdapter(checkpoint["settings"]["hidden"])
+        load_weights(adapter, checkpoint)
+        return cls(checkpoint["settings"]["layers"], adapter, checkpoint["vocab"], checkpoint, **kwargs)
 
-    def _bind(self, target: torch.nn.Module) -> tuple[ExitAdapter, ReducedHead]:
-        if self.checkpoint is not None:
-            check_target(self.checkpoint, target)
+    @classmethod
+    def checkpoint_settings(cls, target: PreTrainedModel, settings) -> dict:
+        return {"hidden": target.config.hidden_size, "layers": settings.layers}
+
+    def bind(self, target: torch.nn.Module) -> tuple[ExitAdapter, ReducedHead]:
         total = target.config.num_hidden_layers
         if not 1 <= self.layers < total:
             raise ValueError(f"early exit layers={self.layers} must be in [1, {total - 1}] for this target")
         adapter = module_for(self.adapter or ExitAdapter(target.config.hidden_size), target)
         return adapter, ReducedHead(target.get_output_embeddings(), self.vocab)
 
-    def check(self, target: torch.nn.Module) -> None:
-        self._bound.get(target, lambda: self._bind(target))
-
-    def proposer(self, view: TargetView) -> Proposer:
-        adapter, head = self._bound.get(view.model, lambda: self._bind(view.model))
+    def network(self, bound: tuple[ExitAdapter, ReducedHead], view: TargetView) -> ExitNet:
+        adapter, head = bound
         if view.options.linear_backend != "torch":
             install_linears(adapter)
-        model = ExitModel(view.model, self.layers, adapter, head)
-        return GrowingProposer(ExitNet(model, view), self.shape)
+        return ExitNet(ExitModel(view.model, self.layers, adapter, head), view)

@@ -61,8 +61,9 @@ class Level:
 class DraftNet(Protocol):
     """A model drafter's network, as tree growth drives it (one per proposer)."""
 
-    def root(self, states: list[DecodeState]) -> Tensor:
-        """``(A, V)`` logits of each row's root's children (after feeding what it has not seen)."""
+    def root(self, states: list[DecodeState], depths: list[int]) -> Tensor:
+        """``(A, V)`` logits of each row's root's children (after feeding what it has not seen); row ``a``
+        drafts at most ``depths[a]`` deep this step."""
 
     def expand(self, level: Level) -> Tensor:
         """``(A, F, V)`` logits of the children of ``level``'s nodes, in one forward."""
@@ -129,11 +130,11 @@ class TreeShape:
         return cls(k, top_k, width, budget, spec)
 
 
-def grow(shape: TreeShape, net: DraftNet, states: list[DecodeState]) -> Growth:
-    """Grow one tree per row with ``net`` (see the module docstring)."""
+def grow(shape: TreeShape, net: DraftNet, states: list[DecodeState], depths: list[int]) -> Growth:
+    """Grow one tree per row with ``net``, row ``a``'s at most ``depths[a]`` deep (see the module docstring)."""
     A = len(states)
     device = states[0].tokens.device
-    limits = torch.tensor([min(shape.k, s.budget) for s in states])  # (A,)
+    limits = torch.tensor([min(shape.k, d) for d in depths])  # (A,)
     depth_cap = int(limits.max()) if A else 0
     if shape.spec is not None:
         depth_cap = min(depth_cap, shape.spec.depth)
@@ -145,7 +146,7 @@ def grow(shape: TreeShape, net: DraftNet, states: list[DecodeState]) -> Growth:
     plan = _Plan(shape, depth_cap)
     nodes = _Nodes(A, plan.total, sampling.do_sample)
     fed = torch.empty(A, 0, dtype=torch.long)
-    logits = net.root(states)[:, None, :]  # (A, 1, V): the root is the one frontier node of depth 0
+    logits = net.root(states, limits.tolist())[:, None, :]  # (A, 1, V): the root is the one frontier node of depth 0
     frontier = torch.full((A, 1), -1, dtype=torch.long)
     frontier_valid = limits[:, None] > 0
     for d in range(1, depth_cap + 1):

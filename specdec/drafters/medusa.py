@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from specdec.backends.cpu_linear import install_linears
-from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, TargetView, module_for
+from specdec.drafters.base import DecodeState, Needs, Proposer, TargetView, Verified, module_for
 from specdec.drafters.ddtree import DDTree, as_ddtree
-from specdec.training.checkpoint import check_target, load_checkpoint, load_weights
+from specdec.drafters.network import ModelDrafter
+from specdec.training.checkpoint import load_weights
 from specdec.drafters.vocab import ReducedHead
 from specdec.tree import DraftTree, TreeSpec
 from specdec.verify import Acceptance
@@ -42,7 +43,7 @@ class MedusaHeads(nn.Module):
         return torch.stack([features + nn.functional.silu(block(features)) for block in self.blocks], dim=-2)
 
 
-class Medusa(Drafter):
+class Medusa(ModelDrafter):
     """Proposes a static tree over the heads' top candidates.
 
     Args:
@@ -76,32 +77,31 @@ class Medusa(Drafter):
         spec_depths = DraftTree(torch.zeros(len(tree), dtype=torch.long), torch.tensor(tree.parents)).depths
         if int(spec_depths.max()) > len(heads):
             raise ValueError(f"Medusa tree is {int(spec_depths.max())} deep but there are only {len(heads)} heads")
-        self.heads, self.vocab, self.checkpoint, self.spec = heads.eval(), vocab, checkpoint, tree
-        self.k = depth
+        super().__init__(depth, checkpoint=checkpoint)  # the shape's depth; the static tree is ``spec``
+        self.heads, self.vocab, self.spec = heads.eval(), vocab, tree
         self.spec_depths = spec_depths.tolist()
-        self._bound = PerTarget()
+
+    kind = "medusa"
+    default_checkpoint = "medusa-smollm2-135m"
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str = "medusa-smollm2-135m", **kwargs) -> Medusa:
-        """A shipped checkpoint by name, or a ``.pt`` path written by ``experiments.train_drafter``."""
-        ckpt = load_checkpoint(checkpoint, "medusa")
-        settings = ckpt["settings"]
+    def from_loaded(cls, checkpoint: dict, **kwargs) -> Medusa:
+        settings = checkpoint["settings"]
         heads = MedusaHeads(settings["hidden"], settings["heads"])
-        load_weights(heads, ckpt)
-        accuracy = ckpt["metrics"].get("rank_accuracy")
+        load_weights(heads, checkpoint)
+        accuracy = checkpoint["metrics"].get("rank_accuracy")
         kwargs.setdefault("rank_accuracy", None if accuracy is None else torch.tensor(accuracy))
-        return cls(heads, ckpt["vocab"], checkpoint=ckpt, **kwargs)
+        return cls(heads, checkpoint["vocab"], checkpoint=checkpoint, **kwargs)
 
-    def _bind(self, target: torch.nn.Module) -> tuple[MedusaHeads, ReducedHead]:
-        if self.checkpoint is not None:
-            check_target(self.checkpoint, target)
+    @classmethod
+    def checkpoint_settings(cls, target, settings) -> dict:
+        return {"hidden": target.config.hidden_size, "heads": settings.heads}
+
+    def bind(self, target: torch.nn.Module) -> tuple[MedusaHeads, ReducedHead]:
         return module_for(self.heads, target), ReducedHead(target.get_output_embeddings(), self.vocab)
 
-    def check(self, target: torch.nn.Module) -> None:
-        self._bound.get(target, lambda: self._bind(target))
-
     def proposer(self, view: TargetView) -> Proposer:
-        heads, lm = self._bound.get(view.model, lambda: self._bind(view.model))
+        heads, lm = self.bound(view.model)
         if view.options.linear_backend != "torch":
             install_linears(heads)
         return _MedusaProposer(self, heads, lm, None if self.ddtree is None else self.ddtree.builder(view))
@@ -110,32 +110,34 @@ class Medusa(Drafter):
 class _MedusaProposer(Proposer):
     """Each row's last target feature, and the heads' static tree over it."""
 
-    needs_hidden = True
+    needs = Needs(hidden=True)
 
     def __init__(self, medusa: Medusa, heads: MedusaHeads, lm: ReducedHead, builder=None) -> None:
         self.medusa, self.heads, self.lm, self.builder = medusa, heads, lm, builder  # builder: DDTree trees
         self.last: dict[int, Tensor | None] = {}
 
-    def prefill(self, states: list[DecodeState]) -> None:
-        self.last = {s.row: s.hidden[-1] if len(s.hidden) else None for s in states}
+    def prefill(self, states: list[DecodeState], verified: list[Verified]) -> None:
+        self.last = {s.row: seen.hidden[-1] if len(seen.hidden) else None for s, seen in zip(states, verified)}
 
     @torch.no_grad()
-    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
-        ready = [s for s in states if self.last.get(s.row) is not None and min(self.medusa.k, s.budget) > 0]
+    def propose(self, states: list[DecodeState], depths: list[int]) -> list[DraftTree]:
+        cap = {s.row: d for s, d in zip(states, depths)}
+        ready = [s for s in states if self.last.get(s.row) is not None and min(self.medusa.k, cap[s.row]) > 0]
         logits = {}
         if ready:
             out = self.lm(self.heads(torch.stack([self.last[s.row] for s in ready])))  # (A, K, V)
             logits = {s.row: out[a] for a, s in enumerate(ready)}
         if self.builder is not None:
             k = self.medusa.k
-            return self.builder.trees([logits[s.row][:k] if s.row in logits else None for s in states], states)
-        return [self._tree(s, logits[s.row]) if s.row in logits else DraftTree.empty(s.tokens.device)
+            return self.builder.trees([logits[s.row][:k] if s.row in logits else None for s in states], states,
+                                      depths)
+        return [self._tree(s, logits[s.row], cap[s.row]) if s.row in logits else DraftTree.empty(s.tokens.device)
                 for s in states]
 
-    def _tree(self, state: DecodeState, logits: Tensor) -> DraftTree:
+    def _tree(self, state: DecodeState, logits: Tensor, depth: int) -> DraftTree:
         """The static shape filled from the heads' candidates: greedy takes ranks, sampling draws from q."""
         m = self.medusa
-        depth = min(m.k, state.budget)
+        depth = min(m.k, depth)
         keep = [i for i, d in enumerate(m.spec_depths) if d <= depth]  # a prefix-closed subset, in order
         scores = torch.cat([state.sampling.process(logits[d : d + 1], state.n_generated + d) for d in range(depth)])
         device = state.tokens.device
@@ -150,6 +152,6 @@ class _MedusaProposer(Proposer):
         tokens = torch.multinomial(rows, 1, generator=state.generator)[:, 0]
         return DraftTree(tokens, parents, rows)
 
-    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
-        for state in states:
-            self.last[state.row] = None if state.finished else state.hidden[-1]
+    def commit(self, states: list[DecodeState], results: list[Acceptance], verified: list[Verified]) -> None:
+        for state, seen in zip(states, verified):
+            self.last[state.row] = None if state.finished else seen.hidden[-1]

@@ -30,15 +30,12 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from specdec.attention import TreeMask, layer_overlays
-from specdec.cache import RaggedCache
-from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, TargetView
+from specdec.drafters.base import DecodeState, Proposer, TargetView, Verified
 from specdec.drafters.ddtree import BlockProposer, DDTree, as_ddtree
 from specdec.drafters.distilled import BORROWED, build_draft
-from specdec.drafters.draft_model import GrowingProposer, RowTable, chain_feed, check_vocab, prepare
 from specdec.drafters.eagle import DraftLMHead, direct_layers, quantized, run_layers
-from specdec.drafters.growth import Level, TreeShape
-from specdec.training.checkpoint import check_target, load_checkpoint
+from specdec.drafters.growth import Level
+from specdec.drafters.network import DraftNetwork, GrowingProposer, ModelDrafter, check_vocab, prepare
 from specdec.tree import TreeSpec
 
 
@@ -143,71 +140,47 @@ def mask_blocks(tokens: Tensor, labels: Tensor, positions: Tensor, valid: Tensor
     return {"ids": ids, "is_mask": is_mask, "positions": pos, "labels": lab, "depth": dep, "visible": visible[:, None]}
 
 
-class PardNet:
+class PardNet(DraftNetwork):
     """The PARD draft as the network tree growth drives: ``root`` runs the step's one forward (catch-up
     tokens and masks, every row at once) and keeps the block's logits; ``expand`` reads the logits of
     the next depth from them (no forward)."""
 
     def __init__(self, draft: PardDraft, lm: nn.Module, view: TargetView, masks: int) -> None:
-        self.draft, self.lm, self.masks, self.backend = draft, lm, masks, view.options.attention_backend
-        self.overlays = layer_overlays(draft.body)
-        self.rows = RowTable()
-        self.cache: RaggedCache | None = None
+        super().__init__(view, served=draft.body, cached=draft.body)
+        self.draft, self.lm, self.masks = draft, lm, masks
         self.block: Tensor | None = None  # (A, masks, V) logits of depths 2 .. masks + 1
-        anchor = draft.mask
-        self.dtype, self.device = anchor.dtype, anchor.device
 
-    def prefill(self, states: list[DecodeState]) -> None:
-        self.rows.add(states)
-
-    def root(self, states: list[DecodeState]) -> Tensor:
-        if self.cache is None:
-            self.cache = RaggedCache(self.draft.body, len(states))
-        seen = self.cache.lengths  # (A,) tokens of each row already in the draft cache
-        counts = torch.tensor([s.tokens.shape[1] for s in states]) - seen  # the root at least
-        masks = max(0, min(self.masks, max(s.budget for s in states) - 1))
-        valid, ancestors, offset = chain_feed(counts + masks)  # left-padded: catch-up tokens, then the masks
-        A, M = valid.shape
-        ids = torch.zeros(A, M, dtype=torch.long)
-        for a, s in enumerate(states):
-            ids[a, M - masks - int(counts[a]) : M - masks] = s.tokens[0, int(seen[a]) :].cpu()
+    def root(self, states: list[DecodeState], depths: list[int]) -> Tensor:
+        masks = max(0, min(self.masks, max(depths) - 1))
+        feed, ids = self.catch_up_tokens(states, extra=masks)  # left-padded: catch-up tokens, then the masks
+        A, M = ids.shape
         is_mask = torch.zeros(A, M, dtype=torch.bool)
         is_mask[:, M - masks :] = True
-        S = self.cache.length
-        positions = (seen[:, None] + offset).to(self.device)
-        tree = TreeMask(self.cache.start.to(self.device), self.cache.end.to(self.device), ancestors.to(self.device),
-                        self.backend, positions, self.overlays)
+        positions = feed.positions.to(self.device)
         x = self.draft.embed(ids.to(self.device), is_mask.to(self.device))
-        hidden = self.draft.hidden(x, positions, self.cache.cache, tree=tree)  # (A, M, H)
+        hidden = self.through_tree(self.draft.hidden, feed.ancestors, positions, x, positions,
+                                   self.cache.cache)  # (A, M, H)
         logits = self.lm(hidden[:, M - masks - 1 :])  # (A, 1 + masks, V): the root's, then each mask's
-        tokens = valid & ~is_mask
-        self.cache.commit([S + tokens[a].nonzero().flatten() for a in range(A)])  # the masks' K/V dropped
+        self.keep_fed(feed)  # the masks' K/V dropped
         self.block = logits[:, 1:]
         return logits[:, 0]
 
-    def marginals(self, states: list[DecodeState]) -> Tensor:
+    def marginals(self, states: list[DecodeState], depths: list[int]) -> Tensor:
         """``(A, 1 + masks, V)`` logits of depths 1, 2, ...: every position of the block, from the step's one
         forward (what :class:`~specdec.drafters.ddtree.BlockProposer` builds DDTree trees from)."""
-        root = self.root(states)
+        root = self.root(states, depths)
         return torch.cat([root[:, None], self.block], dim=1)
 
     def expand(self, level: Level) -> Tensor:
         F = level.tokens.shape[1]
         return self.block[:, level.depth - 1, None, :].expand(-1, F, -1)  # (A, F, V): depth d+1 for all of them
 
-    def commit(self, states: list[DecodeState], fed: dict[int, list[int]]) -> None:
+    def commit(self, states: list[DecodeState], fed: dict[int, list[int]], verified: list[Verified]) -> None:
         self.block = None
-        if self.cache is None:
-            return
-        keep = self.rows.drop_finished(states)
-        if keep is not None:
-            if len(keep):
-                self.cache.select(keep)
-            else:
-                self.cache = None
+        super().commit(states, fed, verified)
 
 
-class Pard(Drafter):
+class Pard(ModelDrafter):
     """A PARD draft proposing ``k`` tokens per draft forward, as a chain or any tree over the block's
     per-depth distributions (``top_k``, ``width``, ``budget``, ``tree`` as in
     :class:`~specdec.drafters.DraftModel`), or ``tree="ddtree"``: the ``budget`` (default 16) likeliest
@@ -234,18 +207,16 @@ class Pard(Drafter):
         self.ddtree = as_ddtree(tree, budget)
         if self.ddtree is not None:  # the shape is then only the block's depth k
             tree, budget = None, None
-        self.shape = TreeShape.make(k, top_k, width, budget, tree)
+        super().__init__(k, top_k, width, budget, tree, checkpoint)
         trained = None if checkpoint is None else checkpoint["settings"].get("block")
         if trained is not None and self.masks + 1 > trained:
             raise ValueError(f"PARD checkpoint {checkpoint['path']!r} was trained for blocks of {trained} tokens: "
                              f"k={k} (or the tree's depth) must be <= {trained}")
         self.draft = None if draft is None else draft.eval()
-        self.checkpoint, self.quantize = checkpoint, quantize
-        self._bound = PerTarget()
+        self.quantize = quantize
 
-    @property
-    def k(self) -> int:
-        return self.shape.k
+    kind = "pard"
+    default_checkpoint = "pard-smollm2-135m"
 
     @property
     def masks(self) -> int:
@@ -254,16 +225,22 @@ class Pard(Drafter):
         return depth - 1
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str = "pard-smollm2-135m", **kwargs) -> Pard:
-        """A shipped checkpoint by name, or a ``.pt`` path written by ``experiments.train_drafter drafter=pard``."""
-        return cls(checkpoint=load_checkpoint(checkpoint, "pard"), **kwargs)
+    def from_loaded(cls, checkpoint: dict, **kwargs) -> Pard:
+        return cls(checkpoint=checkpoint, **kwargs)
 
-    def _build(self, target: PreTrainedModel) -> tuple[PardDraft, nn.Module]:
+    @classmethod
+    def checkpoint_settings(cls, target: PreTrainedModel, settings) -> dict:
+        return {"init_layers": list(settings.init_layers), "block": settings.block}
+
+    @classmethod
+    def trained_weights(cls, module: nn.Module) -> dict[str, Tensor]:
+        return module.own_weights()
+
+    def bind(self, target: PreTrainedModel) -> tuple[PardDraft, nn.Module]:
         if self.draft is not None:
             check_vocab(self.draft.lm, target)
             draft = self.draft
         else:
-            check_target(self.checkpoint, target)
             draft = PardDraft.from_target(target, self.checkpoint["settings"]["init_layers"], self.checkpoint["vocab"])
             state = {k: v.to(target.dtype) for k, v in self.checkpoint["state_dict"].items()}
             missing, unexpected = draft.load_state_dict(state, strict=False)
@@ -277,12 +254,13 @@ class Pard(Drafter):
         bound = draft.bound_copy(self.quantize)
         return bound, DraftLMHead(bound.lm.lm_head, self.quantize)
 
-    def check(self, target: torch.nn.Module) -> None:
-        self._bound.get(target, lambda: self._build(target))
+    def network(self, bound: tuple[PardDraft, nn.Module], view: TargetView) -> PardNet:
+        draft, lm = bound
+        prepare(draft.body, view)
+        return PardNet(draft, lm, view, self.masks)
 
     def proposer(self, view: TargetView) -> Proposer:
-        draft, lm = self._bound.get(view.model, lambda: self._build(view.model))
-        prepare(draft.body, view)
+        net = self.network(self.bound(view.model), view)
         if self.ddtree is not None:
-            return BlockProposer(PardNet(draft, lm, view, self.masks), self.ddtree, view)
-        return GrowingProposer(PardNet(draft, lm, view, self.masks), self.shape)
+            return BlockProposer(net, self.ddtree, view)
+        return GrowingProposer(net, self.shape)

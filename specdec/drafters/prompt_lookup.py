@@ -73,11 +73,12 @@ class PromptLookup(Drafter):
             raise ValueError(f"PromptLookup needs 1 <= min_ngram ({min_ngram}) <= max_ngram ({max_ngram})")
         self.k, self.max_ngram, self.min_ngram, self.branches = k, max_ngram, min_ngram, branches
 
-    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
-        return [self._propose_row(s) for s in states]
+    def propose(self, states: list[DecodeState], depths: list[int] | None = None) -> list[DraftTree]:
+        depths = depths if depths is not None else [s.budget for s in states]
+        return [self._propose_row(s, depth) for s, depth in zip(states, depths)]
 
-    def _propose_row(self, state: DecodeState) -> DraftTree:
-        k = min(self.k, state.budget)
+    def _propose_row(self, state: DecodeState, depth: int) -> DraftTree:
+        k = min(self.k, depth)
         tokens = state.tokens[0]  # (n,)
         found: list[list[int]] = []
         if k == 0:

@@ -9,7 +9,7 @@ walk from the root token along a static tree shape (a :class:`~specdec.tree.Tree
 tree template): the node of rank r below a node holding token t holds ``table[t][r]``. A token the
 table has never seen gets no children. Retrieval is a few dictionary reads; no draft model runs.
 
-The proposer sets ``needs_logits``: the engine hands it the last verification's logits ``(T + 1, V)``
+The proposer asks for ``Needs(logits=True)``: the engine hands it the last verification's logits ``(T + 1, V)``
 and tokens ``(T + 1,)`` (root and every node) before each commit. By default the table lives for
 one call (one table for all rows of the call); with ``shared=True`` it lives on the drafter, one per
 target, across calls and threads (the paper keeps it across requests: later calls start warm).
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from specdec.checks import as_int
-from specdec.drafters.base import DecodeState, Drafter, PerTarget, Proposer, TargetView
+from specdec.drafters.base import DecodeState, Drafter, Needs, PerTarget, Proposer, TargetView, Verified
 from specdec.tree import DraftTree, TreeSpec
 from specdec.verify import Acceptance
 
@@ -145,21 +145,21 @@ def _paths(spec: TreeSpec) -> list[tuple[int, ...]]:
 class _RecyclingProposer(Proposer):
     """Per call: the table (this call's own, or the drafter's shared one)."""
 
-    needs_logits = True
+    needs = Needs(logits=True)
 
     def __init__(self, config: TokenRecycling, table: RecyclingTable) -> None:
         self.config, self.table = config, table
 
-    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
+    def propose(self, states: list[DecodeState], depths: list[int]) -> list[DraftTree]:
         c, trees = self.config, []
-        for state in states:
+        for state, depth in zip(states, depths):
             device = state.tokens.device
-            tokens, parents = self.table.retrieve(int(state.tokens[0, -1]), c.parents, c.ranks, c.depths, state.budget)
+            tokens, parents = self.table.retrieve(int(state.tokens[0, -1]), c.parents, c.ranks, c.depths, depth)
             trees.append(DraftTree(torch.tensor(tokens, dtype=torch.long, device=device),
                                    torch.tensor(parents, dtype=torch.long, device=device)))
         return trees
 
-    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
-        for state in states:
-            if state.logits is not None and state.verified is not None:
-                self.table.update(state.verified, state.logits)
+    def commit(self, states: list[DecodeState], results: list[Acceptance], verified: list[Verified]) -> None:
+        for seen in verified:
+            if seen.logits is not None and seen.tokens is not None:
+                self.table.update(seen.tokens, seen.logits)

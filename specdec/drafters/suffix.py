@@ -41,7 +41,7 @@ from contextlib import contextmanager
 import torch
 
 from specdec.checks import as_int, as_number
-from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView
+from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView, Verified
 from specdec.tree import DraftTree
 from specdec.verify import Acceptance
 
@@ -336,7 +336,7 @@ class SuffixDecoding(Drafter):
     """Suffix-automaton drafting over the row's own text and a shared corpus (SuffixDecoding, SAM Decoding).
 
     Args:
-        k: deepest draft (a cap; ``state.budget`` and ``state.max_depth`` cap it further).
+        k: deepest draft (a cap; the step's depth cap caps it further).
         max_nodes: most nodes in one tree.
         max_spec_factor: a match of length m gets at most ``ceil(max_spec_factor * m)`` nodes.
         min_prob: nodes whose path probability is below this are pruned.
@@ -394,7 +394,7 @@ class _SuffixProposer(Proposer):
         self.config = config
         self.rows: dict[int, _Row] = {}
 
-    def prefill(self, states: list[DecodeState]) -> None:
+    def prefill(self, states: list[DecodeState], verified: list[Verified]) -> None:
         for state in states:
             self._sync(state)
 
@@ -410,13 +410,13 @@ class _SuffixProposer(Proposer):
             row.sam.extend(new)
         return row
 
-    def propose(self, states: list[DecodeState]) -> list[DraftTree]:
-        return [self._propose_row(state) for state in states]
+    def propose(self, states: list[DecodeState], depths: list[int]) -> list[DraftTree]:
+        return [self._propose_row(state, depth) for state, depth in zip(states, depths)]
 
-    def _propose_row(self, state: DecodeState) -> DraftTree:
+    def _propose_row(self, state: DecodeState, depth: int) -> DraftTree:
         c = self.config
         row = self._sync(state)
-        depth = min(c.k, state.budget)
+        depth = min(c.k, depth)
         device = state.tokens.device
         if depth <= 0:
             return DraftTree.empty(device)
@@ -442,7 +442,7 @@ class _SuffixProposer(Proposer):
         return DraftTree(torch.tensor(tokens, dtype=torch.long, device=device),
                          torch.tensor(parents, dtype=torch.long, device=device))
 
-    def commit(self, states: list[DecodeState], results: list[Acceptance]) -> None:
+    def commit(self, states: list[DecodeState], results: list[Acceptance], verified: list[Verified]) -> None:
         c = self.config
         for state in states:
             if not state.finished:
