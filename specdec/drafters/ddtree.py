@@ -235,25 +235,26 @@ class TreeBuilder:
 class BlockProposer(Proposer):
     """A block drafter's proposer with DDTree trees: the network's one forward gives every row's marginals.
 
-    The network gives ``rows`` (a :class:`~specdec.drafters.draft_model.RowTable`), ``prefill(states)``,
-    ``marginals(states) -> (A, K, V)`` logits at positions 1..K for every held row, and
-    ``commit(states, fed)`` (nothing of the tree is fed to it: ``fed`` is empty).
+    The network gives ``rows`` (a :class:`~specdec.drafters.network.RowTable`), ``prefill(states, verified)``,
+    ``marginals(states, depths) -> (A, K, V)`` logits at positions 1..K for every held row, and
+    ``commit(states, fed, verified)`` (nothing of the tree is fed to it: ``fed`` is empty).
     """
 
     def __init__(self, net, ddtree: DDTree, view: TargetView) -> None:
         self.net, self.builder = net, ddtree.builder(view)
-        self.needs_hidden = getattr(net, "needs_hidden", False)
+        self.needs = net.needs
 
-    def prefill(self, states: list[DecodeState], verified=None) -> None:
-        self.net.prefill(states)
+    def prefill(self, states: list[DecodeState], verified) -> None:
+        self.net.prefill(states, verified)
 
     @torch.no_grad()
     def propose(self, states: list[DecodeState], depths: list[int] | None = None) -> list[DraftTree]:
-        full, where = self.net.rows.full(states)
+        depths = [s.budget for s in states] if depths is None else depths
+        full, where, full_depths = self.net.rows.full(states, depths)
         t0 = time.perf_counter()
-        logits = self.net.marginals(full)  # (A, K, V)
+        logits = self.net.marginals(full, full_depths)  # (A, K, V)
         seconds = time.perf_counter() - t0
         return self.builder.trees([logits[a] for a in where], states, depths, seconds)
 
-    def commit(self, states: list[DecodeState], results: list[Acceptance], verified=None) -> None:
-        self.net.commit(states, {})
+    def commit(self, states: list[DecodeState], results: list[Acceptance], verified) -> None:
+        self.net.commit(states, {}, verified)
