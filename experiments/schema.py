@@ -64,6 +64,16 @@ class LoggerConfig:
 
 
 @dataclass
+class VllmConfig:
+    # name -> vLLM --speculative-config (null: plain decoding), each run as vllm_<name>; {}: no vLLM peer
+    methods: Any = field(default_factory=dict)
+    venv: str = ".venv-vllm"  # made by `make vllm-env`; missing: the methods are skipped with one line
+    cache_dir: str = "outputs/peers"  # the model converted to a Hugging Face directory once, reused
+    startup_timeout_s: int = 900
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE per server
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     drafter: Any = MISSING  # a drafter config: name, _target_ and its arguments
@@ -80,6 +90,8 @@ class RunConfig:
     hf_prompt_lookup_num_tokens: int = 10
     prompt_lookup_k: int = 5  # specdec's prompt lookup beside the drafter (0: off; skipped when it is the drafter)
     hf_assistant: Optional[str] = None  # a distilled draft checkpoint run as transformers' assistant_model
+    hf_static_compiled: bool = False  # model.generate with a static cache + torch.compile (compiles per prompt length)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
     progress: bool = True
     variants: Any = field(default_factory=dict)
 
@@ -176,6 +188,7 @@ def validate(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
         if not ok:
             raise ValueError(f"config {key}={_get(cfg, key)!r} is invalid: it must be {want}")
     _validate_sampling(cfg)
+    _validate_vllm(cfg)
     reserved = {"no_draft": "the engine without a drafter"}
     if beside_prompt_lookup(cfg):
         reserved["prompt_lookup"] = "the prompt lookup run beside the drafter (set prompt_lookup_k=0 to drop it)"
@@ -189,6 +202,23 @@ def validate(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
         if variant.get("linear_backend", "auto") not in LINEAR_BACKENDS:
             raise ValueError(f"config variants.{name}.linear_backend={variant.linear_backend!r} is invalid: "
                              f"it must be one of {LINEAR_BACKENDS}")
+
+
+def _validate_vllm(cfg: DictConfig) -> None:
+    """The vLLM peer's settings: a mapping of names to a speculative config with a ``method`` (or null)."""
+    v = cfg.vllm
+    if not isinstance(v.methods, (dict, DictConfig)):
+        raise ValueError(f"config vllm.methods={v.methods!r} is invalid: it must map names to a speculative config "
+                         "(or null for plain decoding)")
+    for name, spec in v.methods.items():
+        if spec is not None and (not isinstance(spec, (dict, DictConfig)) or "method" not in spec):
+            raise ValueError(f"config vllm.methods.{name}={spec!r} is invalid: give vLLM's --speculative-config as a "
+                             "mapping with `method` (ngram, suffix, ...), or null for plain decoding")
+    checks = [("vllm.startup_timeout_s", v.startup_timeout_s >= 1, ">= 1"),
+              ("vllm.kv_cache_gib", v.kv_cache_gib >= 1, ">= 1")]
+    for key, ok, want in checks:
+        if not ok:
+            raise ValueError(f"config {key}={_get(cfg, key)!r} is invalid: it must be {want}")
 
 
 def _validate_sampling(cfg: DictConfig) -> None:

@@ -35,10 +35,18 @@ TAU_NOTE = ("Speedup: mean tokens/s over questions (prefill included) over that 
 
 @dataclass(frozen=True)
 class Method:
-    """A named way to decode: ``run(input_ids, attention_mask, streamer) -> (sequences, stats or None)``."""
+    """A named way to decode: ``run(input_ids, attention_mask, streamer) -> (sequences, stats or None)``.
+
+    Two optional hooks run outside the timed region: ``prepare(input_ids, attention_mask)`` before it
+    (one-off work for this input, such as compiling for a new shape; its seconds are recorded as the
+    row's ``untimed_s``), and ``finish() -> (stats or None, extra row fields)`` after it (what costs a
+    round trip to read, such as a server's metrics; its stats replace ``run``'s).
+    """
 
     name: str
     run: Callable[..., tuple[torch.Tensor, SpecStats | None]]
+    prepare: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    finish: Callable[[], tuple[SpecStats | None, dict]] | None = None
 
 
 class FirstTokenClock:
@@ -67,6 +75,31 @@ def hf_generate(model: PreTrainedModel, max_new_tokens: int, name: str = BASELIN
                               **sampling, **kwargs), None
 
     return Method(name, run)
+
+
+def hf_static_compiled(model: PreTrainedModel, max_new_tokens: int, name: str = "hf_static_compiled",
+                       sampling: dict | None = None) -> Method:
+    """``model.generate`` with a static cache and its decoding forward compiled by ``torch.compile``, as
+    transformers documents it (``cache_implementation="static"``, ``compile_config``). The cache's shape
+    follows the prompt's length, so ``prepare`` runs each new input shape once, untimed: the compiling
+    is reported as the rows' ``untimed_s``, apart from the timed decoding."""
+    from transformers import CompileConfig
+
+    sampling = sampling or {"do_sample": False}
+    config = CompileConfig()  # transformers' defaults
+    config._compile_all_devices = True  # its switch to compile off accelerators (it compiles on GPUs by itself)
+    seen: set[tuple[int, ...]] = set()
+
+    def run(ids, mask, streamer=None):
+        return model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, streamer=streamer,
+                              cache_implementation="static", compile_config=config, **sampling), None
+
+    def prepare(ids, mask) -> None:
+        if tuple(ids.shape) not in seen:
+            seen.add(tuple(ids.shape))
+            run(ids, mask)
+
+    return Method(name, run, prepare=prepare)
 
 
 def specdec_generate(model: PreTrainedModel, drafter: Drafter | None, max_new_tokens: int, name: str,
@@ -126,7 +159,11 @@ def run_benchmark(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     warm = left_pad([encode(tokenizer, [{"role": "user", "content": prompts[0].turns[0]}])[:16]] * batch_size, pad)
     for method in methods:  # first calls pay one-off costs (allocations, lazy init, cost curves), at this batch size
+        if method.prepare is not None:
+            method.prepare(*warm)
         method.run(*warm, None)
+        if method.finish is not None:
+            method.finish()
     rows = []
     batches = _batches(prompts, batch_size)
     turns = [min(len(p.turns) for p in batch) if all_turns else 1 for batch in batches]
@@ -141,9 +178,15 @@ def run_benchmark(
             outputs = {}
             for method in order:
                 clock = FirstTokenClock() if len(batch) == 1 else None
+                untimed = time.perf_counter()
+                if method.prepare is not None:
+                    method.prepare(ids, mask)
                 start = time.perf_counter()
                 sequences, stats = method.run(ids, mask, clock)
                 seconds = time.perf_counter() - start
+                extra = {}
+                if method.finish is not None:
+                    stats, extra = method.finish()
                 new = [_new_tokens(r, eos) for r in sequences[:, ids.shape[1]:]]
                 outputs[method.name] = new
                 n_new = sum(map(len, new))
@@ -167,7 +210,8 @@ def run_benchmark(
                     "accepted_at": stats.accepted_at if stats else None,
                     "position_acceptance": stats.position_acceptance if stats else None,
                     "accept_lengths": stats.accept_lengths if stats else None,  # per batch row, per step
-                })
+                    "untimed_s": start - untimed if method.prepare is not None else None,
+                } | extra)
                 bar.update()
                 bar.set_postfix(prompt=prompt.id, turn=turn + 1, method=method.name)
             base = outputs[methods[0].name]
@@ -193,9 +237,12 @@ def question_speeds(rows: Sequence[dict], key=lambda row: json.dumps(row["prompt
 
 def pooled_tau(rows: Sequence[dict]) -> float | None:
     """Spec-Bench's tau: the mean accepted length over every decoding step of every row, pooled
-    (``None`` where no row has per-step accept lengths)."""
+    (``None`` where no row has per-step accept lengths). A peer's row that has only totals (``steps``,
+    no per-step lengths: vLLM's counters) adds its new tokens and steps to the pool."""
     lengths = [n for r in rows for row in (r.get("accept_lengths") or []) for n in row]
-    return sum(lengths) / len(lengths) if lengths else None
+    totals = [(r["new_tokens"], r["steps"]) for r in rows if not r.get("accept_lengths") and r.get("steps")]
+    steps = len(lengths) + sum(s for _, s in totals)
+    return (sum(lengths) + sum(n for n, _ in totals)) / steps if steps else None
 
 
 def pooled_acceptance(rows: Sequence[dict]) -> float | None:
@@ -236,6 +283,8 @@ def summarize(rows: Sequence[dict], baseline: str = BASELINE, greedy: bool = Tru
                 "speedup": speed / base, "tau": pooled_tau(sel), "acceptance_rate": pooled_acceptance(sel),
                 "ttft_s": _mean(r.get("ttft_s") for r in sel), "tpot_s": _mean(r.get("tpot_s") for r in sel),
                 "exact": sum(r["matches_baseline"] for r in sel) / len(sel) if greedy else None,
+                "untimed_s": _sum(r.get("untimed_s") for r in sel),  # compiling/warm-up outside the timing
+                "http_overhead_s": _mean(r.get("http_overhead_s") for r in sel),  # per request, not subtracted
             })
     return table
 
@@ -256,10 +305,32 @@ def speedup_table(summary: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _sum(values) -> float | None:
+    """Sum of the values that are not None (None if there are none)."""
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
+
+
 def _mean(values) -> float | None:
     """Mean of the values that are not None (None if there are none)."""
     present = [v for v in values if v is not None]
     return statistics.mean(present) if present else None
+
+
+def peer_notes(summary: Sequence[dict]) -> list[str]:
+    """One line per method that did work outside its timed region (compiling) or that pays an HTTP round
+    trip per request (a peer server), from the summary's ``overall`` rows."""
+    lines = []
+    for r in summary:
+        if r["task"] != "overall":
+            continue
+        if r.get("untimed_s") is not None:
+            lines.append(f"{r['method']}: {r['untimed_s']:.1f} s of preparation outside the timed region (compiling "
+                         "and a warm-up run per new input shape; a peer's CPU-time reading), not in its tokens/s.")
+        if r.get("http_overhead_s") is not None:
+            lines.append(f"{r['method']}: a request's HTTP overhead (round trip less the server's own latency) "
+                         f"averaged {1000 * r['http_overhead_s']:.1f} ms; it is inside its timings, not subtracted.")
+    return lines
 
 
 def markdown_table(summary: Sequence[dict]) -> str:
@@ -279,6 +350,7 @@ def markdown_table(summary: Sequence[dict]) -> str:
         lines.append(f"| {task} | " + " | ".join(parts) + " |")
     lines.append("")
     lines.append(TAU_NOTE)
+    lines += peer_notes(summary)
     if any(r["exact"] is None for r in summary):  # sampled: equality with the baseline means nothing
         lines.append("Sampled: outputs differ from `model.generate`'s by design (the distribution is the "
                      "target's); compare tau, acceptance and speed.")
