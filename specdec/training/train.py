@@ -43,15 +43,17 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from specdec.training.checkpoint import check_target, load_checkpoint
 from specdec.training.distill import DistillSet
-from specdec.drafters.distilled import BORROWED, build_draft, own_weights
-from specdec.drafters.eagle import EagleHead, check_fused_layers, default_fused_layers, ttt_mask
-from specdec.drafters.early_exit import ExitAdapter
-from specdec.drafters.medusa import MedusaHeads
-from specdec.drafters.pard import PardDraft, mask_blocks
+from specdec.drafters.distilled import BORROWED, Distilled, build_draft
+from specdec.drafters.eagle import Eagle, EagleHead, check_fused_layers, default_fused_layers, ttt_mask
+from specdec.drafters.early_exit import EarlyExit, ExitAdapter
+from specdec.drafters.medusa import Medusa, MedusaHeads
+from specdec.drafters.network import ModelDrafter
+from specdec.drafters.pard import Pard, PardDraft, mask_blocks
 from specdec.drafters.prompt_lookup import lookup_hits
 from specdec.drafters.vocab import ReducedHead, frequent_tokens
 
-KINDS = ("eagle", "medusa", "early_exit", "draft_model", "pard")
+DRAFTERS: dict[str, type[ModelDrafter]] = {cls.kind: cls for cls in (Eagle, Medusa, EarlyExit, Distilled, Pard)}
+KINDS = tuple(DRAFTERS)  # ("eagle", "medusa", "early_exit", "draft_model", "pard")
 LOOKUP_NGRAM = (3, 2)  # the n-grams of the shipped lookup-else-* drafters: where lookup misses (``evaluate``)
 
 
@@ -506,28 +508,22 @@ def _checkpoint(name: str, kind: str, target: PreTrainedModel) -> dict:
     return ckpt
 
 
+def drafter_class(kind: str) -> type[ModelDrafter]:
+    """The drafter class whose checkpoints ``kind`` names (it writes and reads back their settings)."""
+    if kind not in DRAFTERS:
+        raise ValueError(f"drafter kind {kind!r} is not trainable: use one of {KINDS}")
+    return DRAFTERS[kind]
+
+
 def module_settings(kind: str, target: PreTrainedModel, settings: TrainSettings) -> dict:
-    """What a checkpoint needs to rebuild the module before its weights load."""
-    settings = resolved(kind, target, settings)
-    if kind == "eagle":
-        fused = None if settings.fused_layers is None else list(settings.fused_layers)
-        return {"target_config": target.config.to_dict(), "fused_layers": fused}
-    if kind == "medusa":
-        return {"hidden": target.config.hidden_size, "heads": settings.heads}
-    if kind == "early_exit":
-        return {"hidden": target.config.hidden_size, "layers": settings.layers}
-    if kind == "pard":
-        return {"init_layers": list(settings.init_layers), "block": settings.block}
-    return {"init_layers": list(settings.init_layers)}
+    """What a checkpoint needs to rebuild the module before its weights load: the drafter class's own
+    write half (:meth:`~specdec.drafters.network.ModelDrafter.checkpoint_settings`; ``from_loaded`` reads it)."""
+    return drafter_class(kind).checkpoint_settings(target, resolved(kind, target, settings))
 
 
 def trained_weights(kind: str, module: nn.Module) -> dict[str, Tensor]:
     """What a checkpoint keeps: the module's own weights (a draft's borrowed embedding stays out)."""
-    if kind == "draft_model":
-        return own_weights(module)
-    if kind == "pard":
-        return module.own_weights()
-    return module.state_dict()
+    return drafter_class(kind).trained_weights(module)
 
 
 def length_batched(items: list[Chunk], size: int, rng: random.Random, window: int = 16) -> list[Chunk]:
