@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class TreeMask:
     backend: str = "auto"
     positions: Tensor | None = None
     layers: tuple = ()
+    timer: object | None = field(default=None, repr=False, compare=False)  # profiled: its ``attention`` seconds grow
     _dense: dict = field(default_factory=dict, repr=False, compare=False)
     _calls: list = field(default_factory=lambda: [0], repr=False, compare=False)
     _made: dict = field(default_factory=dict, repr=False, compare=False)  # id(mask given to layers) -> its bool mask
@@ -126,6 +128,15 @@ class TreeMask:
     def attend(self, module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, scaling: float | None,
                attention_mask=None, **kwargs) -> Tensor:
         """``query (B, H, T, Dk)``, ``key (B, Hk, S + Tk, Dk)``, ``value (B, Hk, S + Tk, Dv)`` -> ``(B, T, H, Dv)``."""
+        if self.timer is None:
+            return self._attend(module, query, key, value, scaling, attention_mask, **kwargs)
+        t0 = time.perf_counter()
+        out = self._attend(module, query, key, value, scaling, attention_mask, **kwargs)
+        self.timer.attention += time.perf_counter() - t0
+        return out
+
+    def _attend(self, module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, scaling: float | None,
+                attention_mask=None, **kwargs) -> Tensor:
         self._calls[0] += 1
         window, chunk = None, None
         layer = getattr(module, "layer_idx", None)

@@ -299,3 +299,45 @@ def analytic_depth(costs: CostModel, alpha: float, rows: int, max_depth: int) ->
         return rows * sum(alpha**d for d in range(L + 1)) / costs(rows * (1 + L))
 
     return max(range(max_depth + 1), key=lambda L: (rate(L), -L))
+
+
+class DepthPolicy:
+    """How deep each step drafts: capped before drafting, trimmed after, told the outcome.
+
+    This one drafts every row to its budget and trims nothing (the goodput controller off, or a
+    drafter with no depth to choose); :class:`GoodputPolicy` is the controller's.
+    """
+
+    def cap(self, rows: list[int], budgets: list[int]) -> list[int]:
+        """Each row's depth cap for this step's draft (at most its budget)."""
+        return budgets
+
+    def trim(self, rows: list[int], trees: list[DraftTree], sampled: bool, min_width: int) -> list[DraftTree]:
+        """The trees to verify, cut to what pays."""
+        return trees
+
+    def record(self, rows: list[int], depths: list[int], paths: list[int], nodes: list[int],
+               draft_seconds: float, drafted_depth: int) -> None:
+        """One step: per row the verified tree's depth, accepted path length and node count; the drafting time."""
+
+
+class GoodputPolicy(DepthPolicy):
+    """The goodput :class:`Controller` as the engine's depth policy (see the module docstring)."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def cap(self, rows: list[int], budgets: list[int]) -> list[int]:
+        depth = max(0, self.controller.choose(rows, budgets))
+        return [min(b, depth) for b in budgets]
+
+    def trim(self, rows: list[int], trees: list[DraftTree], sampled: bool, min_width: int) -> list[DraftTree]:
+        if sampled:  # a cut that depends on the drafted tokens would bias sampled nodes
+            return trees
+        return self.controller.trim(rows, trees, min_width)
+
+    def record(self, rows: list[int], depths: list[int], paths: list[int], nodes: list[int],
+               draft_seconds: float, drafted_depth: int) -> None:
+        for row, depth, path, n in zip(rows, depths, paths, nodes):
+            self.controller.record(row, depth, path, n)
+        self.controller.record_draft_time(draft_seconds, drafted_depth)

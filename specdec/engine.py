@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextvars
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ from specdec.backends import native
 from specdec.backends.cpu_linear import Route, install_linears, packed_weights, routed
 from specdec.cache import RaggedCache, zero_positions
 from specdec.compat import check_servable, checked_forward, tree_inputs
-from specdec.control import Controller, CostModel
+from specdec.control import Controller, CostModel, DepthPolicy, GoodputPolicy
 from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView, Verified
 from specdec.options import Options
 from specdec.stats import SpecStats
@@ -113,6 +114,19 @@ def check_q(tree: DraftTree, vocab: int, row: int, where: str, sampled: bool = T
                          "output)")
 
 
+@dataclass(frozen=True)
+class _Verification:
+    """What a step's verification forward gave: the cache length before it, its inputs ``ids`` and
+    ``positions`` ``(A, T)``, the target's ``logits`` ``(A, T, V)``, and the hidden ``features`` ``(A, T, H * L)``
+    the proposer reads (``None`` when it reads none)."""
+
+    S: int
+    ids: Tensor
+    positions: Tensor
+    logits: Tensor
+    features: Tensor | None
+
+
 class SpeculativeDecoder:
     """One call's loop state: target cache, per-row decoding states, the proposer, stats.
 
@@ -138,16 +152,18 @@ class SpeculativeDecoder:
         self.name = type(drafter).__name__
         self.view = TargetView(model, options, self._cache_rows)
         self.proposer: Proposer = drafter.proposer(self.view)
-        self.controller = self._controller(drafter)
+        self.needs = self.proposer.needs
+        self.route: Route | None = None  # the call's CPU products (decode sets it), timed when profiled
+        self.policy = self._policy(drafter)
 
-    def _controller(self, drafter: Drafter) -> Controller | None:
-        """The goodput controller, unless turned off or the drafter has no depth to choose."""
+    def _policy(self, drafter: Drafter) -> DepthPolicy:
+        """The goodput controller's policy, unless turned off or the drafter has no depth to choose."""
         depth = drafter.draft_depth if isinstance(drafter, Drafter) else None
         if not self.options.goodput or not depth:
-            return None
+            return DepthPolicy()
         model = self.model
         costs = self.options.cost_model or (lambda rows: CostModel.for_model(model, rows, measure=False))
-        return Controller(costs, depth)
+        return GoodputPolicy(Controller(costs, depth))
 
     def _cache_rows(self):
         return self.cache.cache, self.cache.start, self.cache.end, [s.row for s in self.states]
@@ -177,7 +193,7 @@ class SpeculativeDecoder:
         ]
         self.cache = RaggedCache(self.model, B)
         self.cache.start, self.cache.end = pad.clone(), torch.full_like(pad, n - 1)
-        needs = self.proposer.needs
+        needs = self.needs
         hidden = needs.hidden
         verified = [Verified() for _ in self.states]
         if hidden:  # one-token prompts: nothing cached, no hidden states
@@ -194,56 +210,84 @@ class SpeculativeDecoder:
                 features = self._features(out.hidden_states)
                 verified = [Verified(hidden=features[b, int(pad[b]) :]) for b in range(B)]
         self.proposer.prefill(self.states, verified)
-        if self.controller is not None and self.options.cost_model is None:  # this batch size's curve, measured once
+        if isinstance(self.policy, GoodputPolicy) and self.options.cost_model is None:  # this batch's curve, once
             CostModel.for_model(self.model, len(self.states))
         self.stats.prefill_time += time.perf_counter() - t0
 
     @torch.no_grad()
     def step(self) -> dict[int, list[int]]:
         """One propose -> verify -> accept -> commit; returns each active row's new tokens."""
-        states, t0 = self.states, time.perf_counter()
-        # 1. propose, each row no deeper than the goodput controller finds worth verifying
-        depths = [s.budget for s in states]
-        if self.controller is not None:
-            depth = self.controller.choose([s.row for s in states], depths)
-            depths = [min(d, max(0, depth)) for d in depths]
-        trees = self.proposer.propose(states, depths)
-        check_trees(trees, states, self.vocab, self.name, depths)
-        drafted_depth = max(int(tree.depths.max()) if len(tree) else 0 for tree in trees)
-        if self.controller is not None and not self.sampling.do_sample:  # and only what pays is verified
-            trees = self.controller.trim([s.row for s in states], trees, self.options.min_verify_tokens)
-        depths = [int(tree.depths.max()) if len(tree) else 0 for tree in trees]
+        times, t0 = self.stats.times, time.perf_counter()
+        trees, drafted_depth = self._propose(self.states)
         t1 = time.perf_counter()
+        verification = self._verify(self.states, trees)
+        t2 = time.perf_counter()
+        acceptances = self._accept_all(self.states, trees, verification)
+        t3 = time.perf_counter()
+        new_tokens = self._commit(self.states, trees, verification, acceptances, t1 - t0, drafted_depth)
+        t4 = time.perf_counter()
+        times.add(t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+        self.stats.draft_time += t1 - t0
+        self.stats.verify_time += t4 - t1
+        return new_tokens
 
-        # 2. verify: p at every root and node of every row, in one forward
-        cache = self.cache
+    def _propose(self, states: list[DecodeState]) -> tuple[list[DraftTree], int]:
+        """1. propose: each row's tree, no deeper than the policy's cap, then cut to what pays; and the
+        deepest depth drafted (before the cut)."""
+        rows = [s.row for s in states]
+        caps = self.policy.cap(rows, [s.budget for s in states])
+        trees = self.proposer.propose(states, caps)
+        check_trees(trees, states, self.vocab, self.name, caps)
+        drafted_depth = max(int(tree.depths.max()) if len(tree) else 0 for tree in trees)
+        trees = self.policy.trim(rows, trees, self.sampling.do_sample, self.options.min_verify_tokens)
+        return trees, drafted_depth
+
+    def _verify(self, states: list[DecodeState], trees: list[DraftTree]) -> _Verification:
+        """2. verify: the target's logits at every root and node of every row, in one forward."""
+        cache, times = self.cache, self.stats.times
         S = cache.length
         roots = torch.cat([s.tokens[0, -1:] for s in states])  # (A,)
         ids, positions, ancestors = batch_trees(trees, roots, cache.lengths, self.options.min_verify_tokens)
         device = self.model.device
         tree_mask = TreeMask(cache.start.to(device), cache.end.to(device), ancestors, self.options.attention_backend,
-                             positions, self.overlays)
-        hidden = self.proposer.needs.hidden
+                             positions, self.overlays, timer=times if self.options.profile else None)
+        hidden = self.needs.hidden
+        profiled = self.route if self.options.profile else None  # its products timed in this forward only
         try:
+            if profiled is not None:
+                profiled.timer = times
+            t0 = time.perf_counter()
             with checked_forward(self.model, tree_mask):
                 out = self.model(input_ids=ids, position_ids=positions, cache=cache.cache, use_cache=True,
                                  output_hidden_states=hidden, **tree_inputs(self.model, tree_mask, S))
+            times.forward += time.perf_counter() - t0
             logits = out.logits  # (A, T, V)
-            for a, (state, tree) in enumerate(zip(states, trees)):
+            for state, tree in zip(states, trees):
                 check_q(tree, logits.shape[-1], state.row, self.name, self.sampling.do_sample)
         except BaseException:
             cache.truncate(S)  # layers that ran already appended the tree: undo, keep the cache whole
             raise
+        finally:
+            if profiled is not None:
+                profiled.timer = None
+        return _Verification(S, ids, positions, logits, self._features(out.hidden_states) if hidden else None)
 
-        features = self._features(out.hidden_states) if hidden else None
-
-        # 3. accept, row by row (nothing changes until every row has its outcome)
+    def _accept_all(self, states: list[DecodeState], trees: list[DraftTree],
+                    verification: _Verification) -> list[Acceptance]:
+        """3. accept, row by row (nothing changes until every row has its outcome)."""
         acceptances = []
         for a, (state, tree) in enumerate(zip(states, trees)):
-            n_before = state.n_generated + positions[a, : len(tree) + 1] - positions[a, 0]  # (T_a + 1,)
-            acceptances.append(self._accept(tree, logits[a, : len(tree) + 1], n_before))
+            positions = verification.positions[a, : len(tree) + 1]
+            n_before = state.n_generated + positions - positions[0]  # (T_a + 1,)
+            acceptances.append(self._accept(tree, verification.logits[a, : len(tree) + 1], n_before))
+        return acceptances
 
-        # 4. commit: tokens (cut at EOS / budget), roots and accepted paths to contiguous positions
+    def _commit(self, states: list[DecodeState], trees: list[DraftTree], verification: _Verification,
+                acceptances: list[Acceptance], draft_seconds: float, drafted_depth: int) -> dict[int, list[int]]:
+        """4. commit: tokens (cut at EOS / budget), each row's root and accepted path to contiguous cache
+        positions, the proposer and the policy told; finished rows leave the batch."""
+        S, logits, features, ids = verification.S, verification.logits, verification.features, verification.ids
+        logits_seen = self.needs.logits
         new_tokens, kept, finished, verified = {}, [], [], []
         for a, (state, tree, acceptance) in enumerate(zip(states, trees, acceptances)):
             room = state.max_new_tokens - state.n_generated
@@ -251,16 +295,17 @@ class SpeculativeDecoder:
             state.tokens = torch.cat([state.tokens, state.tokens.new_tensor([new])], dim=1)
             new_tokens[state.row] = new
             kept.append(S + torch.tensor([0] + [1 + node for node in acceptance.path]))
-            logits_seen = self.proposer.needs.logits
-            verified.append(Verified(features[a, kept[-1] - S] if hidden else None,
+            verified.append(Verified(features[a, kept[-1] - S] if features is not None else None,
                                      logits[a, : len(tree) + 1] if logits_seen else None,
                                      ids[a, : len(tree) + 1] if logits_seen else None))
             state.finished = done
             finished.append(done)
-            self.stats.record(depths[a], len(tree), len(acceptance.path), len(new), state.row)
-            if self.controller is not None:
-                self.controller.record(state.row, depths[a], len(acceptance.path), len(tree))
-        cache.commit(kept)
+        depths = [int(tree.depths.max()) if len(tree) else 0 for tree in trees]
+        for state, tree, acceptance, depth, new in zip(states, trees, acceptances, depths, new_tokens.values()):
+            self.stats.record(depth, len(tree), len(acceptance.path), len(new), state.row)
+        self.policy.record([s.row for s in states], depths, [len(x.path) for x in acceptances],
+                           [len(tree) for tree in trees], draft_seconds, drafted_depth)
+        self.cache.commit(kept)
         self.proposer.commit(states, acceptances, verified)
         if any(finished):  # finished rows leave the batch
             keep = torch.tensor([a for a, done in enumerate(finished) if not done], dtype=torch.long)
@@ -269,11 +314,7 @@ class SpeculativeDecoder:
                     self.finished[state.row] = state
             self.states = [states[a] for a in keep.tolist()]
             if self.states:
-                cache.select(keep)
-        if self.controller is not None:
-            self.controller.record_draft_time(t1 - t0, drafted_depth)
-        self.stats.draft_time += t1 - t0
-        self.stats.verify_time += time.perf_counter() - t1
+                self.cache.select(keep)
         return new_tokens
 
     def stop(self) -> None:
@@ -285,7 +326,7 @@ class SpeculativeDecoder:
 
     def _features(self, hidden_states: tuple[Tensor, ...]) -> Tensor:
         """``(A, T, H * L)`` the requested layers' hidden states side by side."""
-        layers = self.proposer.needs.layers
+        layers = self.needs.layers
         if layers == (-1,):
             return hidden_states[-1]
         return torch.cat([hidden_states[layer] for layer in layers], dim=-1)
@@ -350,6 +391,7 @@ def _decode(model, input_ids, drafter, options, generator, streamer, attention_m
                       native.load() if options.linear_backend == "auto" else None)
     with routed(route):
         decoder = SpeculativeDecoder(model, drafter, options, generator)
+        decoder.route = route
         decoder.prefill(input_ids, attention_mask)
         while not decoder.done:
             new = decoder.step()

@@ -39,6 +39,8 @@ class Options:
             device and thread count).
         max_time: seconds after which no new step starts, counted from the start of the decode (before
             prefill), as transformers' ``MaxTimeCriteria``; ``None``: no limit.
+        profile: also time the target forward's linear products and attention layers
+            (:class:`~specdec.stats.StepTimes`; ``experiments.profile_step``): a clock read around each.
     """
 
     max_new_tokens: int = 20
@@ -50,6 +52,7 @@ class Options:
     goodput: bool = True
     cost_model: object | None = None
     max_time: float | None = None
+    profile: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

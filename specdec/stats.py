@@ -6,6 +6,39 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class StepTimes:
+    """Seconds a call's decoding steps spent in each phase (prefill excluded).
+
+    ``propose + verify + accept + commit`` is every step's whole time. Within ``verify``, ``forward`` is the
+    target's forward alone (the rest builds its inputs and checks q); within ``forward``, ``linear`` and
+    ``attention`` are its linear products and its attention layers, timed only when the call is profiled
+    (``Options(profile=True)``: ``experiments.profile_step``), else 0.
+    """
+
+    steps: int = 0
+    propose: float = 0.0
+    verify: float = 0.0
+    accept: float = 0.0
+    commit: float = 0.0
+    forward: float = 0.0
+    linear: float = 0.0
+    attention: float = 0.0
+
+    def add(self, propose: float, verify: float, accept: float, commit: float) -> None:
+        """One step's phases."""
+        self.steps += 1
+        self.propose += propose
+        self.verify += verify
+        self.accept += accept
+        self.commit += commit
+
+    @property
+    def total(self) -> float:
+        """Seconds of every step, all phases."""
+        return self.propose + self.verify + self.accept + self.commit
+
+
+@dataclass
 class SpecStats:
     """Counters of one speculative generation (all rows of a batch together).
 
@@ -21,6 +54,7 @@ class SpecStats:
             (Spec-Bench's per-step ``accept_lengths``); ``tau`` is their mean, pooled over rows.
         prefill_time, draft_time, verify_time: seconds in each phase (verify includes
             acceptance and cache commit).
+        times: the steps' seconds phase by phase (:class:`StepTimes`).
     """
 
     steps: int = 0
@@ -33,6 +67,7 @@ class SpecStats:
     prefill_time: float = 0.0
     draft_time: float = 0.0
     verify_time: float = 0.0
+    times: StepTimes = field(default_factory=StepTimes)
 
     def record(self, depth_drafted: int, n_drafted: int, n_accepted: int, n_new: int, row: int = 0) -> None:
         """Add one step of batch row ``row``: deepest drafted depth, nodes drafted, drafts accepted,

@@ -48,6 +48,7 @@ How it is wired, with no state shared between calls:
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -168,9 +169,18 @@ class Route:
     packs: PackedWeights | None
     native: RowsLinear | None = None
     checked: set[int] = field(default_factory=set)
+    timer: object | None = None  # when set (a profiled call), its ``linear`` seconds grow by every product's
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """``F.linear(x, weight, bias)`` by the faster CPU product for its shape (see the module docstring)."""
+        if self.timer is None:
+            return self._linear(x, weight, bias)
+        t0 = time.perf_counter()
+        out = self._linear(x, weight, bias)
+        self.timer.linear += time.perf_counter() - t0
+        return out
+
+    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if not rows or x.device.type != "cpu" or x.dtype != weight.dtype:
             return nn.functional.linear(x, weight, bias)
