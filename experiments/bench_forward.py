@@ -7,7 +7,8 @@ forward's cost does).
     python -m experiments.bench_forward --linear-free    # also with every linear layer free
 
 Times the target's forward over a chain of T tokens below a cached prefix, through the engine's
-tree attention, for each linear backend (``torch``: ``F.linear``; ``auto``: :mod:`specdec.backends.cpu_linear`),
+tree attention, for each linear backend (``torch``: ``F.linear``; ``skinny``: :mod:`specdec.backends.cpu_linear`'s
+torch products; ``auto``: the same with :mod:`specdec.backends.native`'s product for 1-8 rows),
 interleaved (each backend's first forward in a round untimed: it checks the packed weight copies,
 which the engine does once per ``generate`` call); and a prefill of the prefix with each. Prints a
 Markdown table of median milliseconds and the ratio to the same backend's 1-token forward.
@@ -27,12 +28,15 @@ import torch
 
 from specdec import load_model
 from specdec.attention import TreeMask
+from specdec.backends import native
 from specdec.backends.cpu_linear import Route, packed_weights, routed
 from specdec.cache import new_cache, truncate
 from specdec.engine import prepare_target
 from specdec.options import Options
 
-BACKENDS = ("torch", "auto")
+from .roofline import floor_line
+
+BACKENDS = ("torch", "skinny", "auto")
 
 
 @contextmanager
@@ -92,7 +96,9 @@ def main() -> None:
 
         for _ in range(args.repeats + 1):  # the first round warms up (allocations, packed weights)
             for backend in backends:
-                route = Route(packed_weights(model)) if backend == "auto" else None  # a call's own route
+                route = None  # a call's own route
+                if backend in ("skinny", "auto"):
+                    route = Route(packed_weights(model), native.load() if backend == "auto" else None)
                 with routed(route) if backend != "linear-free" else linear_free(model):
                     chain(max(args.tokens))  # untimed: a block's first packed product checks the copies (once per call)
                     for T in args.tokens:
@@ -104,6 +110,7 @@ def main() -> None:
                     times.setdefault((backend, "prefill"), []).append(time.perf_counter() - t0)
     ms = {key: 1e3 * statistics.median(values[1:]) for key, values in times.items()}
     print(f"{args.model}, {args.threads} threads, {S} cached tokens: median ms of one forward ({args.repeats} runs)\n")
+    print(floor_line(model)[1] + "\n")
     print("| tokens | " + " | ".join(f"{b} ms | {b} / 1 token" for b in backends) + " |")
     print("|---|" + "---|---|" * len(backends))
     for T in args.tokens:

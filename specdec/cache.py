@@ -117,6 +117,10 @@ def commit_rows(cache: DynamicCache, end: Tensor, kept: list[Tensor]) -> Tensor:
     counts = torch.tensor([len(k) for k in kept], dtype=end.dtype, device=end.device)
     new_end = end + counts
     lo, hi = int(end.min()), int(new_end.max())
+    ends = end.tolist()
+    if all(not len(k) or (int(k[0]) == e and int(k[-1]) == e + len(k) - 1) for k, e in zip(kept, ends)):
+        truncate(cache, hi)  # every kept entry is where it belongs already (plain steps, accepted chains): crop
+        return new_end
     idx = torch.arange(lo, hi, device=end.device).repeat(len(kept), 1)  # (B, hi - lo): unchanged by default
     for b, positions in enumerate(kept):
         at = int(end[b]) - lo

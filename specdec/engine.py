@@ -305,7 +305,9 @@ class SpeculativeDecoder:
             self.stats.record(depth, len(tree), len(acceptance.path), len(new), state.row)
         self.policy.record([s.row for s in states], depths, [len(x.path) for x in acceptances],
                            [len(tree) for tree in trees], draft_seconds, drafted_depth)
+        t0 = time.perf_counter()
         self.cache.commit(kept)
+        self.stats.times.cache += time.perf_counter() - t0
         self.proposer.commit(states, acceptances, verified)
         if any(finished):  # finished rows leave the batch
             keep = torch.tensor([a for a, done in enumerate(finished) if not done], dtype=torch.long)
@@ -314,7 +316,9 @@ class SpeculativeDecoder:
                     self.finished[state.row] = state
             self.states = [states[a] for a in keep.tolist()]
             if self.states:
+                t0 = time.perf_counter()
                 self.cache.select(keep)
+                self.stats.times.cache += time.perf_counter() - t0
         return new_tokens
 
     def stop(self) -> None:
@@ -393,11 +397,13 @@ def _decode(model, input_ids, drafter, options, generator, streamer, attention_m
         decoder = SpeculativeDecoder(model, drafter, options, generator)
         decoder.route = route
         decoder.prefill(input_ids, attention_mask)
+        t0 = time.perf_counter()
         while not decoder.done:
             new = decoder.step()
             if streamer is not None:
                 streamer.put(torch.tensor(next(iter(new.values()))))
             if deadline is not None and time.perf_counter() > deadline:
                 decoder.stop()  # max_time: as transformers' MaxTimeCriteria, checked after each step
+        decoder.stats.times.wall = time.perf_counter() - t0
     rows = sorted(decoder.finished.values(), key=lambda s: s.row)
     return [s.tokens[0, s.prompt_len :].tolist() for s in rows], decoder.stats

@@ -10,9 +10,11 @@ class StepTimes:
     """Seconds a call's decoding steps spent in each phase (prefill excluded).
 
     ``propose + verify + accept + commit`` is every step's whole time. Within ``verify``, ``forward`` is the
-    target's forward alone (the rest builds its inputs and checks q); within ``forward``, ``linear`` and
+    target's forward alone (the rest builds its inputs and checks q); within ``commit``, ``cache`` moves the
+    accepted keys and values into place and drops finished rows; within ``forward``, ``linear`` and
     ``attention`` are its linear products and its attention layers, timed only when the call is profiled
-    (``Options(profile=True)``: ``experiments.profile_step``), else 0.
+    (``Options(profile=True)``: ``experiments.profile_step``), else 0. ``wall`` is the decode loop's own
+    wall time, measured around it: the phases add up to it when nothing outside them costs time.
     """
 
     steps: int = 0
@@ -21,8 +23,10 @@ class StepTimes:
     accept: float = 0.0
     commit: float = 0.0
     forward: float = 0.0
+    cache: float = 0.0
     linear: float = 0.0
     attention: float = 0.0
+    wall: float = 0.0
 
     def add(self, propose: float, verify: float, accept: float, commit: float) -> None:
         """One step's phases."""
