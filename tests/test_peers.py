@@ -182,3 +182,25 @@ def test_peer_rows_sit_beside_the_baseline_in_the_same_table(fake, tmp_path):
     summary = summarize(rows)
     table = markdown_table(summary)
     assert "vllm_ngram tok/s" in table and "HTTP overhead" in table and "not subtracted" in table
+
+
+def test_prepare_runs_outside_the_timing_and_the_warm_up_counts_in_the_first_row(tmp_path):
+    from specdec import load_model
+    from specdec.tooling.benchmark import Method
+
+    model, tokenizer = load_model(save_with_tokenizer(tiny_llama(), tmp_path / "tiny"))
+    base = hf_generate(model, 4)
+    calls = []
+
+    def prepare(ids, mask):  # stands for compiling: 0.2 s per call, never inside the timed region
+        calls.append(tuple(ids.shape))
+        time.sleep(0.2)
+
+    slow = Method("compiled", base.run, prepare=prepare)
+    prompts = [Prompt(1, "t", "c", ("w5 w6 w7",)), Prompt(2, "t", "c", ("w9 w10",))]
+    rows = [r for r in run_benchmark([base, slow], tokenizer, prompts, progress=False) if r["method"] == "compiled"]
+    assert len(calls) == 3  # the warm-up and each prompt
+    assert rows[0]["untimed_s"] >= 0.4 and 0.2 <= rows[1]["untimed_s"] < 0.4  # the warm-up's in the first row
+    assert all(r["seconds"] < 0.2 for r in rows)
+    table = markdown_table(summarize(rows + [dict(r, method="generate") for r in rows]))
+    assert "compiled:" not in table  # 0.6 s in all: under a second of preparation is not noted
