@@ -9,6 +9,7 @@ Speculative Sampling"; Miao et al. 2024, "SpecInfer").
 from specdec.backends.cpu_linear import PackedWeights, packed_weights
 from specdec.drafters import (
     Adaptive,
+    BlockDrafter,
     Combined,
     DecodeState,
     Distilled,
@@ -37,6 +38,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "Acceptance",
     "Adaptive",
+    "BlockDrafter",
     "Combined",
     "DecodeState",
     "Distilled",

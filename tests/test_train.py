@@ -15,7 +15,7 @@ import torch
 import specdec
 from specdec.training.checkpoint import fingerprint, save_checkpoint
 from specdec.training.distill import teacher_pass
-from specdec.drafters import Distilled, Eagle, EarlyExit, Medusa
+from specdec.drafters import BlockDrafter, Distilled, Eagle, EarlyExit, Medusa
 from specdec.drafters.base import DecodeState
 from specdec.drafters.pard import Pard, mask_blocks
 from specdec.drafters.prompt_lookup import PromptLookup, lookup_hits
@@ -28,9 +28,11 @@ from specdec.tree import TreeSpec
 from conftest import save_with_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
-FROM_CHECKPOINT = {"eagle": Eagle, "medusa": Medusa, "early_exit": EarlyExit, "draft_model": Distilled, "pard": Pard}
+FROM_CHECKPOINT = {"eagle": Eagle, "medusa": Medusa, "early_exit": EarlyExit, "draft_model": Distilled, "pard": Pard,
+                   "block": BlockDrafter}
 EAGLE3 = {"fused_layers": (1, 2, 3), "unroll": 3}  # the tiny teacher's hidden states after layers 1, 2, 3
-VARIANTS = [(kind, {}) for kind in KINDS] + [("eagle", EAGLE3)]  # eagle alone: EAGLE-1 (feature regression)
+BLOCK = {"fused_layers": (1, 2, 3), "block": 4, "anchors": 8, "lr": 1e-2}  # the block head reads the layers EAGLE-3 does
+VARIANTS = [(kind, BLOCK if kind == "block" else {}) for kind in KINDS] + [("eagle", EAGLE3)]  # eagle alone: EAGLE-1 (feature regression)
 VARIANT_IDS = [kind for kind in KINDS] + ["eagle3"]
 
 

@@ -2,6 +2,7 @@
 
 from specdec.drafters.adaptive import Adaptive
 from specdec.drafters.base import DecodeState, Drafter, Proposer, TargetView
+from specdec.drafters.block import BlockDrafter, BlockHead
 from specdec.drafters.combined import Combined
 from specdec.drafters.distilled import Distilled
 from specdec.drafters.draft_model import DraftModel
@@ -15,6 +16,8 @@ from specdec.drafters.suffix import SuffixAutomaton, SuffixCorpus, SuffixDecodin
 
 __all__ = [
     "Adaptive",
+    "BlockDrafter",
+    "BlockHead",
     "Combined",
     "DecodeState",
     "Distilled",

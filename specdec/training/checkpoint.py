@@ -48,7 +48,7 @@ def checkpoint_path(name_or_path: str | Path) -> Path:
         names = sorted(p.stem for p in SHIPPED.glob("*.pt"))
         raise FileNotFoundError(
             f"no shipped drafter checkpoint {str(name_or_path)!r}: shipped ones are {names}; train one with "
-            "`python -m experiments.train_drafter drafter=<eagle|medusa|early_exit|draft_model|pard>` or give a .pt path"
+            "`python -m experiments.train_drafter drafter=<eagle|medusa|early_exit|draft_model|pard|block>` or give a .pt path"
         )
     return shipped
 
@@ -79,6 +79,7 @@ SETTINGS = {  # what each kind's from_checkpoint reads from its settings
     "medusa": ("hidden", "heads"),
     "draft_model": ("init_layers",),
     "pard": ("init_layers",),
+    "block": ("target_config", "fused_layers", "layers", "block"),
 }
 
 

@@ -16,7 +16,10 @@ One objective per drafter kind, all scored against the target's own greedy label
   target's greedy outputs);
 - ``pard`` (An et al. 2025): the distilled draft plus a mask embedding, trained on the sequences
   with random mask blocks (:func:`~specdec.drafters.pard.mask_blocks`: conditional drop-token with
-  ``retain``), cross-entropy at every position, a mask j after anchor t against the label j ahead.
+  ``retain``), cross-entropy at every position, a mask j after anchor t against the label j ahead;
+- ``block`` (DFlash / DSpark family): the block head over the fused target features, ``anchors`` random
+  blocks per chunk after their true prefix (:func:`~specdec.drafters.block.anchor_blocks`), all in one
+  forward, mask i against the label i ahead, weighted by :func:`~specdec.drafters.block.chain_weights`.
 
 The output head is the target's, reduced to the ``vocab`` most frequent target tokens, so labels
 off that subset are ignored. accelerate places the module and shards the batches over processes
@@ -43,6 +46,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from specdec.training.checkpoint import check_target, load_checkpoint
 from specdec.training.distill import DistillSet
+from specdec.drafters.block import BlockDrafter, BlockHead, anchor_blocks, chain_weights
 from specdec.drafters.distilled import BORROWED, Distilled, build_draft
 from specdec.drafters.eagle import Eagle, EagleHead, check_fused_layers, default_fused_layers, ttt_mask
 from specdec.drafters.early_exit import EarlyExit, ExitAdapter
@@ -52,8 +56,9 @@ from specdec.drafters.pard import Pard, PardDraft, mask_blocks
 from specdec.drafters.prompt_lookup import lookup_hits
 from specdec.drafters.vocab import ReducedHead, frequent_tokens
 
-DRAFTERS: dict[str, type[ModelDrafter]] = {cls.kind: cls for cls in (Eagle, Medusa, EarlyExit, Distilled, Pard)}
-KINDS = tuple(DRAFTERS)  # ("eagle", "medusa", "early_exit", "draft_model", "pard")
+DRAFTERS: dict[str, type[ModelDrafter]] = {cls.kind: cls for cls in (Eagle, Medusa, EarlyExit, Distilled, Pard,
+                                                                       BlockDrafter)}
+KINDS = tuple(DRAFTERS)  # ("eagle", "medusa", "early_exit", "draft_model", "pard", "block")
 LOOKUP_NGRAM = (3, 2)  # the n-grams of the shipped lookup-else-* drafters: where lookup misses (``evaluate``)
 
 
@@ -71,16 +76,21 @@ class TrainSettings:
     seed: int = 0
     unroll: int = 2  # eagle: steps on its own predicted states (training-time test)
     fused_layers: tuple[int, ...] | None = None  # eagle: EAGLE-3's target layers (() = 2, L/2, L-3); None: EAGLE-1
+    # (block: always fused, None or () = 2, L/2, L-3)
     step_weight: float = 0.8  # eagle-3: loss weight of unroll step s is step_weight ** s
     noise: float = 0.1  # eagle-1: uniform noise on input features
     ce_weight: float = 0.1  # eagle-1: cross-entropy weight beside the feature loss
     heads: int = 4  # medusa
     layers: int = 6  # early_exit: exit after this many layers
     init_layers: tuple[int, ...] = (0, 29)  # draft_model, pard: target layers the draft starts from
-    block: int = 4  # pard: tokens per draft forward (the root's prediction and block - 1 masks)
+    block: int = 4  # pard: tokens per draft forward (the root's prediction and block - 1 masks); block: masks (k)
+    anchors: int = 32  # block: random blocks per chunk, each after its anchor's true prefix
+    block_layers: int = 1  # block: decoder layers of the head
+    loss_decay: float = 0.8  # block: weight of depth d is loss_decay ** (d - 1) (DFlash's position decay)
+    confidence: float = 0.5  # block: share of the weight scaled by how likely the draft's chain reaches depth d
     retain: float = 0.5  # pard: a mask of depth j after an anchor is trained with probability retain ** j
     init_from: str = ""  # pard: start from this draft_model checkpoint (its init_layers), "" from the target;
-    # eagle: from this eagle checkpoint (further epochs; its fused_layers must match)
+    # eagle: from this eagle checkpoint (further epochs; its fused_layers must match); block: likewise (resume)
     eval_depths: int = 5  # depths of the per-depth accuracy
     answer_only: bool = False  # train on the labels of the target's answers only (the prompt is context),
     # where drafting happens (EAGLE's loss mask on the assistant's turn)
@@ -180,6 +190,16 @@ class Objective(nn.Module):
                 if missing or unexpected:
                     raise ValueError(f"pard init_from={settings.init_from!r} does not fit a draft of layers "
                                      f"{list(settings.init_layers)}: missing {missing}, unexpected {unexpected}")
+        elif kind == "block":
+            self.module = BlockHead.from_target(target, settings.fused_layers, settings.block_layers)
+            if settings.init_from:  # resume: more runs from a trained head of the same shape
+                ckpt = _checkpoint(settings.init_from, "block", target)
+                shape = (tuple(ckpt["settings"]["fused_layers"]), ckpt["settings"]["layers"])
+                if shape != (self.module.fused_layers, self.module.layers):
+                    raise ValueError(f"block init_from={settings.init_from!r} has fused_layers, layers = {shape}, not "
+                                     f"{(self.module.fused_layers, self.module.layers)}: set drafter.train.fused_layers "
+                                     "and drafter.train.block_layers to match")
+                self.module.load_state_dict(ckpt["state_dict"])
         else:
             self.module = build_draft(target, list(settings.init_layers), head.token_ids)
         self.module.to(dtype=torch.float32)
@@ -236,6 +256,34 @@ class Objective(nn.Module):
             total = total + ce
             hits.append(hit)
         return total, hits
+
+    def _block(self, batch, depths):
+        head, s = self.module, self.settings
+        tokens, labels = batch["tokens"], batch["labels"]
+        device = tokens.device
+        layout = anchor_blocks(batch["positions"].cpu(), batch["mask"].cpu(), batch["answer"].cpu(), s.block,
+                               s.anchors, self.generator if self.training else torch.Generator().manual_seed(s.seed))
+        layout = {k: v.to(device) for k, v in layout.items()}
+        B, T = tokens.shape
+        anchor = layout["anchor"]  # (B, C)
+        roots = self._target[0].get_input_embeddings()(tokens.gather(1, anchor.clamp(min=0)))  # (B, C, H)
+        x = torch.cat([head.context(batch["fused"]), head.block_inputs(roots.float(), s.block).flatten(1, 2)], dim=1)
+        hidden = head.hidden(x, layout["positions"], attention_mask=attention_bias(layout["visible"], head.body.config))
+        out = hidden[:, T:].unflatten(1, (anchor.shape[1], s.block + 1))[:, :, 1:]  # (B, C, block, H): the masks
+        index = layout["label_index"]  # (B, C, block)
+        want = torch.where(index >= 0, labels.gather(1, index.clamp(min=0).flatten(1)).view_as(index), -100)
+        keep = want != -100
+        if not keep.any():
+            return hidden.sum() * 0.0, [torch.zeros(2, dtype=torch.long, device=device)] * s.block
+        logq = torch.log_softmax(self.head.reduced(out[keep]).float(), dim=-1)  # (N, V)
+        label_logq = torch.full(want.shape, -1e4, device=device)  # (B, C, block); off the labels: unreachable
+        label_logq[keep] = logq.gather(1, want[keep][:, None])[:, 0]
+        weights = chain_weights(label_logq, s.loss_decay, s.confidence)[keep]  # (N,), constant
+        loss = -(weights * label_logq[keep]).sum() / weights.sum()  # the weighted mean cross-entropy
+        right = torch.zeros(want.shape, dtype=torch.bool, device=device)
+        right[keep] = logq.argmax(-1) == want[keep]
+        hits = [torch.stack([right[..., d].sum(), keep[..., d].sum()]) for d in range(min(depths or s.block, s.block))]
+        return loss, hits
 
     def _eagle(self, batch, depths):
         target, s = self._target[0], self.settings
@@ -426,7 +474,7 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
     settings = resolved(kind, target, settings)
     objective = Objective(kind, target, head, settings)
     exit_layer = settings.layers if kind == "early_exit" else None
-    fused = settings.fused_layers if kind == "eagle" else None
+    fused = settings.fused_layers if kind in ("eagle", "block") else None
     train_chunks = chunks(train_set, settings.seq_len, exit_layer, fused)
     if len(train_chunks) < settings.batch_size:
         raise ValueError(f"the distillation set has {len(train_chunks)} training chunks of <= {settings.seq_len} tokens "
@@ -477,8 +525,16 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
 
 
 def resolved(kind: str, target: PreTrainedModel, settings: TrainSettings) -> TrainSettings:
-    """``settings`` with EAGLE-3's layers chosen (``()``: 2, L/2, L-3) and PARD's layers those of ``init_from``."""
+    """``settings`` with EAGLE-3's and the block head's layers chosen (``()``: 2, L/2, L-3) and PARD's layers those
+    of ``init_from``."""
     changes = {}
+    if kind == "block":
+        layers = tuple(settings.fused_layers or ()) or default_fused_layers(target.config.num_hidden_layers)
+        changes["fused_layers"] = check_fused_layers(layers, target.config.num_hidden_layers)
+        for name, least in (("block", 1), ("anchors", 1), ("block_layers", 1)):
+            if getattr(settings, name) < least:
+                raise ValueError(f"block {name}={getattr(settings, name)} must be >= {least} "
+                                 f"(drafter.train.{name})")
     if kind == "eagle" and settings.fused_layers is not None:
         layers = tuple(settings.fused_layers) or default_fused_layers(target.config.num_hidden_layers)
         changes["fused_layers"] = check_fused_layers(layers, target.config.num_hidden_layers)
@@ -493,7 +549,7 @@ def resolved(kind: str, target: PreTrainedModel, settings: TrainSettings) -> Tra
 def drafter_layers(kind: str, settings: TrainSettings) -> set[int]:
     """The target hidden states (indices into ``output_hidden_states``) the teacher pass must keep for ``kind``
     (``settings`` from :func:`resolved`): EAGLE-3's fused layers, early exit's exit layer."""
-    if kind == "eagle" and settings.fused_layers is not None:
+    if kind in ("eagle", "block") and settings.fused_layers is not None:
         return set(settings.fused_layers)
     if kind == "early_exit":
         return {settings.layers}
