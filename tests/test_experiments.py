@@ -484,10 +484,10 @@ def test_bench_forward_prints_every_width_and_restores_the_model(tiny_model_dir)
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("|")]
-    assert lines[0].count("/ 1 token") == 3  # torch, auto, linear-free
+    assert lines[0].count("/ 1 token") == 4  # torch, skinny, auto, linear-free
     rows = {line.split("|")[1].strip(): line for line in lines[2:]}
     assert set(rows) == {"1", "3", "prefill of 8"}
-    assert rows["1"].count("1.00x") == 3  # each backend against its own 1-token forward
+    assert rows["1"].count("1.00x") == 4  # each backend against its own 1-token forward
 
     import torch
 
