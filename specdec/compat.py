@@ -74,6 +74,11 @@ def check_servable(model: PreTrainedModel, backend: str = "auto") -> None:
         model.__dict__[_MODE] = mode
 
 
+def through_masks(model: PreTrainedModel) -> bool:
+    """Whether ``model`` is served through its own 4-D attention masks (not tree attention)."""
+    return model.__dict__.get(_MODE) == "mask"
+
+
 def _ready(model: PreTrainedModel) -> bool:
     mode = model.__dict__.get(_MODE)
     return mode == "mask" or (mode == "tree" and installed_name(model) is not None)

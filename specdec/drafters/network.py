@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from specdec.attention import TreeMask, install_tree_attention, layer_overlays
 from specdec.backends.cpu_linear import install_linears
 from specdec.cache import RaggedCache
-from specdec.compat import check_servable, checked_forward, tree_inputs
+from specdec.compat import check_servable, checked_forward, through_masks, tree_inputs
 from specdec.drafters.base import DecodeState, Drafter, Needs, PerTarget, Proposer, TargetView, Verified
 from specdec.drafters.growth import Growth, Level, TreeShape, grow
 from specdec.training.checkpoint import check_target, load_checkpoint
@@ -190,6 +190,13 @@ class DraftNetwork:
         and each row's cached ``[start, end)`` (default: this network's cache) through the one channel the
         engine uses too (:func:`~specdec.compat.tree_inputs` inside :func:`~specdec.compat.checked_forward`)."""
         device = self.device
+        if ancestors.shape[0] > 1 and through_masks(self.served):
+            # its masks carry a tree over one row's cache, but a ragged batch of draft rows crashes inside
+            # some of these families (gpt_neox_japanese, megatron-bert): refused before any token
+            raise ValueError(f"{type(self.served).__name__} is served through its own 4-D attention masks, which "
+                             f"do not carry a draft network's batch of {ancestors.shape[0]} ragged rows: draft "
+                             "with it one prompt at a time, or use a drafter without a network of its own "
+                             "(PromptLookup) for batches")
         start = self.cache.start if start is None else start
         end = self.cache.end if end is None else end
         cached = self.cache.length if cached is None else cached
