@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import specdec
 import specdec.engine
-from specdec.drafters.base import DecodeState, TargetView
+from specdec.drafters.base import DecodeState, TargetView, Verified
 from specdec.drafters.suffix import SuffixAutomaton, SuffixCorpus, SuffixDecoding, grow
 from specdec.engine import SpeculativeDecoder, prepare_target
 from specdec.options import Options
@@ -161,9 +161,9 @@ def test_proposer_equals_brute_force_over_steps(model):
         proposer = drafter.proposer(TargetView(model, Options()))
         tokens = [rng.randrange(4) for _ in range(rng.randint(1, 10))]
         state = DecodeState(0, torch.tensor([tokens]), len(tokens), 12, Sampling())
-        proposer.prefill([state])
+        proposer.prefill([state], [Verified()])
         while state.budget > 0:
-            tree = proposer.propose([state])[0]
+            tree = proposer.propose([state], [state.budget])[0]
             depth = min(drafter.k, state.budget)
             best = ([], [], 0.0)
             m = own_match_length(tokens)
