@@ -9,7 +9,7 @@ with a prior). The controller picks the depth ``W`` (0 = plain decoding) maximis
 
     goodput(W) = sum_rows E_row(W) / (c(A * (1 + W * nodes_per_depth)) + W * draft_cost_per_depth)
 
-and caps every row's draft at ``W`` (:attr:`~specdec.drafters.base.DecodeState.max_depth`); a row whose
+and caps every row's draft at ``W`` (the depth cap the engine passes to ``propose(states, depths)``, through :class:`GoodputPolicy`); a row whose
 expected gain is below what its columns cost drafts nothing. This is the per-step decision of
 TurboSpec's goodput controller (Liu et al. 2024, "Optimizing Speculative Decoding for Serving Large
 Language Models Using Goodput") and vLLM's dynamic speculation, on this engine's cost curve. Rows are
