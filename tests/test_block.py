@@ -5,10 +5,6 @@ target refused."""
 
 from __future__ import annotations
 
-import random
-import signal
-import sys
-import threading
 
 import pytest
 import torch
@@ -28,6 +24,7 @@ from specdec.training.checkpoint import save_checkpoint
 from specdec.training.distill import teacher_pass
 from specdec.training.train import TrainSettings, module_settings, train, trained_weights
 
+from concurrency import ROWS, alone, interrupted_calls, new_tokens, thread_failures
 from conftest import attentive, tiny_llama
 from test_generate import assert_rows_match_alone
 from test_lossless_sampling import N_TOKENS, PROMPT, SAMPLING, V, accept_every_draft, chi2_pvalue, exact_joint
@@ -228,19 +225,6 @@ def test_wrong_rule_is_caught(small_target, monkeypatch):
 
 # --- threads and interrupts ----------------------------------------------------------------------------
 
-ROWS = [[5, 9, 13, 7, 5, 9, 13], [3, 4, 5, 3, 4], [12, 40, 41, 12, 40], [7, 7, 8, 9]]
-
-
-def new_tokens(model, rows, drafter, max_new):
-    ids, mask = left_pad([torch.tensor(r) for r in rows], pad_id=0)
-    out = specdec.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=max_new, eos_token_id=None,
-                           pad_token_id=0)
-    return [out[i, ids.shape[1]:].tolist() for i in range(len(rows))]
-
-
-def alone(model, row, max_new):
-    return reference(model, torch.tensor([row]), max_new_tokens=max_new, eos_token_id=None)[0, len(row):].tolist()
-
 
 @pytest.fixture(scope="module")
 def sharp():
@@ -250,62 +234,17 @@ def sharp():
 
 def test_threads_share_one_drafter_and_give_the_single_threaded_outputs(sharp):
     target, drafters = sharp
-    expected = {tuple(r): alone(target, r, 12) for r in ROWS}
-    rng = random.Random(0)
-    jobs = [[(rng.choice(sorted(drafters)), rng.sample(ROWS, rng.choice([1, 2]))) for _ in range(4)] for _ in range(3)]
-    failures = []
-
-    def worker(calls):
-        for name, rows in calls:
-            try:
-                for row, new in zip(rows, new_tokens(target, rows, drafters[name], 12)):
-                    if new != expected[tuple(row)]:
-                        failures.append((name, row, new))
-            except Exception as err:  # a crash in a thread must fail the test too
-                failures.append((name, rows, repr(err)))
-
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=worker, args=(calls,)) for calls in jobs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
-    assert failures == []
+    assert thread_failures(target, drafters, calls_per_thread=4) == []
 
 
 def test_interrupts_at_random_moments_change_no_later_result(sharp):
     """Calls cut short by a timer signal (KeyboardInterrupt) at random moments: the same drafter objects give
     the reference outputs afterwards."""
     target, drafters = sharp
-    expected = {tuple(r): alone(target, r, 12) for r in ROWS}
-    rng = random.Random(1)
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    interrupted = 0
-    try:
-        for _ in range(40):
-            name = rng.choice(sorted(drafters))
-            try:
-                signal.setitimer(signal.ITIMER_REAL, rng.uniform(0, 0.03))
-                try:
-                    new_tokens(target, rng.sample(ROWS, rng.choice([1, 2])), drafters[name], 12)
-                finally:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-            except KeyboardInterrupt:
-                interrupted += 1
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    assert interrupted >= 10
+    expected = {tuple(r): alone(target, r) for r in ROWS}
+    assert interrupted_calls(target, drafters, calls=40) >= 10
     for name, drafter in drafters.items():
-        assert new_tokens(target, ROWS[:3], drafter, 12) == [expected[tuple(r)] for r in ROWS[:3]], name
+        assert new_tokens(target, ROWS[:3], drafter) == [expected[tuple(r)] for r in ROWS[:3]], name
     assert torch.is_grad_enabled()
 
 

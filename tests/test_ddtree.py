@@ -8,10 +8,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import random
-import signal
-import sys
-import threading
 
 import pytest
 import torch
@@ -28,6 +24,7 @@ from specdec.engine import decode
 from specdec.options import Options
 from specdec.text import left_pad
 
+from concurrency import ROWS, alone, interrupted_calls, new_tokens, thread_failures
 from conftest import attentive, tiny_llama
 from test_generate import assert_rows_match_alone, medusa_heads
 from test_lossless_sampling import N_TOKENS, PROMPT, SAMPLING, V, accept_every_draft, chi2_pvalue, exact_joint
@@ -345,48 +342,10 @@ def test_wrong_rule_is_caught(small_target, monkeypatch):
 # --- threads and interrupts ----------------------------------------------------------------------------
 
 
-ROWS = [[5, 9, 13, 7, 5, 9, 13], [3, 4, 5, 3, 4], [12, 40, 41, 12, 40], [7, 7, 8, 9]]
-
-
-def new_tokens(model, rows, drafter, max_new):
-    ids, mask = left_pad([torch.tensor(r) for r in rows], pad_id=0)
-    out = specdec.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=max_new, eos_token_id=None,
-                           pad_token_id=0)
-    return [out[i, ids.shape[1]:].tolist() for i in range(len(rows))]
-
-
-def alone(model, row, max_new):
-    return generate_reference(model, torch.tensor([row]), max_new_tokens=max_new, eos_token_id=None)[0, len(row):].tolist()
-
-
 def test_threads_share_one_drafter_and_give_the_single_threaded_outputs():
     target = attentive(tiny_llama(seed=0, layers=2))
     drafters = {"pard": pard(target, 4, 8), "medusa": medusa(target, 3, 6)}
-    expected = {tuple(r): alone(target, r, 12) for r in ROWS}
-    rng = random.Random(0)
-    jobs = [[(rng.choice(sorted(drafters)), rng.sample(ROWS, rng.choice([1, 2]))) for _ in range(5)] for _ in range(3)]
-    failures = []
-
-    def worker(calls):
-        for name, rows in calls:
-            try:
-                for row, new in zip(rows, new_tokens(target, rows, drafters[name], 12)):
-                    if new != expected[tuple(row)]:
-                        failures.append((name, row, new))
-            except Exception as err:  # a crash in a thread must fail the test too
-                failures.append((name, rows, repr(err)))
-
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=worker, args=(calls,)) for calls in jobs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
-    assert failures == []
+    assert thread_failures(target, drafters, calls_per_thread=5) == []
 
 
 def test_interrupts_at_random_moments_change_no_later_result():
@@ -394,30 +353,9 @@ def test_interrupts_at_random_moments_change_no_later_result():
     the reference outputs afterwards."""
     target = attentive(tiny_llama(seed=0, layers=2))
     drafters = {"pard": pard(target, 4, 8), "medusa": medusa(target, 3, 6)}
-    expected = {tuple(r): alone(target, r, 12) for r in ROWS}
-    rng = random.Random(1)
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    interrupted = 0
-    try:
-        for _ in range(60):
-            name = rng.choice(sorted(drafters))
-            try:
-                signal.setitimer(signal.ITIMER_REAL, rng.uniform(0, 0.03))
-                try:
-                    new_tokens(target, rng.sample(ROWS, rng.choice([1, 2])), drafters[name], 12)
-                finally:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-            except KeyboardInterrupt:
-                interrupted += 1
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    assert interrupted >= 15
+    expected = {tuple(r): alone(target, r) for r in ROWS}
+    assert interrupted_calls(target, drafters, calls=60) >= 15
     for name, drafter in drafters.items():
-        assert new_tokens(target, ROWS[:3], drafter, 12) == [expected[tuple(r)] for r in ROWS[:3]], name
-    assert [alone(target, r, 12) for r in ROWS] == [expected[tuple(r)] for r in ROWS]
+        assert new_tokens(target, ROWS[:3], drafter) == [expected[tuple(r)] for r in ROWS[:3]], name
+    assert [alone(target, r) for r in ROWS] == [expected[tuple(r)] for r in ROWS]
     assert torch.is_grad_enabled()
