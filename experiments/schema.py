@@ -100,6 +100,7 @@ class RunConfig:
 class DistillConfig:
     gsm8k_prompts: int = 400  # GSM8K training questions
     self_prompts: int = 240  # prompts the target writes itself on varied topics
+    rag_prompts: int = 0  # retrieval-style rows: passages the target wrote, then a question (Spec-Bench's RAG)
     max_new_tokens: int = 192  # length of the target's answers
     batch_size: int = 48  # prompts per generate() call while building the set
     seed: int = 0

@@ -55,6 +55,8 @@ class DistillSettings:
     Attributes:
         gsm8k_prompts: rows of the math family (GSM8K training questions).
         self_prompts: rows of the seven other families together, split by :data:`FAMILY_WEIGHTS`.
+        rag_prompts: rows of the retrieval family (several passages the target wrote, then a question),
+            apart like math (0 keeps the cache key of sets built before the family existed).
         max_new_tokens: longest answer of any stage.
         batch_size: rows per engine call (speed only: not part of the cache key).
         seed: every family's draws.
@@ -64,6 +66,7 @@ class DistillSettings:
 
     gsm8k_prompts: int = 800
     self_prompts: int = 5400
+    rag_prompts: int = 0
     max_new_tokens: int = 256
     batch_size: int = 32
     seed: int = 0
@@ -72,16 +75,17 @@ class DistillSettings:
     def key(self) -> dict:
         """What the set depends on (the cache key): the sizes, the answer length, the seed."""
         return {"format": FORMAT, "gsm8k_prompts": self.gsm8k_prompts, "self_prompts": self.self_prompts,
-                "max_new_tokens": self.max_new_tokens, "seed": self.seed}
+                "max_new_tokens": self.max_new_tokens, "seed": self.seed} | (
+                    {"rag_prompts": self.rag_prompts} if self.rag_prompts else {})
 
     def family_sizes(self) -> dict[str, int]:
-        """Rows per family: ``self_prompts`` split by weight (largest remainder), math apart."""
+        """Rows per family: ``self_prompts`` split by weight (largest remainder), math and rag apart."""
         total = sum(FAMILY_WEIGHTS.values())
         exact = {f: self.self_prompts * w / total for f, w in FAMILY_WEIGHTS.items()}
         sizes = {f: int(x) for f, x in exact.items()}
         for f in sorted(exact, key=lambda f: sizes[f] - exact[f])[: self.self_prompts - sum(sizes.values())]:
             sizes[f] += 1
-        return sizes | {"math": self.gsm8k_prompts}
+        return sizes | {"math": self.gsm8k_prompts} | ({"rag": self.rag_prompts} if self.rag_prompts else {})
 
 
 @dataclass

@@ -12,6 +12,8 @@ writing    emails, stories, poems, lists, letters, speeches ... on topics, for a
 coding     write small programs (Python mostly, 9 other languages); explain, fix, test, port,
            review code the target wrote itself (bugs planted mechanically)
 extraction fields, entities, numbers, JSON, answers from a passage the target wrote (RAG-like)
+rag        several encyclopedia passages the target wrote, titled and run together as retrieved
+           documents, then one short question on one of them (Spec-Bench's RAG layout)
 qa         factual, how-to, why and comparison questions: templated, and written by the target
 summarise  passages the target wrote, summarised in several styles
 translate  English the target wrote, into French/German/Spanish/Chinese/...; and the target's
@@ -374,6 +376,39 @@ def extraction(n: int, seed: int, ask: Ask) -> list[Conversation]:
     return rows
 
 
+RAG_ASK = "Write a {genre} about {topic} in one paragraph of about 120 words. Reply with the text only."
+RAG_GENRES = ("encyclopedia entry", "encyclopedia entry", "reference article", "glossary entry")
+RAG_QUESTIONS = ("What is {topic}?", "Who is known for work on {topic}?", "When did {topic} begin?",
+                 "Where is {topic} most common?", "Why is {topic} important?", "how does {topic} work",
+                 "what is the main use of {topic}", "name one fact about {topic}", "who invented {topic}",
+                 "what are the parts of {topic}")
+
+
+def rag(n: int, seed: int, ask: Ask) -> list[Conversation]:
+    """``n`` retrieval-style rows: short encyclopedia passages the target wrote (those requests are rows),
+    then prompts of 3-5 of them, each titled with its topic and run together as retrieved documents, with
+    a short question on one of them at the end (Spec-Bench's RAG layout: the passages, then the question)."""
+    rng = _rng(seed, "rag")
+    count = ceil(n / 4)
+    topics: list[str] = []
+
+    def draw() -> tuple[str, str]:
+        topic = rng.choice(TOPICS)
+        topics.append(topic)
+        return topic, RAG_ASK.format(genre=rng.choice(RAG_GENRES), topic=topic)
+
+    drawn = _distinct(count, draw)
+    rows = [_user(text) for _, text in drawn]
+    docs = [(topic, r.strip()) for (topic, _), r in zip(drawn, ask(rows)) if r.strip()]
+    if len(docs) >= 3:
+        for _ in range(n - len(rows)):
+            picked = rng.sample(docs, min(len(docs), rng.choice((3, 4, 5))))
+            topic = rng.choice(picked)[0]
+            body = "\n".join(f"{t[:1].upper() + t[1:]} {text}" for t, text in picked)
+            rows.append(_user(f"{body}\n{rng.choice(RAG_QUESTIONS).format(topic=topic)}"))
+    return rows
+
+
 def summarise(n: int, seed: int, ask: Ask) -> list[Conversation]:
     """``n`` summarising rows: articles the target wrote, then two summaries of each in different styles."""
     rng = _rng(seed, "summarise")
@@ -427,4 +462,4 @@ def math(n: int, seed: int, ask: Ask | None = None) -> list[Conversation]:
 
 FAMILIES: dict[str, Callable[[int, int, Ask], list[Conversation]]] = {
     "chat": chat, "writing": writing, "coding": coding, "extraction": extraction, "qa": qa,
-    "summarise": summarise, "translate": translate, "math": math}
+    "summarise": summarise, "translate": translate, "math": math, "rag": rag}
