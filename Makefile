@@ -99,4 +99,33 @@ vllm-lock:
 		--no-allow-unsafe --no-emit-find-links --no-emit-index-url -o $(VLLM_LOCK) requirements-vllm.in
 	rm -rf .venv-lock
 
-.PHONY: install bench test lock smoke-latest vllm-env vllm-lock
+# The speculators check (specdec/tooling/speculators_check.py, tests/test_export.py) in an environment of
+# its own: speculators 0.9.0 pins transformers<=5.19.0, below .venv's.
+#   make speculators-env   installs requirements-speculators.lock into .venv-speculators with --no-deps, which
+#                          leaves out the CUDA torchvision/torchaudio PyPI would pull in beside speculators
+#                          (nothing that loads a checkpoint imports them; the lock lists them commented out)
+#   make speculators-lock  recompiles requirements-speculators.lock from requirements-speculators.in
+SPEC_VENV := .venv-speculators
+SPEC_LOCK := requirements-speculators.lock
+
+$(SPEC_VENV)/.installed: $(SPEC_LOCK)
+	rm -rf $(SPEC_VENV)
+	$(PYTHON) -m venv $(SPEC_VENV)
+	$(SPEC_VENV)/bin/pip install -q "$$(grep '^pip==' $(SPEC_LOCK))"
+	$(SPEC_VENV)/bin/pip install -q --no-deps -r $(SPEC_LOCK)
+	$(SPEC_VENV)/bin/python -c "import speculators; from speculators.models.eagle3 import Eagle3DraftModel; \
+		from importlib.metadata import version; print('speculators-env: speculators', version('speculators'))"
+	touch $@
+
+speculators-env: $(SPEC_VENV)/.installed
+
+speculators-lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q $(PIP_TOOLS)
+	CUSTOM_COMPILE_COMMAND="make speculators-lock" .venv-lock/bin/pip-compile -q --upgrade --strip-extras \
+		--unsafe-package torchvision --unsafe-package torchaudio --no-allow-unsafe --no-emit-find-links \
+		--no-emit-index-url -o $(SPEC_LOCK) requirements-speculators.in
+	rm -rf .venv-lock
+
+.PHONY: install bench test lock smoke-latest vllm-env vllm-lock speculators-env speculators-lock
