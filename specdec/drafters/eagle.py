@@ -167,6 +167,140 @@ class EagleHead(nn.Module):
         return self.body.norm(states) if self.eagle3 else states
 
 
+class ReferenceEagle3Head(EagleHead):
+    """EAGLE-3 in its reference layout: SafeAILab's ``midlayer``, the one vLLM's ``speculators`` format, vLLM
+    and SGLang load (:mod:`specdec.export` maps it to and from that format).
+
+    ``fuse`` (their ``fc``) makes ``g_j`` from the fused layers (after ``fc_norm``: one norm per layer, or
+    ``norm_before_fc``: one norm over them all, where a checkpoint has them). The first decoder layer's
+    q/k/v read ``[input_layernorm(e(x_{j+1})) ; hidden_norm(g_j)]`` (2H wide) and its residual is ``g_j``
+    (``hidden_norm(g_j)`` with ``norm_before_residual``); further layers are plain. The output state is the
+    pre-norm output (``norm_output``: the normed one, EAGLE 3.1), which later draft steps read in place of
+    ``g``, as in :class:`EagleHead`'s EAGLE-3 mode; so :class:`Eagle` drafts with either head unchanged.
+
+    :class:`EagleHead`'s layout differs: it projects ``[norm(g) ; norm(e)]`` to H with ``fc`` *before* a plain
+    decoder layer, whose input norm then normalizes that mixture, and its residual is ``fc``'s output. No
+    weights of this layout reproduce that (an RMSNorm of the projected pair is not linear in the pair).
+
+    Args:
+        target_config: the target's config (``num_hidden_layers``: the target's, which ``fused_layers`` index).
+        fused_layers: the target hidden states ``fuse`` reads (indices into ``output_hidden_states``).
+        layers: decoder layers of the head (1 in every public EAGLE-3 head).
+        layer_config: the layers' own config where it differs from the target's (an imported head's
+            ``transformer_layer_config``); ``None``: the target's architecture.
+    """
+
+    def __init__(self, target_config: PretrainedConfig, fused_layers: tuple[int, ...], layers: int = 1,
+                 layer_config: PretrainedConfig | None = None, norm_before_residual: bool = False,
+                 norm_output: bool = False, fc_norm: bool = False, norm_before_fc: bool = False) -> None:
+        nn.Module.__init__(self)
+        config = layer_config if layer_config is not None else target_config
+        hidden = config.hidden_size
+        self.fused_layers = check_fused_layers(fused_layers, target_config.num_hidden_layers)
+        self.body = AutoModel.from_config(head_config(config, layers))
+        self.body.get_input_embeddings().requires_grad_(False)  # inputs come in as embeddings: unused
+        self.direct = direct_layers(self.body)
+        attn = self.body.layers[0].self_attn
+        projections = ("q_proj", "k_proj", "v_proj")
+        if not self.direct or not all(isinstance(getattr(attn, name, None), nn.Linear) for name in projections):
+            raise ValueError(f"the reference EAGLE-3 layout widens the first layer's q_proj/k_proj/v_proj to 2H and "
+                             f"calls its layers with rotary embeddings; {type(self.body).__name__} has no such "
+                             "layers: use EagleHead (specdec's layout)")
+        for name in projections:
+            old = getattr(attn, name)
+            setattr(attn, name, nn.Linear(2 * hidden, old.out_features, bias=old.bias is not None))
+        self.hidden_norm = copy.deepcopy(self.body.norm)
+        width = len(self.fused_layers) * hidden
+        self.fuse = nn.Linear(width, hidden, bias=False)
+        self.fc_norm = nn.ModuleList(copy.deepcopy(self.body.norm) for _ in self.fused_layers) if fc_norm else None
+        self.input_norm = None
+        if norm_before_fc:
+            self.input_norm = type(self.body.norm)(width, eps=config.rms_norm_eps)
+        self.norm_before_residual, self.norm_output = norm_before_residual, norm_output
+
+    @property
+    def feature_width(self) -> int:
+        return self.fuse.in_features
+
+    @property
+    def options(self) -> dict:
+        """The layout's switches, by the names the speculators format gives them."""
+        return {"norm_before_residual": self.norm_before_residual, "norm_output": self.norm_output,
+                "fc_norm": self.fc_norm is not None, "norm_before_fc": self.input_norm is not None}
+
+    @classmethod
+    def from_target(cls, target: PreTrainedModel, fused_layers: tuple[int, ...] | None = None,
+                    **options) -> ReferenceEagle3Head:
+        """An untrained head started from the target: its last layer (q/k/v reading only the ``g`` half, the
+        embedding half zero) and final norm; ``fuse`` passing the highest fused layer through."""
+        num = target.config.num_hidden_layers
+        fused = check_fused_layers(fused_layers or default_fused_layers(num), num)
+        head = cls(target.config, fused, **options).to(target.dtype)
+        hidden = target.config.hidden_size
+        last, first = target.model.layers[-1], head.body.layers[0]
+        with torch.no_grad():
+            state = dict(last.state_dict())
+            for name in ("q_proj", "k_proj", "v_proj"):
+                weight = state[f"self_attn.{name}.weight"]  # (out, H) -> (out, 2H): [embeddings | g]
+                state[f"self_attn.{name}.weight"] = torch.cat([torch.zeros_like(weight), weight], dim=1)
+            first.load_state_dict(state)
+            head.hidden_norm.load_state_dict(last.input_layernorm.state_dict())
+            head.body.norm.load_state_dict(target.model.norm.state_dict())
+            head.fuse.weight.zero_()
+            high = max(range(len(fused)), key=lambda i: fused[i])
+            head.fuse.weight[:, high * hidden : (high + 1) * hidden] = torch.eye(hidden)
+        return head
+
+    def fuse_features(self, features: Tensor) -> Tensor:
+        """``(..., feature_width)`` target features -> ``(..., H)`` ``g``."""
+        if self.input_norm is not None:
+            features = self.input_norm(features)
+        if self.fc_norm is not None:
+            chunks = features.chunk(len(self.fc_norm), dim=-1)
+            features = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, chunks)], dim=-1)
+        return self.fuse(features)
+
+    def forward(self, states: Tensor, embeds: Tensor, position_ids: Tensor, cache: DynamicCache | None = None,
+                attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        """``states, embeds: (B, T, H)`` -> ``(B, T, H)`` the output states (pre-norm; normed with
+        ``norm_output``)."""
+        embeds = embeds.to(states.dtype)
+        first, *rest = self.body.layers
+        position_embeddings = self.body.rotary_emb(states, position_ids)
+        normed = self.hidden_norm(states)
+        x = torch.cat([first.input_layernorm(embeds), normed], dim=-1)  # (B, T, 2H)
+        attn = first.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, use_cache=cache is not None, position_embeddings=position_embeddings,
+                               **kwargs)[0]
+        h = (normed if self.norm_before_residual else states) + attn
+        h = h + first.mlp(first.post_attention_layernorm(h))
+        for layer in rest:
+            h = layer(h, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                      use_cache=cache is not None, position_embeddings=position_embeddings, **kwargs)
+            h = h[0] if isinstance(h, tuple) else h
+        return self.body.norm(h) if self.norm_output else h
+
+    def logit_states(self, states: Tensor) -> Tensor:
+        return states if self.norm_output else self.body.norm(states)
+
+
+def own_output_head(rows: Tensor, vocab: Tensor | None, like: nn.Module) -> nn.Linear:
+    """A ``(V, H)`` output head holding a drafter's own ``rows (N, H)`` at the ids ``vocab`` (``None``: all V
+    rows given), zero elsewhere (never scored: :class:`ReducedHead` keeps only ``vocab``)."""
+    weight = like.weight
+    expected = tuple(weight.shape) if vocab is None else (len(vocab), weight.shape[1])
+    if tuple(rows.shape) != expected:
+        raise ValueError(f"the drafter's own output head is {tuple(rows.shape)}, but {expected} fits its "
+                         f"{weight.shape[0] if vocab is None else len(vocab)} ids on this target (output head "
+                         f"{tuple(weight.shape)}): the head was made for another target")
+    full = rows.to(device=weight.device, dtype=weight.dtype)
+    if vocab is not None:
+        full = weight.new_zeros(weight.shape).index_copy_(0, vocab.long().to(weight.device), full)
+    head = nn.Linear(full.shape[1], full.shape[0], bias=False, device=full.device, dtype=full.dtype)
+    head.weight.data = full
+    return head
+
+
 def ttt_mask(n: int, step: int, valid: Tensor | None = None) -> Tensor:
     """EAGLE-3's training-time-test attention at unroll ``step``: ``(B, 1, n, (step + 1) n)`` bool.
 
@@ -350,15 +484,19 @@ class Eagle(ModelDrafter):
         quantize: on CPU, draft with int8 copies of the head's and the output head's linear maps
             (:class:`Int8Linear`: about half the draft's cost per depth on SmolLM2-135M; the target's output
             is unchanged, only the draft's rounding; the configs turn it on).
+        lm_head: ``(N, H)`` the head's own output rows for ``vocab`` (an imported head's, which may be trained);
+            ``None``: the target's output head, as specdec trains.
     """
 
     def __init__(self, head: EagleHead, vocab: Tensor | None = None, checkpoint: dict | None = None, k: int = 4,
                  top_k: int = 1, width: int | None = None, budget: int | None = None,
-                 tree: TreeSpec | list[list[int]] | None = None, quantize: bool = False) -> None:
+                 tree: TreeSpec | list[list[int]] | None = None, quantize: bool = False,
+                 lm_head: Tensor | None = None) -> None:
         if not isinstance(head, EagleHead):
             raise ValueError(f"Eagle needs an EagleHead, got {type(head).__name__}: use Eagle.from_checkpoint(...)")
         super().__init__(k, top_k, width, budget, tree, checkpoint)
         self.head, self.vocab, self.quantize = head.eval(), vocab, quantize
+        self.lm_head = lm_head  # (N, H) an imported head's own output rows for vocab; None: the target's
 
     kind = "eagle"
     default_checkpoint = "eagle-smollm2-135m"
@@ -366,8 +504,12 @@ class Eagle(ModelDrafter):
     @classmethod
     def from_loaded(cls, checkpoint: dict, **kwargs) -> Eagle:
         config = dict(checkpoint["settings"]["target_config"])
-        head = EagleHead(AutoConfig.for_model(config.pop("model_type"), **config),
-                         checkpoint["settings"].get("fused_layers"))
+        config = AutoConfig.for_model(config.pop("model_type"), **config)
+        fused = checkpoint["settings"].get("fused_layers")
+        if checkpoint["settings"].get("layout") == "reference":  # ReferenceEagle3Head, with its switches
+            head = ReferenceEagle3Head(config, fused, **checkpoint["settings"].get("layout_options", {}))
+        else:
+            head = EagleHead(config, fused)
         load_weights(head, checkpoint)
         return cls(head, checkpoint["vocab"], checkpoint, **kwargs)
 
@@ -380,7 +522,8 @@ class Eagle(ModelDrafter):
         if self.head.eagle3:
             check_fused_layers(self.head.fused_layers, target.config.get_text_config().num_hidden_layers)
         head = module_for(self.head, target)
-        lm = ReducedHead(target.get_output_embeddings(), self.vocab)
+        out = target.get_output_embeddings()
+        lm = ReducedHead(out if self.lm_head is None else own_output_head(self.lm_head, self.vocab, out), self.vocab)
         if self.quantize:
             head = quantized(head)
         return head, DraftLMHead(lm, self.quantize)
