@@ -1,10 +1,18 @@
-"""Where an EAGLE-3 head is right on the benchmark: its teacher-forced top-1 at each unroll step on the
-target's own greedy answers to the Spec-Bench prompts, per task, split by whether prompt lookup
-already drafts the token.
+"""Where an EAGLE-3 head or a block drafter is right on the benchmark: its teacher-forced top-1 at each draft
+step on the target's own greedy answers to the Spec-Bench prompts, per task, split by whether prompt lookup
+already drafts the token, and the chain it would get accepted.
 
     python -m experiments.eagle_accuracy                              # the shipped head, 3 prompts per task
     python -m experiments.eagle_accuracy --checkpoint path.pt --per-task 5 --steps 5
     python -m experiments.eagle_accuracy --untrained                  # the head training starts from
+    python -m experiments.eagle_accuracy --kind block --checkpoint block-smollm2-135m --steps 8
+
+For a block drafter (``--kind block``), step ``s`` is mask ``s`` of the block rooted ``s`` tokens before the
+token: every root in the answer gets its own block over the true prefix's fused features, all in one
+forward (the training layout, :func:`~specdec.drafters.block.anchor_blocks`, with every anchor).
+``chain`` is the teacher-forced mean accepted length of a greedy chain of ``--steps`` from each root,
+counting the bonus token (1 + the leading run of right steps; a pooled tau without the engine), over
+every root and over the roots whose next token lookup misses (where a lookup-else drafter runs it).
 
 The target answers each prompt with ``model.generate`` (greedy, ``--max-new-tokens``); one forward over
 prompt + answer gives the fused features; :func:`~specdec.training.train.ttt_unroll` runs the head as
@@ -22,13 +30,14 @@ import torch
 from torch import Tensor
 
 from specdec import load_model
-from specdec.drafters import Eagle
+from specdec.drafters import BlockDrafter, Eagle
+from specdec.drafters.block import BlockHead, anchor_blocks
 from specdec.drafters.eagle import EagleHead, default_fused_layers
 from specdec.drafters.prompt_lookup import lookup_hits
 from specdec.drafters.vocab import ReducedHead
 from specdec.text import encode
 from specdec.tooling.data import SPEC_BENCH, load_prompts
-from specdec.training.train import LOOKUP_NGRAM, ttt_unroll
+from specdec.training.train import LOOKUP_NGRAM, attention_bias, ttt_unroll
 
 
 @torch.inference_mode()
@@ -52,27 +61,68 @@ def answer_hits(model, head: EagleHead, lm: ReducedHead, seq: Tensor, prompt_len
     return lookup_hits(seq, *LOOKUP_NGRAM)[prompt_len:], correct
 
 
+@torch.inference_mode()
+def block_answer_hits(model, head: BlockHead, lm: ReducedHead, seq: Tensor, prompt_len: int,
+                      steps: int) -> tuple[Tensor, Tensor]:
+    """:func:`answer_hits` for a block drafter: ``(steps, n)`` whether mask ``s + 1`` of the block rooted at
+    the token ``s + 1`` before answer token ``j`` is it (roots from the prompt's last token on)."""
+    out = model(seq[None], output_hidden_states=True)
+    fused = torch.cat([out.hidden_states[layer] for layer in head.fused_layers], dim=-1).float()  # (1, T, F)
+    T = len(seq)
+    layout = anchor_blocks(torch.arange(T)[None], torch.ones(1, T, dtype=torch.bool),
+                           torch.tensor([prompt_len - 1]), steps, anchors=T)  # every root, in order
+    anchor = layout["anchor"]  # (1, C)
+    roots = model.get_input_embeddings()(seq[None].gather(1, anchor.clamp(min=0))).float()  # (1, C, H)
+    x = torch.cat([head.context(fused), head.block_inputs(roots, steps).flatten(1, 2)], dim=1)
+    hidden = head.hidden(x, layout["positions"], attention_mask=attention_bias(layout["visible"], head.body.config))
+    pred = lm(hidden[0, T:].unflatten(0, (anchor.shape[1], steps + 1))[:, 1:]).argmax(-1)  # (C, steps)
+    correct = torch.zeros(steps, T - prompt_len, dtype=torch.bool)
+    for c, n in enumerate(anchor[0].tolist()):
+        for s in range(steps):
+            a = n + 1 + s - prompt_len  # the answer token mask s + 1 of root n drafts
+            if 0 <= a < T - prompt_len:
+                correct[s, a] = pred[c, s] == seq[n + 1 + s]
+    return lookup_hits(seq, *LOOKUP_NGRAM)[prompt_len:], correct
+
+
+def chains(correct: Tensor) -> Tensor:
+    """``(steps, n)`` per-step hits -> ``(n,)`` the greedy chain accepted from the root before each answer token:
+    1 (the target's own token) + the leading run of steps ``s`` right about token ``j + s``."""
+    steps, n = correct.shape
+    length = torch.ones(n)
+    alive = torch.ones(n, dtype=torch.bool)
+    for s in range(steps):
+        right = torch.zeros(n, dtype=torch.bool)
+        right[: n - s] = correct[s, s:]
+        alive &= right
+        length += alive.float()
+    return length
+
+
 def table(rows: dict[str, list[tuple[Tensor, Tensor]]], steps: int) -> str:
     """Markdown: per task (and all), answer tokens, lookup's share, top-1 per step over all / hits / misses."""
     def rate(correct: Tensor, where: Tensor) -> str:
         return " ".join(f"{correct[s, where].float().mean():.2f}" if where.any() else "-" for s in range(steps))
 
     lines = [f"| task | answer tokens | lookup drafts | top-1 step 1..{steps} | where lookup drafts it | "
-             "where lookup misses |", "|---|---|---|---|---|---|"]
+             "where lookup misses | chain | chain where lookup misses |", "|---|---|---|---|---|---|---|---|"]
     rows = rows | {"all": [pair for task in rows.values() for pair in task]}
     for task, pairs in rows.items():
         hits = torch.cat([h for h, _ in pairs])
         correct = torch.cat([c for _, c in pairs], dim=1)
         every = torch.ones_like(hits)
+        chain = torch.cat([chains(c) for _, c in pairs])
+        missed = chain[~hits].mean() if (~hits).any() else float("nan")
         lines.append(f"| {task} | {len(hits)} | {hits.float().mean():.2f} | {rate(correct, every)} | "
-                     f"{rate(correct, hits)} | {rate(correct, ~hits)} |")
+                     f"{rate(correct, hits)} | {rate(correct, ~hits)} | {chain.mean():.2f} | {missed:.2f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--checkpoint", default="eagle-smollm2-135m", help="an EAGLE-3 checkpoint, name or path")
+    parser.add_argument("--kind", choices=("eagle", "block"), default="eagle", help="an EAGLE-3 head or a block drafter")
+    parser.add_argument("--checkpoint", default=None, help="a checkpoint of --kind, name or path (default: the shipped one)")
     parser.add_argument("--untrained", action="store_true", help="the head from the target's last layer instead")
     parser.add_argument("--prompts", default=str(SPEC_BENCH))
     parser.add_argument("--per-task", type=int, default=3)
@@ -82,8 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
+    fused = default_fused_layers(model.config.num_hidden_layers)
     if args.untrained:
-        head, vocab = EagleHead.from_target(model, default_fused_layers(model.config.num_hidden_layers)).float(), None
+        head = (BlockHead.from_target(model, fused) if args.kind == "block" else EagleHead.from_target(model, fused))
+        head, vocab = head.float(), None
+    elif args.kind == "block":
+        drafter = BlockDrafter.from_checkpoint(args.checkpoint)
+        head, vocab = drafter.head.float(), drafter.vocab
     else:
         drafter = Eagle.from_checkpoint(args.checkpoint)
         head, vocab = drafter.head, drafter.vocab
@@ -96,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         ids = encode(tokenizer, [{"role": "user", "content": prompt.turns[0]}])
         seq = model.generate(ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
                              max_new_tokens=args.max_new_tokens)[0]
-        rows.setdefault(prompt.task, []).append(answer_hits(model, head, lm, seq, len(ids), args.steps))
+        hits = block_answer_hits if args.kind == "block" else answer_hits
+        rows.setdefault(prompt.task, []).append(hits(model, head, lm, seq, len(ids), args.steps))
     print(table(rows, args.steps))
 
 

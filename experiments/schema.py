@@ -138,8 +138,9 @@ def validate_training(cfg: DictConfig):
     unknown = sorted(set(block) - known)
     if unknown:
         raise ValueError(f"config drafter.train.{unknown[0]} is not a training setting: use one of {sorted(known)}")
-    if "init_layers" in block:
-        block["init_layers"] = tuple(block["init_layers"])
+    for name in ("init_layers", "skip_families"):
+        if name in block:
+            block[name] = tuple(block[name])
     settings = TrainSettings(**block)
     checks = [
         ("threads", cfg.threads >= 1, ">= 1"),
@@ -152,6 +153,8 @@ def validate_training(cfg: DictConfig):
         ("drafter.train.unroll", settings.unroll >= 1, ">= 1"),
         ("drafter.train.heads", settings.heads >= 1, ">= 1"),
         ("drafter.train.layers", settings.layers >= 1, ">= 1"),
+        ("drafter.train.lookup_weight", settings.lookup_weight >= 0, ">= 0 (1: every label alike)"),
+        ("drafter.train.loop_ngram", settings.loop_ngram == 0 or settings.loop_ngram >= 2, "0 (off) or >= 2"),
         ("data.gsm8k_prompts", cfg.data.gsm8k_prompts + cfg.data.self_prompts >= 2, "with self_prompts, >= 2"),
         ("decode_prompts", 0 <= cfg.decode_prompts <= settings.holdout, f"in [0, holdout={settings.holdout}]"),
     ]

@@ -14,15 +14,15 @@ import torch
 
 import specdec
 from specdec.training.checkpoint import fingerprint, save_checkpoint
-from specdec.training.distill import teacher_pass
+from specdec.training.distill import DistillSet, loop_start, teacher_pass
 from specdec.drafters import BlockDrafter, Distilled, Eagle, EarlyExit, Medusa
 from specdec.drafters.base import DecodeState
 from specdec.drafters.pard import Pard, mask_blocks
 from specdec.drafters.prompt_lookup import PromptLookup, lookup_hits
 from specdec.sampling import Sampling
 from specdec.drafters.vocab import ReducedHead, frequent_tokens
-from specdec.training.train import (KINDS, Chunk, Objective, TrainSettings, collate, chunks, evaluate, length_batched,
-                                    module_settings, train, trained_weights, ttt_unroll)
+from specdec.training.train import (KINDS, Chunk, Objective, TrainSettings, aimed, collate, chunks, evaluate,
+                                    length_batched, module_settings, train, trained_weights, ttt_unroll)
 from specdec.tree import TreeSpec
 
 from conftest import save_with_tokenizer, tiny_llama
@@ -142,6 +142,56 @@ def test_validation_separates_the_labels_lookup_misses(teacher, distill_set):
         assert again[f"val/top1_depth{d}"] == pytest.approx(metrics[f"val/top1_depth{d}_lookup_miss"])
 
 
+def test_loops_are_cut_where_the_answer_first_repeats_itself():
+    # prompt [9, 9], answer [1 2 3 4 1 2 3 4 1 2]: the 3-gram (1 2 3) begins again at answer index 4
+    assert loop_start(torch.tensor([9, 9, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2]), 2, 3) == 6
+    assert loop_start(torch.tensor([9, 1, 2, 3, 4, 5]), 1, 2) == 6  # never repeats: all of it
+    assert loop_start(torch.tensor([9, 7, 7, 7, 7]), 1, 2) == 3  # at least the first n-gram stays
+    assert loop_start(torch.tensor([1, 2, 3, 1, 2, 3, 1]), 3, 3) == 7  # the prompt's own n-grams do not count
+
+
+def test_training_rows_are_aimed_where_drafting_pays(teacher, distill_set):
+    """skip_families drops a family's rows, loop_ngram cuts every per-position field at the same place, and
+    validation keeps the set as it is (only the training split is aimed)."""
+    rows = len(distill_set.sequences)
+    data = DistillSet(distill_set.sequences, distill_set.prompt_lens, distill_set.features,
+                      distill_set.layer_features, distill_set.labels, ["rag" if i % 3 == 0 else "qa" for i in range(rows)])
+    kept = aimed(data, TrainSettings(skip_families=("rag",)))
+    assert len(kept.sequences) == rows - len(range(0, rows, 3)) and set(kept.families) == {"qa"}
+    assert all(torch.equal(a, b) for a, b in zip(kept.sequences, [s for i, s in enumerate(data.sequences) if i % 3]))
+    with pytest.raises(ValueError, match="'ragg'.*prompt family"):
+        aimed(data, TrainSettings(skip_families=("ragg",)))
+    cut = aimed(data, TrainSettings(loop_ngram=4))
+    lengths = [loop_start(s, p, 4) for s, p in zip(data.sequences, data.prompt_lens)]
+    assert any(n < len(s) for n, s in zip(lengths, data.sequences))  # the tiny teacher loops too
+    for i, n in enumerate(lengths):
+        assert len(cut.sequences[i]) == len(cut.labels[i]) == len(cut.features[i]) == n
+        assert all(len(v[i]) == n for v in cut.layer_features.values())
+        assert torch.equal(cut.labels[i], data.labels[i][:n]) and torch.equal(cut.features[i], data.features[i][:n])
+
+
+def test_lookup_weight_downweights_the_labels_lookup_drafts(teacher, distill_set):
+    """The block loss is a weighted mean: lookup_weight=0 is the loss without the labels lookup drafts (with
+    confidence=0 the other weights do not depend on them), a uniform lookup_weight changes nothing, and
+    validation (eval mode) ignores it."""
+    def loss(batch, weight, training=True):
+        objective = Objective("block", teacher, ReducedHead(teacher.lm_head),
+                              quick("block", **BLOCK, confidence=0.0, lookup_weight=weight))
+        objective.train(training)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return float(objective(batch)[0])
+
+    batch = collate(chunks(distill_set, 32, None, BLOCK["fused_layers"], lookup=True)[:4], lambda labels: labels)
+    assert 0 < int(batch["lookup"].sum()) < int(batch["mask"].sum())
+    dropped = batch | {"labels": batch["labels"].masked_fill(batch["lookup"], -100)}
+    assert loss(batch, 0.0) == pytest.approx(loss(dropped, 1.0), rel=1e-5)
+    assert loss(batch, 0.0) != pytest.approx(loss(batch, 1.0), rel=1e-3)
+    every = batch | {"lookup": batch["mask"]}
+    assert loss(every, 0.3) == pytest.approx(loss(every, 1.0), rel=1e-5)
+    assert loss(batch, 0.0, training=False) == pytest.approx(loss(batch, 1.0, training=False), rel=1e-6)
+
+
 def test_eagle3_unroll_shapes_and_gradients(teacher, distill_set):
     """One state per step and position; every step's loss reaches fuse, fc and the layer; the step weights
     decay; the head reads the fused layers side by side."""
@@ -244,6 +294,30 @@ def test_benchmark_accuracy_is_what_eagle_drafting_gets_accepted(teacher, distil
         accepted.append(out.stats.accepted == 1)
     assert correct[0].tolist() == accepted
     assert 0 < sum(accepted) < len(accepted)
+
+
+def test_benchmark_accuracy_is_what_block_drafting_gets_accepted(teacher, distill_set):
+    """experiments.eagle_accuracy --kind block: the step-1 hit at each answer token is whether the block drafter
+    drafting one token from the prefix before it gets that token accepted; ``chains`` counts the leading run."""
+    from experiments.eagle_accuracy import block_answer_hits, chains
+
+    module, vocab, _ = train("block", teacher, distill_set, quick("block", **BLOCK, epochs=6))
+    seq, prompt_len = distill_set.sequences[-1], distill_set.prompt_lens[-1]  # held out
+    hits, correct = block_answer_hits(teacher, module, ReducedHead(teacher.lm_head, vocab), seq, prompt_len, 2)
+    n = len(seq) - prompt_len
+    assert hits.shape == (n,) and correct.shape == (2, n)
+    drafter, accepted, two = BlockDrafter(module, vocab, k=2), [], []
+    for m in range(n - 2):  # the first step's root is the prefix's last token
+        out = specdec.generate(teacher, seq[None, : prompt_len + m], drafter, max_new_tokens=3, eos_token_id=None,
+                               return_dict_in_generate=True, goodput=False)
+        assert torch.equal(out.sequences[0], seq[: prompt_len + m + 3])  # lossless, as ever
+        first = out.stats.accept_lengths[0][0] - 1  # drafts the first step (2 deep) got accepted
+        accepted.append(first >= 1)
+        two.append(first)
+    assert correct[0, : n - 2].tolist() == accepted
+    assert 0 < sum(accepted) < len(accepted)
+    assert (chains(correct)[: n - 2] - 1).tolist() == two  # the chain the engine accepts from each root
+    assert chains(torch.tensor([[True, True, False], [True, False, True]])).tolist() == [2.0, 3.0, 1.0]
 
 
 @pytest.mark.parametrize("kind, extra", VARIANTS, ids=VARIANT_IDS)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from math import ceil
 from pathlib import Path
@@ -119,6 +120,31 @@ class DistillSet:
                               self.families[sl])
         return part(slice(None, len(self.sequences) - holdout)), part(slice(len(self.sequences) - holdout, None))
 
+    def rows(self, keep: list[int], lengths: list[int] | None = None) -> DistillSet:
+        """The sequences ``keep`` (in that order), each cut to ``lengths[i]`` positions when given."""
+        n = lengths or [len(self.sequences[i]) for i in keep]
+
+        def take(per_row: list) -> list:
+            return [per_row[i][:m] for i, m in zip(keep, n)] if per_row else []
+
+        return DistillSet(take(self.sequences), [self.prompt_lens[i] for i in keep], take(self.features),
+                          {k: take(v) for k, v in self.layer_features.items()}, take(self.labels),
+                          [self.families[i] for i in keep] if self.families else [], self.info)
+
+    def without(self, families: Sequence[str]) -> DistillSet:
+        """The set without the rows of ``families`` (an ablation: what a family adds)."""
+        unknown = sorted(set(families) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"skip_families names {unknown[0]!r}, not a prompt family: use names from {sorted(FAMILIES)}")
+        return self.rows([i for i, f in enumerate(self.families) if f not in set(families)])
+
+    def loops_cut(self, ngram: int) -> DistillSet:
+        """Each answer cut where the target starts repeating itself: before the first answer position whose
+        next ``ngram`` tokens already began at an earlier answer position (:func:`loop_start`). The looping
+        tail is what prompt lookup drafts anyway, and it would make the set's labels easy and alike."""
+        cuts = [loop_start(seq, plen, ngram) for seq, plen in zip(self.sequences, self.prompt_lens)]
+        return self.rows(list(range(len(self.sequences))), cuts)
+
     def check_enough(self, batch_size: int, seq_len: int, holdout: int, processes: int = 1) -> None:
         """Raise ``ValueError`` unless, after ``holdout`` sequences go to validation, the rest cut into
         ``seq_len``-token chunks (as :func:`specdec.training.train.chunks` cuts them) fill one batch of
@@ -147,6 +173,19 @@ class DistillSet:
             row["answer_tokens"] += len(seq) - plen
             row["tokens"] += len(seq)
         return out
+
+
+def loop_start(seq: Tensor, prompt_len: int, ngram: int) -> int:
+    """Where ``seq``'s answer (from ``prompt_len``) first repeats one of its own ``ngram``-grams: the length to
+    keep (at least ``prompt_len + ngram``; ``len(seq)`` when it never loops)."""
+    answer = seq[prompt_len:].tolist()
+    seen = set()
+    for j in range(len(answer) - ngram + 1):
+        gram = tuple(answer[j : j + ngram])
+        if gram in seen:
+            return prompt_len + max(j, ngram)
+        seen.add(gram)
+    return len(seq)
 
 
 class _Answerer:

@@ -94,6 +94,11 @@ class TrainSettings:
     eval_depths: int = 5  # depths of the per-depth accuracy
     answer_only: bool = False  # train on the labels of the target's answers only (the prompt is context),
     # where drafting happens (EAGLE's loss mask on the assistant's turn)
+    lookup_weight: float = 1.0  # block: loss weight of the labels prompt lookup already drafts (a lookup-else-block
+    # drafter drafts those with lookup; 1: all labels alike)
+    loop_ngram: int = 0  # cut each training answer where it first repeats one of its own n-grams of this length
+    # (the target's loops, DistillSet.loops_cut; 0: keep them); validation keeps the set as it is
+    skip_families: tuple[str, ...] = ()  # prompt families left out of training (ablations; validation keeps them)
     bf16: bool = False  # products in bfloat16 (torch.autocast), weights and optimiser in float32: 4x faster
     # matrix products on CPUs with AVX512-BF16, and the draft's rounding never reaches the target's output
 
@@ -279,6 +284,9 @@ class Objective(nn.Module):
         label_logq = torch.full(want.shape, -1e4, device=device)  # (B, C, block); off the labels: unreachable
         label_logq[keep] = logq.gather(1, want[keep][:, None])[:, 0]
         weights = chain_weights(label_logq, s.loss_decay, s.confidence)[keep]  # (N,), constant
+        if self.training and s.lookup_weight != 1.0 and "lookup" in batch:  # labels lookup drafts weigh less
+            drafted = batch["lookup"].gather(1, index.clamp(min=0).flatten(1)).view_as(index)[keep]
+            weights = weights * torch.where(drafted, s.lookup_weight, 1.0)
         loss = -(weights * label_logq[keep]).sum() / weights.sum()  # the weighted mean cross-entropy
         right = torch.zeros(want.shape, dtype=torch.bool, device=device)
         right[keep] = logq.argmax(-1) == want[keep]
@@ -467,6 +475,7 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
     for param in target.parameters():
         param.requires_grad_(False)
     train_set, val_set = data.split(settings.holdout)
+    train_set = aimed(train_set, settings)
     vocab = None
     if settings.vocab:
         vocab = frequent_tokens(train_set.labels, settings.vocab, target.get_output_embeddings().weight.shape[0])
@@ -475,7 +484,7 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
     objective = Objective(kind, target, head, settings)
     exit_layer = settings.layers if kind == "early_exit" else None
     fused = settings.fused_layers if kind in ("eagle", "block") else None
-    train_chunks = chunks(train_set, settings.seq_len, exit_layer, fused)
+    train_chunks = chunks(train_set, settings.seq_len, exit_layer, fused, lookup=settings.lookup_weight != 1.0)
     if len(train_chunks) < settings.batch_size:
         raise ValueError(f"the distillation set has {len(train_chunks)} training chunks of <= {settings.seq_len} tokens "
                          f"(after {settings.holdout} held-out sequences), fewer than one batch of "
@@ -522,6 +531,16 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
     if kind == "medusa":
         final["rank_accuracy"] = rank_accuracy(inner, val_batches).tolist()
     return inner.module, vocab, final
+
+
+def aimed(train_set: DistillSet, settings: TrainSettings) -> DistillSet:
+    """The training rows aimed where drafting pays: ``skip_families`` left out, the target's loops cut
+    (``loop_ngram``). Labels lookup drafts are down-weighted in the loss itself (``lookup_weight``)."""
+    if settings.skip_families:
+        train_set = train_set.without(settings.skip_families)
+    if settings.loop_ngram:
+        train_set = train_set.loops_cut(settings.loop_ngram)
+    return train_set
 
 
 def resolved(kind: str, target: PreTrainedModel, settings: TrainSettings) -> TrainSettings:
