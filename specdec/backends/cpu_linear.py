@@ -164,12 +164,14 @@ def packed_weights(model: nn.Module) -> PackedWeights:
 @dataclass
 class Route:
     """The products of one call: ``packs`` is ``None`` when packing is off, ``native`` when the native
-    product (:mod:`specdec.backends.native`) is not used."""
+    product (:mod:`specdec.backends.native`) is not used; ``fused``: the installed norms and rotary
+    embeddings take the native library's ops (:mod:`specdec.backends.fused`) when ``native`` holds it."""
 
     packs: PackedWeights | None
     native: RowsLinear | None = None
     checked: set[int] = field(default_factory=set)
     timer: object | None = None  # when set (a profiled call), its ``linear`` seconds grow by every product's
+    fused: bool = True
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """``F.linear(x, weight, bias)`` by the faster CPU product for its shape (see the module docstring)."""
@@ -222,6 +224,11 @@ class Route:
 _ROUTE: ContextVar[Route | None] = ContextVar("specdec_linear_route", default=None)
 
 
+def current_route() -> Route | None:
+    """The calling context's :class:`Route` (``None`` outside a routed call)."""
+    return _ROUTE.get()
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear``, or the current call's :class:`Route` inside a routed call."""
     route = _ROUTE.get()
@@ -248,10 +255,15 @@ class _RoutedForward:
 def install_linears(module: nn.Module) -> None:
     """Give every CPU ``nn.Linear`` of ``module`` the routed ``forward``, once (idempotent, and safe to
     repeat after an interrupted install). Layers whose ``forward`` is already replaced on the instance
-    (e.g. by accelerate's offloading hooks) and subclasses of ``nn.Linear`` are left alone."""
+    (e.g. by accelerate's offloading hooks) and subclasses of ``nn.Linear`` are left alone. The model's
+    Llama RMSNorms and rotary embeddings get theirs too (:func:`specdec.backends.fused.install_fused`):
+    the native ones, inside a routed call whose route holds the native library."""
+    from specdec.backends.fused import install_fused  # it reads this module's route
+
     for layer in module.modules():
         if type(layer) is nn.Linear and "forward" not in vars(layer) and layer.weight.device.type == "cpu":
             layer.forward = _RoutedForward(layer)
+    install_fused(module)
 
 
 def is_installed(module: nn.Module) -> bool:
@@ -260,10 +272,13 @@ def is_installed(module: nn.Module) -> bool:
 
 
 def uninstall_linears(module: nn.Module) -> None:
-    """Undo :func:`install_linears` (the layers' own ``forward`` again)."""
+    """Undo :func:`install_linears` (the layers' own ``forward`` again, the norms' and rotary embeddings' too)."""
+    from specdec.backends.fused import uninstall_fused
+
     for layer in module.modules():
         if isinstance(vars(layer).get("forward"), _RoutedForward):
             del layer.forward
+    uninstall_fused(module)
 
 
 @contextmanager

@@ -36,8 +36,15 @@ Numerics: each output is the same float32 dot product as ``F.linear``'s, summed 
 (16 lanes, then the lanes), so it agrees with ``F.linear`` to float rounding, as any other kernel or
 batch shape does; the engine's greedy equality with ``model.generate`` is tested under it.
 
+The same library holds the step's RMSNorm and rotary embedding (``specdec_rms_norm``, ``specdec_rope``;
+:meth:`RowsLinear.rms_norm`, :meth:`RowsLinear.rope`, used by :mod:`specdec.backends.fused`). They are built
+with ``-ffp-contract=off`` so that no multiply and add are fused into one rounding where transformers
+rounds twice: the rotary embedding equals transformers' to the bit, the norm differs only in the order its
+sum of squares is added.
+
 Where it cannot be built (no compiler, a failed build, ``SPECDEC_NATIVE=0``), :func:`load` returns
-``None`` and warns once per process; the engine then takes the pure-torch products.
+``None`` and warns once per process; the engine then takes the pure-torch products and the model's own
+norms and rotary embeddings.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ MAX_ROWS = 8  # rows per pass over the weight (more rows: the caller splits, or 
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -136,19 +144,100 @@ extern "C" int specdec_rows_linear(const float* x, const float* w, const float* 
   }
   return 0;
 }
+
+// RMSNorm of R rows of N: y = w * (x * (1 / sqrt(sum(x * x) / N + eps))), the operations of transformers'
+// LlamaRMSNorm in float32, each rounded as there (built with -ffp-contract=off: no fused multiply-add); only
+// the sum of squares is added in another order (16 lanes, then the lanes)
+extern "C" void specdec_rms_norm(const float* x, const float* w, float* y, int64_t R, int64_t N, float eps) {
+  const int64_t full = N & ~int64_t(15);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * N;
+    float* yr = y + r * N;
+    float ss = 0.f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < full; k += 16) {
+      const __m512 v = _mm512_loadu_ps(xr + k);
+      acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+    }
+    ss = _mm512_reduce_add_ps(acc);
+#else
+    float lanes[16] = {0.f};
+    for (int64_t k = 0; k < full; k += 16)
+      for (int i = 0; i < 16; ++i) lanes[i] += xr[k + i] * xr[k + i];
+    for (int i = 0; i < 16; ++i) ss += lanes[i];
+#endif
+    for (int64_t k = full; k < N; ++k) ss += xr[k] * xr[k];
+    const float inv = 1.f / sqrtf(ss / (float)N + eps);
+    for (int64_t k = 0; k < N; ++k) yr[k] = w[k] * (xr[k] * inv);
+  }
+}
+
+// rotary embedding of one tensor (B, H, T, D), any strides but the last (1): out = x * cos + rotate_half(x) * sin,
+// rotate_half(x) = cat(-x[D/2:], x[:D/2]), with cos and sin (B or 1, T, D); the operations of transformers'
+// apply_rotary_pos_emb, each rounded as there, so the result is the same to the bit
+static void rotate(const float* x, float* y, const float* c, const float* s, int64_t B, int64_t H, int64_t T,
+                   int64_t D, const int64_t* xs, const int64_t* ys, int64_t cb) {
+  const int64_t half = D / 2;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        const float* xr = x + b * xs[0] + h * xs[1] + t * xs[2];
+        float* yr = y + b * ys[0] + h * ys[1] + t * ys[2];
+        const float* cr = c + b * cb + t * D;
+        const float* sr = s + b * cb + t * D;
+        for (int64_t i = 0; i < half; ++i) yr[i] = xr[i] * cr[i] + (-xr[i + half]) * sr[i];
+        for (int64_t i = half; i < D; ++i) yr[i] = xr[i] * cr[i] + xr[i - half] * sr[i];
+      }
+}
+
+// q and k (B, Hq or Hk, T, D) into qo and ko; strides in elements, [batch, head, token] each (last stride 1)
+extern "C" void specdec_rope(const float* q, const float* k, const float* c, const float* s, float* qo, float* ko,
+                             int64_t B, int64_t Hq, int64_t Hk, int64_t T, int64_t D, const int64_t* strides,
+                             int64_t cos_batch_stride) {
+  rotate(q, qo, c, s, B, Hq, T, D, strides, strides + 3, cos_batch_stride);
+  rotate(k, ko, c, s, B, Hk, T, D, strides + 6, strides + 9, cos_batch_stride);
+}
 """
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 
 class RowsLinear:
-    """The built product: :meth:`__call__` is ``F.linear`` for up to :data:`MAX_ROWS` float32 CPU rows."""
+    """The built library: :meth:`__call__` is ``F.linear`` for up to :data:`MAX_ROWS` float32 CPU rows;
+    :meth:`rms_norm` and :meth:`rope` are the step's RMSNorm and rotary embedding (:mod:`specdec.backends.fused`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fn = ctypes.CDLL(str(path)).specdec_rows_linear
+        library = ctypes.CDLL(str(path))
+        self._fn = library.specdec_rows_linear
         self._fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         self._fn.restype = ctypes.c_int
+        self._norm = library.specdec_rms_norm
+        self._norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+        self._norm.restype = None
+        self._rope = library.specdec_rope
+        self._rope.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64]
+        self._rope.restype = None
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """``weight * (x * rsqrt(mean(x ** 2, -1) + eps))`` for contiguous float32 CPU ``x (..., N)`` and
+        ``weight (N,)``: LlamaRMSNorm's operations, its sum of squares added in another order."""
+        out = torch.empty_like(x)
+        width = x.shape[-1]
+        self._norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // width, width, eps)
+        return out
+
+    def rope(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """``q (B, H, T, D)``, ``k (B, Hk, T, D)`` rotated by ``cos``, ``sin`` ``(B or 1, T, D)`` (contiguous), as
+        transformers' ``apply_rotary_pos_emb`` with ``unsqueeze_dim=1``, to the bit; float32 CPU tensors whose last
+        stride is 1. The outputs keep the inputs' layouts."""
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        strides = (ctypes.c_int64 * 12)(*q.stride()[:3], *q_out.stride()[:3], *k.stride()[:3], *k_out.stride()[:3])
+        B, H, T, D = q.shape
+        self._rope(q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), q_out.data_ptr(), k_out.data_ptr(),
+                   B, H, k.shape[1], T, D, strides, cos.stride(0) if cos.shape[0] > 1 else 0)
+        return q_out, k_out
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """``(R, O)`` = ``x (R, I) @ weight (O, I)^T + bias (O,)``: contiguous float32 CPU tensors, ``R <= MAX_ROWS``."""
@@ -239,7 +328,8 @@ class _Loader:
             except (RuntimeError, OSError) as err:
                 reason = str(err)
         warnings.warn(f"specdec: the native CPU product is unavailable ({reason}); decoding uses the pure-torch "
-                      "products (specdec.backends.cpu_linear), which are slower for 1-8 rows", RuntimeWarning,
+                      "products (specdec.backends.cpu_linear), which are slower for 1-8 rows, and the model's own norms and "
+                      "rotary embeddings (specdec.backends.fused)", RuntimeWarning,
                       stacklevel=3)
         return None
 
