@@ -118,11 +118,30 @@ def table(rows: dict[str, list[tuple[Tensor, Tensor]]], steps: int) -> str:
     return "\n".join(lines)
 
 
+def load_head(model, kind: str, checkpoint: str | None, untrained: bool) -> tuple[torch.nn.Module, Tensor | None]:
+    """The head to measure and its reduced vocabulary: a checkpoint of ``kind`` (``None``: the shipped one), or
+    the untrained head training starts from."""
+    fused = default_fused_layers(model.config.num_hidden_layers)
+    if untrained:
+        head = BlockHead.from_target(model, fused) if kind == "block" else EagleHead.from_target(model, fused)
+        return head.float(), None
+    if kind == "block":
+        drafter = BlockDrafter.from_checkpoint(checkpoint)
+        return drafter.head.float(), drafter.vocab
+    drafter = Eagle.from_checkpoint(checkpoint)
+    if not drafter.head.eagle3:
+        raise ValueError(f"checkpoint {checkpoint!r} is an EAGLE-1 head: this measures EAGLE-3 heads "
+                         "(trained with drafter.train.fused_layers=[])")
+    return drafter.head, drafter.vocab
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--kind", choices=("eagle", "block"), default="eagle", help="an EAGLE-3 head or a block drafter")
-    parser.add_argument("--checkpoint", default=None, help="a checkpoint of --kind, name or path (default: the shipped one)")
+    parser.add_argument("--checkpoint", nargs="+", default=[None],
+                        help="checkpoints of --kind, names or paths (default: the shipped one); several share the "
+                             "target's answers and print one table each")
     parser.add_argument("--untrained", action="store_true", help="the head from the target's last layer instead")
     parser.add_argument("--prompts", default=str(SPEC_BENCH))
     parser.add_argument("--per-task", type=int, default=3)
@@ -132,28 +151,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    fused = default_fused_layers(model.config.num_hidden_layers)
-    if args.untrained:
-        head = (BlockHead.from_target(model, fused) if args.kind == "block" else EagleHead.from_target(model, fused))
-        head, vocab = head.float(), None
-    elif args.kind == "block":
-        drafter = BlockDrafter.from_checkpoint(args.checkpoint)
-        head, vocab = drafter.head.float(), drafter.vocab
-    else:
-        drafter = Eagle.from_checkpoint(args.checkpoint)
-        head, vocab = drafter.head, drafter.vocab
-        if not head.eagle3:
-            raise ValueError(f"checkpoint {args.checkpoint!r} is an EAGLE-1 head: this measures EAGLE-3 heads "
-                             "(trained with drafter.train.fused_layers=[])")
-    lm = ReducedHead(model.get_output_embeddings(), vocab)
-    rows: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    answers = []
     for prompt in load_prompts(args.prompts, per_task=args.per_task):
         ids = encode(tokenizer, [{"role": "user", "content": prompt.turns[0]}])
         seq = model.generate(ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
                              max_new_tokens=args.max_new_tokens)[0]
-        hits = block_answer_hits if args.kind == "block" else answer_hits
-        rows.setdefault(prompt.task, []).append(hits(model, head, lm, seq, len(ids), args.steps))
-    print(table(rows, args.steps))
+        answers.append((prompt.task, seq, len(ids)))
+    hits = block_answer_hits if args.kind == "block" else answer_hits
+    for checkpoint in [None] if args.untrained else args.checkpoint:
+        head, vocab = load_head(model, args.kind, checkpoint, args.untrained)
+        lm = ReducedHead(model.get_output_embeddings(), vocab)
+        rows: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        for task, seq, prompt_len in answers:
+            rows.setdefault(task, []).append(hits(model, head, lm, seq, prompt_len, args.steps))
+        if len(args.checkpoint) > 1:
+            print(f"\n{checkpoint}:")
+        print(table(rows, args.steps))
 
 
 if __name__ == "__main__":

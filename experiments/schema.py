@@ -145,6 +145,7 @@ def validate_training(cfg: DictConfig):
     checks = [
         ("threads", cfg.threads >= 1, ">= 1"),
         ("drafter.train.epochs", settings.epochs > 0, "> 0"),
+        ("drafter.train.steps", settings.steps >= 0, ">= 0 (0: from epochs)"),
         ("drafter.train.lr", settings.lr > 0, "> 0"),
         ("drafter.train.batch_size", settings.batch_size >= 1, ">= 1"),
         ("drafter.train.seq_len", settings.seq_len >= 2, ">= 2"),

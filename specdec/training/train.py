@@ -67,6 +67,7 @@ class TrainSettings:
     """Optimisation and model-shape settings (each drafter's config sets its own)."""
 
     epochs: float = 4.0
+    steps: int = 0  # optimiser steps (0: from epochs); equal steps give ablations the same compute
     lr: float = 1e-3
     batch_size: int = 8  # chunks per step
     seq_len: int = 256  # tokens per chunk
@@ -496,7 +497,7 @@ def train(kind: str, target: PreTrainedModel, data: DistillSet, settings: TrainS
     val_batches = [collate(c, head.label_index) for c in _batched(val_chunks, settings.batch_size)]
     params = [p for p in objective.module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    steps = max(1, math.ceil(settings.epochs * len(train_chunks) / settings.batch_size))
+    steps = settings.steps or max(1, math.ceil(settings.epochs * len(train_chunks) / settings.batch_size))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * i / steps)))
     objective, optimizer = accelerator.prepare(objective, optimizer)
