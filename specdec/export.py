@@ -35,6 +35,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -238,7 +239,9 @@ def export_checkpoint(name_or_path: str | Path, out_dir: str | Path, format: str
 def read_weights(path: Path) -> dict[str, Tensor]:
     """Every tensor of a directory's ``model.safetensors`` (or its shards, by ``model.safetensors.index.json``)."""
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     state = {}
     for name in files:
         if not (path / name).is_file():
@@ -289,8 +292,11 @@ def load_speculators(path: str | Path, target: PreTrainedModel | None = None, **
     if config.get("embed_requires_grad"):
         raise ValueError(f"{str(path)!r} trained its own embedding (embed_requires_grad); specdec's Eagle drafts "
                          "with the target's embedding")
-    target_config = target.config.get_text_config() if target is not None else AutoConfig.for_model(
-        layer_config.model_type, **{**layer_config.to_dict(), "num_hidden_layers": max(fused)})  # checked at bind
+    if target is not None:
+        target_config = target.config.get_text_config()
+    else:  # the target's depth is unknown here: the fused layers are checked against it when bound
+        target_config = copy.deepcopy(layer_config)
+        target_config.num_hidden_layers = max(fused)
     head = ReferenceEagle3Head(target_config, fused, layers=layer_config.num_hidden_layers, layer_config=layer_config,
                                norm_before_residual=bool(config.get("norm_before_residual", False)),
                                norm_output=bool(config.get("norm_output", False)),

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     real = sub.add_parser("smollm", help="(in .venv) prepare on SmolLM2-135M, then compare in .venv-speculators")
     real.add_argument("--out", default="outputs/speculators_check")
     real.add_argument("--steps", type=int, default=3)
-    real.add_argument("--tokens", type=int, default=96, help="greedy tokens after the prompt")
+    real.add_argument("--tokens", type=int, default=128, help="greedy tokens after the prompt (the check keeps "
+                      "a multiple of 128 positions)")
     real.add_argument("--attn", default=None)
     args = parser.parse_args(argv)
     if args.command == "compare":
@@ -152,18 +153,19 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     from specdec import load_model
     from specdec.drafters.eagle import ReferenceEagle3Head, default_fused_layers
+    from specdec.text import encode
     from specdec.training.checkpoint import load_checkpoint
 
     target, tokenizer = load_model("smollm2-135m")
     vocab = load_checkpoint("eagle-smollm2-135m", "eagle")["vocab"].long()  # the shipped head's 8192 ids
     fused = default_fused_layers(target.config.num_hidden_layers)
     head = perturbed(ReferenceEagle3Head.from_target(target, fused))
-    messages = [{"role": "user", "content": "Explain in three sentences why the sky is blue."}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    prompt = encode(tokenizer, [{"role": "user", "content": "Explain in three sentences why the sky is blue."}])[None]
     with torch.no_grad():
         tokens = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.tokens,
                                  do_sample=False)
+    # speculators' default flex attention extends its block mask by whole 128-blocks per step: a multiple of 128
+    tokens = tokens[:, : 128 * max(1, (tokens.shape[1] - 1) // 128) + 1]
     out = prepare(target, head, vocab, tokens, Path(args.out), args.steps, verifier=target.name_or_path)
     result = {"target": "smollm2-135m", "fused_layers": list(fused), "sequence": int(tokens.shape[1]),
               **run_compare(out, args.attn)}
