@@ -211,7 +211,10 @@ def export_checkpoint(name_or_path: str | Path, out_dir: str | Path, format: str
     if format not in FORMATS:
         raise ValueError(f"format {format!r} is not one of {list(FORMATS)}")
     path = checkpoint_path(name_or_path)
-    kind = torch.load(path, map_location="cpu", weights_only=True).get("kind")
+    try:
+        kind = torch.load(path, map_location="cpu", weights_only=True).get("kind")
+    except Exception:  # not a readable checkpoint: load_checkpoint below says so, naming the file
+        kind = "eagle"
     if kind == "block":
         raise UnsupportedExport(f"{str(path)!r}: {BLOCK_GAP}")
     if kind == "medusa":
@@ -355,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnsupportedExport as err:
         print(f"specdec.export: not exported: {err}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError) as err:  # a bad checkpoint, path or target: the message says which
+        print(f"specdec.export: error: {err}", file=sys.stderr)
+        return 1
     config = json.loads((out / "config.json").read_text())
     size = (out / "model.safetensors").stat().st_size
     print(f"specdec.export: wrote {out} ({args.format} eagle3, {args.dtype}, {size / 2**20:.1f} MiB): fused layers "

@@ -200,6 +200,14 @@ def test_shipped_head_is_refused_by_the_cli(tmp_path, capsys):
     assert "ReferenceEagle3Head" in err and not (tmp_path / "out").exists()
 
 
+def test_cli_names_a_bad_checkpoint(tmp_path, capsys):
+    assert main(["no-such-head", str(tmp_path / "out")]) == 1
+    assert "no shipped drafter checkpoint 'no-such-head'" in capsys.readouterr().err
+    (tmp_path / "broken.pt").write_bytes(b"not a torch file")
+    assert main([str(tmp_path / "broken.pt"), str(tmp_path / "out")]) == 1
+    assert "cannot be read" in capsys.readouterr().err
+
+
 def test_block_drafter_and_medusa_are_refused(target4, tmp_path, capsys):
     block = BlockDrafter(BlockHead.from_target(target4, FUSED), k=4)
     with pytest.raises(UnsupportedExport, match="dflash") as err:
