@@ -37,7 +37,7 @@ from specdec.drafters.prompt_lookup import lookup_hits
 from specdec.drafters.vocab import ReducedHead
 from specdec.text import encode
 from specdec.tooling.data import SPEC_BENCH, load_prompts
-from specdec.training.train import LOOKUP_NGRAM, attention_bias, ttt_unroll
+from specdec.training.train import LOOKUP_NGRAM, attention_bias, features_before, ttt_unroll
 
 
 @torch.inference_mode()
@@ -73,7 +73,8 @@ def block_answer_hits(model, head: BlockHead, lm: ReducedHead, seq: Tensor, prom
                            torch.tensor([prompt_len - 1]), steps, anchors=T)  # every root, in order
     anchor = layout["anchor"]  # (1, C)
     roots = model.get_input_embeddings()(seq[None].gather(1, anchor.clamp(min=0))).float()  # (1, C, H)
-    x = torch.cat([head.context(fused), head.block_inputs(roots, steps).flatten(1, 2)], dim=1)
+    blocks = head.block_inputs(roots, steps, features_before(fused, anchor))
+    x = torch.cat([head.context(fused), blocks.flatten(1, 2)], dim=1)
     hidden = head.hidden(x, layout["positions"], attention_mask=attention_bias(layout["visible"], head.body.config))
     pred = lm(hidden[0, T:].unflatten(0, (anchor.shape[1], steps + 1))[:, 1:]).argmax(-1)  # (C, steps)
     correct = torch.zeros(steps, T - prompt_len, dtype=torch.bool)

@@ -76,6 +76,9 @@ class BlockHead(nn.Module):
         self.fuse = nn.Linear(len(self.fused_layers) * hidden, hidden, bias=False)
         self.feature_norm = copy.deepcopy(self.body.norm)  # the fused features and the embeddings differ in scale
         self.mask = nn.Parameter(torch.zeros(hidden))
+        # the feature of the token before the root, added to every block column (zero at the start): the
+        # block reads what EAGLE reads in its own column, so it need not first learn to attend to it
+        self.anchor = nn.Linear(hidden, hidden, bias=False)
 
     @property
     def feature_width(self) -> int:
@@ -103,16 +106,20 @@ class BlockHead(nn.Module):
             high = max(range(len(fused)), key=lambda i: fused[i])
             head.fuse.weight[:, high * hidden : (high + 1) * hidden] = torch.eye(hidden)
             head.mask.copy_(target.get_input_embeddings().weight.float().mean(0))
+            head.anchor.weight.zero_()
         return head
 
     def context(self, features: Tensor) -> Tensor:
         """``(..., feature_width)`` fused target features -> ``(..., H)`` context inputs."""
         return self.feature_norm(self.fuse(features))
 
-    def block_inputs(self, root_embeds: Tensor, k: int) -> Tensor:
-        """``root_embeds (..., H)`` -> ``(..., 1 + k, H)``: the root's embedding, then ``k`` masks."""
+    def block_inputs(self, root_embeds: Tensor, k: int, before: Tensor) -> Tensor:
+        """``root_embeds (..., H)`` -> ``(..., 1 + k, H)``: the root's embedding, then ``k`` masks, each plus
+        ``anchor(context(before))``; ``before (..., feature_width)`` is the fused feature of the token before
+        the root (zeros where there is none)."""
         masks = self.mask.to(root_embeds.dtype).expand(*root_embeds.shape[:-1], k, -1)
-        return torch.cat([root_embeds[..., None, :], masks], dim=-2)
+        inputs = torch.cat([root_embeds[..., None, :], masks], dim=-2)
+        return inputs + self.anchor(self.context(before.to(root_embeds.dtype)))[..., None, :].to(inputs.dtype)
 
     def hidden(self, x: Tensor, position_ids: Tensor, cache=None, attention_mask: Tensor | None = None,
                **kwargs) -> Tensor:
@@ -197,6 +204,7 @@ class BlockNet(DraftNetwork):
         self.needs = Needs(hidden=True, layers=head.fused_layers)
         self.pending: dict[int, Tensor] = {}  # row -> (m, F) features of committed tokens not fed yet
         self.seen: dict[int, int] = {}  # row -> tokens of the row whose features are pending or fed
+        self.before: dict[int, Tensor] = {}  # row -> (F,) the last fed feature: the token before the next root
         self.block: Tensor | None = None  # (A, slots, V) the step's logits of depths 1 .. slots
         self.dtype = head.mask.dtype
 
@@ -231,7 +239,12 @@ class BlockNet(DraftNetwork):
             context = self.head.context(torch.cat(pend).to(device=device, dtype=dtype))  # (sum m, H)
             x = feed.place(list(context.split(counts.tolist()))).to(dtype)
         roots = self.embed(torch.cat([s.tokens[:, -1] for s in states]).to(device)).to(dtype)  # (A, H)
-        x[:, first:] = self.head.block_inputs(roots, slots)
+        for s, f in zip(states, pend):
+            if len(f):
+                self.before[s.row] = f[-1]
+        zero = torch.zeros(self.head.feature_width)
+        before = torch.stack([self.before.get(s.row, zero).to(device=device, dtype=dtype) for s in states])
+        x[:, first:] = self.head.block_inputs(roots, slots, before)
         positions = feed.positions.to(device)
         hidden = self.through_tree(self.head.hidden, ancestors, positions, x, positions, self.cache.cache)
         logits = self.lm(hidden[:, first + 1 :])  # (A, slots, V)
@@ -261,6 +274,7 @@ class BlockNet(DraftNetwork):
             if state.finished:
                 self.pending.pop(state.row, None)
                 self.seen.pop(state.row, None)
+                self.before.pop(state.row, None)
         super().commit(states, fed, verified)
 
 

@@ -273,7 +273,9 @@ class Objective(nn.Module):
         B, T = tokens.shape
         anchor = layout["anchor"]  # (B, C)
         roots = self._target[0].get_input_embeddings()(tokens.gather(1, anchor.clamp(min=0)))  # (B, C, H)
-        x = torch.cat([head.context(batch["fused"]), head.block_inputs(roots.float(), s.block).flatten(1, 2)], dim=1)
+        before = features_before(batch["fused"], anchor)  # (B, C, F)
+        x = torch.cat([head.context(batch["fused"]), head.block_inputs(roots.float(), s.block, before).flatten(1, 2)],
+                      dim=1)
         hidden = head.hidden(x, layout["positions"], attention_mask=attention_bias(layout["visible"], head.body.config))
         out = hidden[:, T:].unflatten(1, (anchor.shape[1], s.block + 1))[:, :, 1:]  # (B, C, block, H): the masks
         index = layout["label_index"]  # (B, C, block)
@@ -335,6 +337,14 @@ class Objective(nn.Module):
         hidden = self.module.model(input_ids=batch["tokens"], position_ids=batch["positions"]).last_hidden_state
         ce, hit = self._ce(hidden, batch["labels"])
         return ce, [hit]
+
+
+def features_before(fused: Tensor, anchor: Tensor) -> Tensor:
+    """``fused (B, T, F)``, ``anchor (B, C)`` root indices -> ``(B, C, F)`` the feature of the token before each
+    root (zeros for a root at index 0 or a padding block), what the block's columns read besides attention."""
+    prev = (anchor - 1).clamp(min=0)
+    out = fused.gather(1, prev[..., None].expand(-1, -1, fused.shape[-1]))
+    return out * (anchor > 0)[..., None].to(out.dtype)
 
 
 def attention_bias(visible: Tensor, config) -> Tensor:
