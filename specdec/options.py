@@ -27,8 +27,10 @@ class Options:
             tree forwards alike.
         linear_backend: the CPU linear products of the target and the drafter's networks:
             ``"auto"`` (:mod:`specdec.backends.cpu_linear` with the native product of
-            :mod:`specdec.backends.native` for 1-8 rows, where it builds), ``"skinny"`` (the same without the
-            native product) or ``"torch"`` (``F.linear``).
+            :mod:`specdec.backends.native` for 1-8 rows, where it builds, and that library's RMSNorm and
+            rotary embedding for the Llama-code norms and rotary embeddings of a step of up to 64 tokens,
+            :mod:`specdec.backends.fused`), ``"skinny"`` (the torch products, and the model's own norms and
+            rotary embeddings) or ``"torch"`` (``F.linear``).
         pack_weights: let the CPU products keep oneDNN-packed copies of large weights (faster for
             3+ rows, costs the weights' memory once more; see :class:`~specdec.backends.cpu_linear.PackedWeights`).
         min_verify_tokens: pad verification forwards that carry drafts to at least this many tokens

@@ -48,8 +48,8 @@ def _same_code(a, b) -> bool:
 
 def is_llama_norm(module: nn.Module) -> bool:
     """Whether ``module`` computes transformers' ``LlamaRMSNorm`` (its class's forward is that one's)."""
-    return (isinstance(getattr(module, "weight", None), Tensor) and isinstance(getattr(module, "variance_epsilon", None),
-                                                                                 float)
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    return (isinstance(weight, Tensor) and isinstance(eps, float)
             and _same_code(type(module).forward, modeling_llama.LlamaRMSNorm.forward))
 
 

@@ -328,9 +328,8 @@ class _Loader:
             except (RuntimeError, OSError) as err:
                 reason = str(err)
         warnings.warn(f"specdec: the native CPU product is unavailable ({reason}); decoding uses the pure-torch "
-                      "products (specdec.backends.cpu_linear), which are slower for 1-8 rows, and the model's own norms and "
-                      "rotary embeddings (specdec.backends.fused)", RuntimeWarning,
-                      stacklevel=3)
+                      "products (specdec.backends.cpu_linear), which are slower for 1-8 rows, and the model's own "
+                      "norms and rotary embeddings (specdec.backends.fused)", RuntimeWarning, stacklevel=3)
         return None
 
 
