@@ -95,3 +95,15 @@ def no_autograd_mode_leaks():
     leaked = not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
     torch.set_grad_enabled(True)
     assert not leaked, "this test left autograd disabled"
+
+
+@pytest.fixture(scope="module")
+def native_library():
+    """The native library (specdec.backends.native), built on first use; skipped where it cannot be built
+    (test_native's fallback test covers that case)."""
+    from specdec.backends import native
+
+    built = native.load()
+    if built is None:
+        pytest.skip("the native library cannot be built on this machine (test_native's fallback test covers it)")
+    return built

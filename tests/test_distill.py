@@ -70,8 +70,11 @@ def test_families_cover_what_they_promise():
 def test_family_sizes_and_config_agree():
     sizes = DistillSettings(self_prompts=4, gsm8k_prompts=10).family_sizes()
     assert sum(sizes.values()) == 14 and sizes["math"] == 10 and sum(1 for v in sizes.values() if v) == 5
-    full = DistillSettings().family_sizes()
-    assert set(full) == set(prompts.FAMILIES) and all(full.values())
+    full = DistillSettings(rag_prompts=5).family_sizes()
+    assert set(full) == set(prompts.FAMILIES) and all(full.values()) and full["rag"] == 5
+    assert "rag" not in DistillSettings().family_sizes()  # rag_prompts=0: the sets built before it, same keys
+    assert "rag_prompts" not in DistillSettings().key()
+    assert DistillSettings(rag_prompts=5).key()["rag_prompts"] == 5
     # the config's data block is the library's defaults, so `python -m specdec.training.distill` builds the very
     # set `python -m experiments.train_drafter` reads from the cache
     data = yaml.safe_load((ROOT / "configs" / "train_drafter.yaml").read_text())["data"]
@@ -100,7 +103,8 @@ def tiny():
     return tiny_llama(vocab=len(tokenizer), seed=3, layers=3, scale=3.0), tokenizer
 
 
-SMALL = DistillSettings(gsm8k_prompts=3, self_prompts=21, max_new_tokens=12, batch_size=4, drafter="prompt_lookup")
+SMALL = DistillSettings(gsm8k_prompts=3, self_prompts=21, rag_prompts=12, max_new_tokens=12, batch_size=4,
+                        drafter="prompt_lookup")
 
 
 def assert_greedy_answers(model, data, max_new_tokens, rows=8):

@@ -243,7 +243,7 @@ def test_import_refuses_what_it_cannot_load(target4, tmp_path):
     with pytest.raises(ValueError, match="hidden 32 / vocab 64, but the target has hidden 48"):
         load_speculators(good, tiny_llama(layers=4, hidden=48))
     weights = load_file(good / "model.safetensors")
-    weights["layers.0.self_attn.q_proj.weight"] = weights["layers.0.self_attn.q_proj.weight"][:, :32]
+    weights["layers.0.self_attn.q_proj.weight"] = weights["layers.0.self_attn.q_proj.weight"][:, :32].contiguous()
     save_file(weights, str(good / "model.safetensors"))
     with pytest.raises(ValueError, match="other shapes.*q_proj"):
         load_speculators(good)

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = encode(tokenizer, [{"role": "user", "content": "Explain in three sentences why the sky is blue."}])[None]
     with torch.no_grad():
         tokens = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.tokens,
-                                 do_sample=False)
+                                 min_new_tokens=args.tokens, do_sample=False)  # long enough to cut as below
     # speculators' default flex attention extends its block mask by whole 128-blocks per step: a multiple of 128
     tokens = tokens[:, : 128 * max(1, (tokens.shape[1] - 1) // 128) + 1]
     out = prepare(target, head, vocab, tokens, Path(args.out), args.steps, verifier=target.name_or_path)
