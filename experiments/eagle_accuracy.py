@@ -31,13 +31,13 @@ from torch import Tensor
 
 from specdec import load_model
 from specdec.drafters import BlockDrafter, Eagle
-from specdec.drafters.block import BlockHead, anchor_blocks
+from specdec.drafters.block import BlockHead, anchor_blocks, features_before
 from specdec.drafters.eagle import EagleHead, default_fused_layers
 from specdec.drafters.prompt_lookup import lookup_hits
 from specdec.drafters.vocab import ReducedHead
 from specdec.text import encode
 from specdec.tooling.data import SPEC_BENCH, load_prompts
-from specdec.training.train import LOOKUP_NGRAM, attention_bias, features_before, ttt_unroll
+from specdec.training.train import LOOKUP_NGRAM, attention_bias, ttt_unroll
 
 
 @torch.inference_mode()

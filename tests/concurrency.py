@@ -50,17 +50,23 @@ def thread_failures(target, drafters: dict, calls_per_thread: int) -> list:
             except Exception as err:  # a crash in a thread must fail the test too
                 failures.append((name, rows, repr(err)))
 
+    interleaved(worker, jobs)
+    return failures
+
+
+def interleaved(worker, jobs) -> None:
+    """``worker(job)`` for each of ``jobs``, each in its own thread, with the interpreter switching threads every
+    10 microseconds (so they interleave inside the engine's steps); returns when all have finished."""
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)
     try:
-        threads = [threading.Thread(target=worker, args=(calls,)) for calls in jobs]
+        threads = [threading.Thread(target=worker, args=(job,)) for job in jobs]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     finally:
         sys.setswitchinterval(interval)
-    return failures
 
 
 def interrupted_calls(target, drafters: dict, calls: int) -> int:

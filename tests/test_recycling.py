@@ -3,8 +3,6 @@ output equals model.generate; sampling keeps the target's law; the cache stays w
 table warms later calls and serves threads."""
 
 import random
-import sys
-import threading
 from collections import deque
 
 import pytest
@@ -26,6 +24,7 @@ from test_cache import assert_kv_close, fresh_prefill, kv
 from test_generate import assert_rows_match_alone, reference
 from test_lossless_sampling import accept_every_draft, chi2_pvalue, exact_joint, sample_counts
 from test_lossless_sampling import every_step, small_target  # noqa: F401 - fixtures
+from concurrency import interleaved
 
 
 # --- brute-force references --------------------------------------------------------------------------
@@ -195,16 +194,7 @@ def test_threads_share_one_table(model):
             except Exception as err:  # a crash in a thread must fail the test too
                 failures.append((row, repr(err)))
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=worker, args=(seed,)) for seed in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    interleaved(worker, (0, 1))
     assert failures == []
 
 

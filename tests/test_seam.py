@@ -3,7 +3,6 @@
 import copy
 import random
 import signal
-import sys
 import threading
 
 import pytest
@@ -19,6 +18,7 @@ from specdec.text import left_pad
 
 from conftest import attentive, tiny_llama
 from test_generate import medusa_heads
+from concurrency import interleaved
 
 
 def reference(model, row, max_new):
@@ -86,16 +86,7 @@ def test_threads_on_one_model_give_the_single_threaded_outputs(models):
             except Exception as err:  # a crash in a thread must fail the test too
                 failures.append((name, rows, repr(err)))
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=worker, args=(calls,)) for calls in jobs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    interleaved(worker, jobs)
     assert failures == []
 
 

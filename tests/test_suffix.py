@@ -4,8 +4,6 @@ gives drafts to later calls and serves threads."""
 
 import itertools
 import random
-import sys
-import threading
 
 import pytest
 import torch
@@ -25,6 +23,7 @@ from test_cache import assert_kv_close, fresh_prefill, kv
 from test_generate import assert_rows_match_alone, reference
 from test_lossless_sampling import accept_every_draft, chi2_pvalue, exact_joint, sample_counts
 from test_lossless_sampling import every_step, small_target  # noqa: F401 - fixtures
+from concurrency import interleaved
 
 
 # --- brute-force references: O(n^2) scans of the documents ---------------------------------------
@@ -321,16 +320,7 @@ def test_threads_share_one_drafter(model):
             except Exception as err:  # a crash in a thread must fail the test too
                 failures.append((row, repr(err)))
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=worker, args=(seed,)) for seed in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    interleaved(worker, (0, 1))
     assert failures == [] and drafter.corpus.documents == 16
 
 

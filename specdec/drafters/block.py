@@ -176,6 +176,14 @@ def anchor_blocks(positions: Tensor, valid: Tensor, answer: Tensor, block: int, 
             "visible": visible[:, None]}
 
 
+def features_before(fused: Tensor, anchor: Tensor) -> Tensor:
+    """``fused (B, T, F)``, ``anchor (B, C)`` root indices -> ``(B, C, F)`` the feature of the token before each
+    root (zeros for a root at index 0 or a padding block), what the block's columns read besides attention."""
+    prev = (anchor - 1).clamp(min=0)
+    out = fused.gather(1, prev[..., None].expand(-1, -1, fused.shape[-1]))
+    return out * (anchor > 0)[..., None].to(out.dtype)
+
+
 def chain_weights(label_logq: Tensor, decay: float, confidence: float) -> Tensor:
     """Loss weights of the block's depths: ``decay ** (d - 1) * ((1 - confidence) + confidence * reach_d)``.
 

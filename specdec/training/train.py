@@ -46,7 +46,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from specdec.training.checkpoint import check_target, load_checkpoint
 from specdec.training.distill import DistillSet
-from specdec.drafters.block import BlockDrafter, BlockHead, anchor_blocks, chain_weights
+from specdec.drafters.block import BlockDrafter, BlockHead, anchor_blocks, chain_weights, features_before
 from specdec.drafters.distilled import BORROWED, Distilled, build_draft
 from specdec.drafters.eagle import Eagle, EagleHead, check_fused_layers, default_fused_layers, ttt_mask
 from specdec.drafters.early_exit import EarlyExit, ExitAdapter
@@ -337,14 +337,6 @@ class Objective(nn.Module):
         hidden = self.module.model(input_ids=batch["tokens"], position_ids=batch["positions"]).last_hidden_state
         ce, hit = self._ce(hidden, batch["labels"])
         return ce, [hit]
-
-
-def features_before(fused: Tensor, anchor: Tensor) -> Tensor:
-    """``fused (B, T, F)``, ``anchor (B, C)`` root indices -> ``(B, C, F)`` the feature of the token before each
-    root (zeros for a root at index 0 or a padding block), what the block's columns read besides attention."""
-    prev = (anchor - 1).clamp(min=0)
-    out = fused.gather(1, prev[..., None].expand(-1, -1, fused.shape[-1]))
-    return out * (anchor > 0)[..., None].to(out.dtype)
 
 
 def attention_bias(visible: Tensor, config) -> Tensor:
