@@ -91,13 +91,19 @@ $(VLLM_VENV)/.installed: $(VLLM_LOCK)
 
 vllm-env: $(VLLM_VENV)/.installed
 
-vllm-lock:
+# $(call side_lock,<make target>,<.in file>,<lock file>,<pip-compile's unsafe-package flags>): a side
+# environment's lock, compiled in a throwaway .venv-lock by the pinned pip-tools
+define side_lock
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install -q $(PIP_TOOLS)
-	CUSTOM_COMPILE_COMMAND="make vllm-lock" .venv-lock/bin/pip-compile -q --upgrade --strip-extras $(VLLM_UNSAFE) \
-		--no-allow-unsafe --no-emit-find-links --no-emit-index-url -o $(VLLM_LOCK) requirements-vllm.in
+	CUSTOM_COMPILE_COMMAND="make $(1)" .venv-lock/bin/pip-compile -q --upgrade --strip-extras $(4) \
+		--no-allow-unsafe --no-emit-find-links --no-emit-index-url -o $(3) $(2)
 	rm -rf .venv-lock
+endef
+
+vllm-lock:
+	$(call side_lock,vllm-lock,requirements-vllm.in,$(VLLM_LOCK),$(VLLM_UNSAFE))
 
 # The speculators check (specdec/tooling/speculators_check.py, tests/test_export.py) in an environment of
 # its own: speculators 0.9.0 pins transformers<=5.19.0, below .venv's.
@@ -120,12 +126,6 @@ $(SPEC_VENV)/.installed: $(SPEC_LOCK)
 speculators-env: $(SPEC_VENV)/.installed
 
 speculators-lock:
-	rm -rf .venv-lock
-	$(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/pip install -q $(PIP_TOOLS)
-	CUSTOM_COMPILE_COMMAND="make speculators-lock" .venv-lock/bin/pip-compile -q --upgrade --strip-extras \
-		--unsafe-package torchvision --unsafe-package torchaudio --no-allow-unsafe --no-emit-find-links \
-		--no-emit-index-url -o $(SPEC_LOCK) requirements-speculators.in
-	rm -rf .venv-lock
+	$(call side_lock,speculators-lock,requirements-speculators.in,$(SPEC_LOCK),--unsafe-package torchvision --unsafe-package torchaudio)
 
 .PHONY: install bench test lock smoke-latest vllm-env vllm-lock speculators-env speculators-lock
