@@ -17,6 +17,7 @@ from specdec.training.checkpoint import fingerprint, save_checkpoint
 from specdec.training.distill import DistillSet, loop_start, teacher_pass
 from specdec.drafters import BlockDrafter, Distilled, Eagle, EarlyExit, Medusa
 from specdec.drafters.base import DecodeState
+from specdec.drafters.eagle import EagleHead, ReferenceEagle3Head
 from specdec.drafters.pard import Pard, mask_blocks
 from specdec.drafters.prompt_lookup import PromptLookup, lookup_hits
 from specdec.sampling import Sampling
@@ -235,6 +236,13 @@ def test_length_batches_are_a_seeded_permutation_of_similar_lengths():
     assert max(spread) < 64  # a random batch of 8 out of 1..256 spreads over ~200
 
 
+@pytest.mark.parametrize("overrides, match", [({"layout": "midlayer", "fused_layers": (1, 2, 3)}, "'midlayer' is not a layout"),
+                                               ({"layout": "reference"}, "EAGLE-3 only, but fused_layers is None")])
+def test_eagle_layout_is_checked(teacher, distill_set, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        train("eagle", teacher, distill_set, quick("eagle", **overrides))
+
+
 def test_eagle3_needs_its_layers_in_the_set(teacher, distill_set):
     with pytest.raises(ValueError, match=r"holds only \[1, 2, 3\].*data.teacher_layers=\[0, 1, 2\]"):
         train("eagle", teacher, distill_set, quick("eagle", fused_layers=(0, 1, 2)))
@@ -320,7 +328,8 @@ def test_benchmark_accuracy_is_what_block_drafting_gets_accepted(teacher, distil
     assert chains(torch.tensor([[True, True, False], [True, False, True]])).tolist() == [2.0, 3.0, 1.0]
 
 
-@pytest.mark.parametrize("kind, extra", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("kind, extra", VARIANTS + [("eagle", EAGLE3 | {"layout": "reference"})],
+                         ids=VARIANT_IDS + ["eagle3-reference"])
 def test_checkpoint_round_trip_is_lossless_and_refuses_another_target(teacher, distill_set, kind, extra, tmp_path):
     settings = quick(kind, epochs=2, **extra)
     module, vocab, metrics = train(kind, teacher, distill_set, settings)
@@ -331,6 +340,8 @@ def test_checkpoint_round_trip_is_lossless_and_refuses_another_target(teacher, d
     drafter = FROM_CHECKPOINT[kind].from_checkpoint(str(path))
     if kind == "eagle":
         assert drafter.head.fused_layers == extra.get("fused_layers")  # the mode comes back from the checkpoint
+        layout = ReferenceEagle3Head if extra.get("layout") == "reference" else EagleHead
+        assert type(drafter.head) is layout  # and the layout
     ids = distill_set.sequences[-1][None, :6]
     expected = teacher.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=30,
                                 eos_token_id=None, pad_token_id=0)

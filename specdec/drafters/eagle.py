@@ -516,7 +516,10 @@ class Eagle(ModelDrafter):
     @classmethod
     def checkpoint_settings(cls, target: PreTrainedModel, settings) -> dict:
         fused = None if settings.fused_layers is None else list(settings.fused_layers)
-        return {"target_config": target.config.to_dict(), "fused_layers": fused}
+        out = {"target_config": target.config.to_dict(), "fused_layers": fused}
+        if getattr(settings, "layout", "specdec") == "reference":  # ReferenceEagle3Head, default switches
+            out["layout"] = "reference"
+        return out
 
     def bind(self, target: torch.nn.Module) -> tuple[EagleHead, nn.Module]:
         if self.head.eagle3:

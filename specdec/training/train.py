@@ -48,7 +48,7 @@ from specdec.training.checkpoint import check_target, load_checkpoint
 from specdec.training.distill import DistillSet
 from specdec.drafters.block import BlockDrafter, BlockHead, anchor_blocks, chain_weights, features_before
 from specdec.drafters.distilled import BORROWED, Distilled, build_draft
-from specdec.drafters.eagle import Eagle, EagleHead, check_fused_layers, default_fused_layers, ttt_mask
+from specdec.drafters.eagle import Eagle, EagleHead, ReferenceEagle3Head, check_fused_layers, default_fused_layers, ttt_mask
 from specdec.drafters.early_exit import EarlyExit, ExitAdapter
 from specdec.drafters.medusa import Medusa, MedusaHeads
 from specdec.drafters.network import ModelDrafter
@@ -90,6 +90,8 @@ class TrainSettings:
     loss_decay: float = 0.8  # block: weight of depth d is loss_decay ** (d - 1) (DFlash's position decay)
     confidence: float = 0.5  # block: share of the weight scaled by how likely the draft's chain reaches depth d
     retain: float = 0.5  # pard: a mask of depth j after an anchor is trained with probability retain ** j
+    layout: str = "specdec"  # eagle-3: "specdec" (EagleHead) or "reference" (ReferenceEagle3Head: the layout
+    # vLLM's speculators format, vLLM and SGLang load, so `python -m specdec.export` writes it exactly)
     init_from: str = ""  # pard: start from this draft_model checkpoint (its init_layers), "" from the target;
     # eagle: from this eagle checkpoint (further epochs; its fused_layers must match); block: likewise (resume)
     eval_depths: int = 5  # depths of the per-depth accuracy
@@ -175,13 +177,18 @@ class Objective(nn.Module):
         self.kind, self.settings, self.head = kind, settings, head
         self._target = [target]  # frozen, not a submodule (not trained, not saved)
         if kind == "eagle":
-            self.module = EagleHead.from_target(target, settings.fused_layers)
+            layout = ReferenceEagle3Head if settings.layout == "reference" else EagleHead
+            self.module = layout.from_target(target, settings.fused_layers)
             if settings.init_from:  # more epochs from a trained head
                 ckpt = _checkpoint(settings.init_from, "eagle", target)
                 layers = ckpt["settings"].get("fused_layers")
                 if (None if layers is None else tuple(layers)) != self.module.fused_layers:
                     raise ValueError(f"eagle init_from={settings.init_from!r} reads target layers {layers}, not "
                                      f"fused_layers={self.module.fused_layers}: set drafter.train.fused_layers to match")
+                if ckpt["settings"].get("layout", "specdec") != settings.layout:
+                    raise ValueError(f"eagle init_from={settings.init_from!r} is a "
+                                     f"{ckpt['settings'].get('layout', 'specdec')!r}-layout head, not "
+                                     f"layout={settings.layout!r}: set drafter.train.layout to match")
                 self.module.load_state_dict(ckpt["state_dict"])
         elif kind == "medusa":
             self.module = MedusaHeads(target.config.hidden_size, settings.heads)
@@ -557,6 +564,12 @@ def resolved(kind: str, target: PreTrainedModel, settings: TrainSettings) -> Tra
             if getattr(settings, name) < least:
                 raise ValueError(f"block {name}={getattr(settings, name)} must be >= {least} "
                                  f"(drafter.train.{name})")
+    if kind == "eagle" and settings.layout not in ("specdec", "reference"):
+        raise ValueError(f"eagle layout={settings.layout!r} is not a layout: use 'specdec' (EagleHead) or "
+                         "'reference' (ReferenceEagle3Head, the speculators format's) (drafter.train.layout)")
+    if kind == "eagle" and settings.layout == "reference" and settings.fused_layers is None:
+        raise ValueError("eagle layout='reference' is EAGLE-3 only, but fused_layers is None (EAGLE-1): set "
+                         "drafter.train.fused_layers=[] (target layers 2, L/2, L-3) or list the layers")
     if kind == "eagle" and settings.fused_layers is not None:
         layers = tuple(settings.fused_layers) or default_fused_layers(target.config.num_hidden_layers)
         changes["fused_layers"] = check_fused_layers(layers, target.config.num_hidden_layers)
