@@ -1,142 +1,144 @@
-"""Cross-engine tau: one exported EAGLE-3 head, vLLM's mean acceptance length per Spec-Bench task against
-specdec's pooled tau, greedy, chain drafting of the same depth ``k``. Prepared for a CUDA machine; not run on
-this CPU (docs/export.md says why and what was run here).
+"""Cross-engine tau: one specdec EAGLE-3 head (reference layout) exported to the speculators format, served by
+vLLM and drafted by specdec, greedy, as a chain of the same depth ``k``, on the Spec-Bench sample. Per task it
+prints vLLM's mean acceptance length beside specdec's pooled tau, and whether the two engines' outputs agree.
 
-Four steps, each one command; files go to ``--out``:
+    python -m experiments.vllm_eagle3_parity --checkpoint eagle3-reference-smollm2-135m --k 3
 
-    python -m experiments.vllm_eagle3_parity prompts --out parity                  # .venv: the sample's token ids
-    python experiments/vllm_eagle3_parity.py vllm --out parity --target HF_DIR --head SPEC_DIR --k 3   # vLLM env
-    python -m experiments.vllm_eagle3_parity specdec --out parity --target smollm2-135m --head SPEC_DIR --k 3
-    python -m experiments.vllm_eagle3_parity compare --out parity                  # the table; exit 1 past 10%
+One command, from the project's environment (.venv); vLLM runs in its own (.venv-vllm, ``make vllm-env``) as a
+``vllm serve`` on loopback (:class:`specdec.tooling.peers.VllmServer`, with the CPU build's settings: tcmalloc
+and Intel OpenMP preloaded, both cores). On a CUDA machine with a CUDA vLLM in ``--venv`` the same command runs.
 
-- ``prompts``: the Spec-Bench sample (``per_task`` prompts of each task, seed 0, as ``dataset=spec_bench_sample``),
-  first turn through the chat template (:func:`specdec.text.encode`), as token ids: both engines get the same ids.
-- ``vllm`` (imports only vLLM; run it with the vLLM environment's python): ``LLM(target, speculative_config=
-  {"method": "eagle3", "model": head, "num_speculative_tokens": k})``, greedy, ``max_tokens``; per task the change
-  of ``vllm:spec_decode_num_drafts`` / ``..._num_accepted_tokens`` gives its mean acceptance length
-  ``1 + accepted / drafts`` (a draft per target step, the bonus token counted, as specdec's tau counts it).
-- ``specdec``: the same directory imported (:func:`specdec.export.load_speculators`) as an ``Eagle`` chain of depth
-  ``k``, the same ids, greedy, no goodput control (always ``k`` deep, as vLLM); tau pooled over every step of the
-  task (docs/DESIGN's definition).
-- ``compare``: per task, both numbers and the relative gap; ``ok`` when every gap is within 10%; also whether the
-  two engines' outputs were token-identical per prompt (both are greedy over the same target: they should be,
-  up to float ties).
+- The prompts: ``--per-task`` of each task (seed 0, as ``dataset=spec_bench_sample``), first turn through the
+  chat template (:func:`specdec.text.encode`), sent to both engines as the same token ids, one at a time.
+- vLLM: ``{"method": "eagle3", "model": <export>, "num_speculative_tokens": k}``; per task, the change of
+  ``vllm:spec_decode_num_drafts`` and ``..._num_accepted_tokens`` over its requests gives the mean acceptance
+  length ``1 + accepted / drafts`` (one draft per target step after the prefill, the bonus token counted).
+- specdec: the same exported directory imported (:func:`specdec.export.load_speculators`) as an ``Eagle`` chain
+  of depth ``k``, the same ids, greedy, no goodput control (always ``k`` deep, as vLLM). Its tau pools every
+  step of the task, as vLLM's number does: the tokens of the steps that verified a draft over those steps
+  (the prefill's token, which no draft precedes in either engine, is left out of both).
+- The verdict: ``ok`` when every task's gap is within 10% (exit 0; 1 otherwise). The JSON goes to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
+import torch
+
 TOLERANCE = 0.10
 
 
-def prompts(out: Path, per_task: int, max_new_tokens: int, target: str) -> None:
-    from specdec import load_model
+def task_prompts(tokenizer, per_task: int) -> list[dict]:
     from specdec.text import encode
     from specdec.tooling.data import load_prompts
 
-    tokenizer = load_model(target)[1]
-    rows = [{"id": p.id, "task": p.task, "ids": encode(tokenizer, [{"role": "user", "content": p.turns[0]}]).tolist()}
-            for p in load_prompts(per_task=per_task, seed=0)]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prompts.json").write_text(json.dumps({"max_new_tokens": max_new_tokens, "eos": tokenizer.eos_token_id,
-                                                  "rows": rows}))
+    return [{"id": str(p.id), "task": p.task, "ids": encode(tokenizer, [{"role": "user", "content": p.turns[0]}])
+             .reshape(-1).tolist()} for p in load_prompts(per_task=per_task, seed=0)]
 
 
-def counters(llm) -> dict[str, float]:
-    wanted = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens",
-              "vllm:spec_decode_num_draft_tokens")
-    return {m.name: float(m.value) for m in llm.get_metrics() if m.name in wanted}
+def run_vllm(rows: list[dict], model, tokenizer, head_dir: Path, k: int, max_new_tokens: int, out: Path,
+             venv: str) -> dict:
+    """vLLM's mean acceptance length per task, and its outputs."""
+    from specdec.tooling.peers import SPEC_COUNTERS, Client, VllmServer, complete, export_hf, parse_metrics, \
+        peer_python
+
+    launcher = peer_python(venv)
+    if launcher is None:
+        raise SystemExit(f"vllm_eagle3_parity: no {venv} here: `make vllm-env` makes it")
+    model_dir = export_hf(model, tokenizer, out / "hf", "target").resolve()
+    spec = {"method": "eagle3", "model": str(head_dir.resolve()), "num_speculative_tokens": k}
+    server = VllmServer("eagle3", model_dir, launcher.absolute(), out / "vllm_eagle3.log", spec)
+    eos = [tokenizer.eos_token_id]
+    tasks, outputs = {}, {}
+    with contextlib.ExitStack() as stack:
+        stack.callback(server.stop)
+        server.start()
+        client, metrics = Client(server.port), Client(server.port)
+        for row in rows:
+            before = parse_metrics(metrics.request("GET", "/metrics")[1].decode())
+            new, _ = complete(client, "eagle3", [row["ids"]], max_new_tokens, eos)
+            after = parse_metrics(metrics.request("GET", "/metrics")[1].decode())
+            task = tasks.setdefault(row["task"], {"drafts": 0, "draft_tokens": 0, "accepted": 0})
+            for key, name in zip(("drafts", "draft_tokens", "accepted"), SPEC_COUNTERS):
+                task[key] += int(after.get(name, 0) - before.get(name, 0))
+            outputs[row["id"]] = new[0]
+    for task in tasks.values():
+        task["mean_acceptance_length"] = 1 + task["accepted"] / max(task["drafts"], 1)
+    return {"tasks": tasks, "outputs": outputs, "startup_s": server.startup_s}
 
 
-def run_vllm(out: Path, target: str, head: str, k: int) -> None:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    data = json.loads((out / "prompts.json").read_text())
-    llm = LLM(model=target, dtype="float32", seed=0, disable_log_stats=False,
-              speculative_config={"method": "eagle3", "model": head, "num_speculative_tokens": k})
-    params = SamplingParams(temperature=0.0, max_tokens=data["max_new_tokens"], stop_token_ids=[data["eos"]])
-    tasks: dict[str, dict] = {}
-    outputs = {}
-    for task in dict.fromkeys(r["task"] for r in data["rows"]):
-        rows = [r for r in data["rows"] if r["task"] == task]
-        before = counters(llm)
-        done = llm.generate([TokensPrompt(prompt_token_ids=r["ids"]) for r in rows], params)
-        after = counters(llm)
-        delta = {name.split("num_")[-1]: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
-        tasks[task] = {**delta, "mean_acceptance_length": 1 + delta["accepted_tokens"] / max(delta["drafts"], 1)}
-        outputs.update({str(r["id"]): list(o.outputs[0].token_ids) for r, o in zip(rows, done)})
-    (out / "vllm.json").write_text(json.dumps({"k": k, "head": head, "tasks": tasks, "outputs": outputs}, indent=1))
-
-
-def run_specdec(out: Path, target: str, head: str, k: int) -> None:
-    import torch
-
+def run_specdec(rows: list[dict], model, head_dir: Path, k: int, max_new_tokens: int, eos: int) -> dict:
+    """specdec's pooled tau per task over the steps that verified a draft, and its outputs."""
     import specdec
     from specdec.export import load_speculators
 
-    data = json.loads((out / "prompts.json").read_text())
-    model = specdec.load_model(target)[0]
-    drafter = load_speculators(head, model, k=k)
-    tasks: dict[str, dict] = {}
-    outputs = {}
-    for row in data["rows"]:
+    drafter = load_speculators(head_dir, model, k=k)
+    tasks, outputs = {}, {}
+    for row in rows:
         ids = torch.tensor([row["ids"]])
-        run = specdec.generate(model, ids, drafter, max_new_tokens=data["max_new_tokens"], goodput=False,
-                               return_dict_in_generate=True)
-        lengths = [n for per_row in run.stats.accept_lengths for n in per_row]
-        task = tasks.setdefault(row["task"], {"steps": 0, "tokens": 0})
-        task["steps"] += len(lengths)
-        task["tokens"] += sum(lengths)
-        outputs[str(row["id"])] = run.sequences[0, ids.shape[1]:].tolist()
+        stats = (run := specdec.generate(model, ids, drafter, max_new_tokens=max_new_tokens, goodput=False,
+                                         eos_token_id=eos, return_dict_in_generate=True)).stats
+        drafted = stats.drafted_at[0] if stats.drafted_at else 0  # steps whose draft reached depth 1
+        task = tasks.setdefault(row["task"], {"steps": 0, "tokens": 0, "all_steps": 0})
+        task["steps"] += drafted
+        task["tokens"] += stats.new_tokens - (stats.steps - drafted)  # a step without a draft adds one token
+        task["all_steps"] += stats.steps
+        outputs[row["id"]] = run.sequences[0, ids.shape[1]:].tolist()
     for task in tasks.values():
         task["pooled_tau"] = task["tokens"] / max(task["steps"], 1)
-    result = {"k": k, "head": head, "tasks": tasks, "outputs": outputs}
-    (out / "specdec.json").write_text(json.dumps(result, indent=1))
+    return {"tasks": tasks, "outputs": outputs}
 
 
-def compare(out: Path) -> int:
-    theirs, mine = (json.loads((out / f"{name}.json").read_text()) for name in ("vllm", "specdec"))
-    if theirs["k"] != mine["k"]:
-        print(f"depths differ: vLLM k={theirs['k']}, specdec k={mine['k']}: rerun one of them")
-        return 2
+def table(theirs: dict, mine: dict, rows: list[dict], k: int) -> tuple[str, bool]:
+    """The per-task markdown table and whether every gap is within ``TOLERANCE``."""
     ok = True
-    print("| task | vLLM mean acceptance length | specdec pooled tau | gap | outputs identical |\n|---|---|---|---|---|")
+    lines = ["| task | vLLM mean acceptance length | specdec pooled tau | gap | outputs identical |",
+             "|---|---|---|---|---|"]
     for task, row in mine["tasks"].items():
         v, s = theirs["tasks"][task]["mean_acceptance_length"], row["pooled_tau"]
         gap = abs(v - s) / s
         ok &= gap <= TOLERANCE
-        ids = [pid for pid in mine["outputs"] if pid in theirs["outputs"]]
-        same = sum(mine["outputs"][p] == theirs["outputs"][p] for p in ids)
-        print(f"| {task} | {v:.3f} | {s:.3f} | {gap:.1%} | {same}/{len(ids)} |")
-    print(f"k={mine['k']}: {'within' if ok else 'NOT within'} {TOLERANCE:.0%} on every task")
-    return 0 if ok else 1
+        ids = [r["id"] for r in rows if r["task"] == task]
+        same = sum(theirs["outputs"][p] == mine["outputs"][p] for p in ids)
+        lines.append(f"| {task} | {v:.3f} | {s:.3f} | {gap:.1%} | {same}/{len(ids)} |")
+    lines.append(f"k={k}: {'within' if ok else 'NOT within'} {TOLERANCE:.0%} on every task")
+    return "\n".join(lines), ok
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.vllm_eagle3_parity")
-    parser.add_argument("step", choices=("prompts", "vllm", "specdec", "compare"))
+    parser.add_argument("--checkpoint", default="eagle3-reference-smollm2-135m",
+                        help="a specdec EAGLE-3 checkpoint in the reference layout (name or .pt)")
+    parser.add_argument("--head", default=None, help="an exported speculators eagle3 directory instead")
+    parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--out", default="outputs/vllm_eagle3_parity")
-    parser.add_argument("--target", default="smollm2-135m", help="vllm: a Hugging Face directory of the target")
-    parser.add_argument("--head", help="the exported speculators eagle3 directory")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--per-task", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--venv", default=".venv-vllm")
     args = parser.parse_args(argv)
+    import specdec
+    from specdec.export import export_checkpoint
+
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
-    if args.step == "prompts":
-        prompts(out, args.per_task, args.max_new_tokens, args.target)
-    elif args.step == "vllm":
-        run_vllm(out, args.target, args.head, args.k)
-    elif args.step == "specdec":
-        run_specdec(out, args.target, args.head, args.k)
-    else:
-        return compare(out)
-    return 0
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = specdec.load_model(args.target)[:2]
+    head = Path(args.head) if args.head else export_checkpoint(args.checkpoint, out / "head", target=model)
+    rows = task_prompts(tokenizer, args.per_task)
+    mine = run_specdec(rows, model, head, args.k, args.max_new_tokens, tokenizer.eos_token_id)
+    theirs = run_vllm(rows, model, tokenizer, head, args.k, args.max_new_tokens, out, args.venv)
+    text, ok = table(theirs, mine, rows, args.k)
+    print(text)
+    (out / "parity.json").write_text(json.dumps({"k": args.k, "head": str(head), "vllm": theirs, "specdec": mine,
+                                                 "ok": ok}, indent=1))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ environment (.venv-speculators; skipped with one line where it is not built)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,6 +178,28 @@ def test_cli_exports_an_int8_checkpoint_dequantized(target4, target_dir, tmp_pat
     tokens = sequence()
     assert torch.equal(draft_logits(Eagle.from_loaded(stored, k=3), target4, tokens),
                        draft_logits(load_speculators(out, target4), target4, tokens))
+
+
+def test_the_vllm_peer_serves_a_checkpoint_exported(target4, target_dir, tmp_path):
+    """A vLLM peer method naming a specdec checkpoint gets the export as its ``model``; the file it points at
+    imports back to the checkpoint's draft logits, and every other key goes to vLLM unchanged."""
+    from specdec.tooling.peers import speculative_config
+
+    head, vocab = reference_head(target4), torch.arange(0, 64, 2)
+    settings = {"target_config": target4.config.to_dict(), "fused_layers": list(FUSED), "layout": "reference",
+                "layout_options": head.options}
+    ckpt = save_checkpoint(tmp_path / "ref.pt", "eagle", head.state_dict(), settings, target4, vocab, str(target_dir))
+    spec = speculative_config({"method": "eagle3", "checkpoint": str(ckpt), "num_speculative_tokens": 3}, target4,
+                              target_dir, tmp_path / "cache")
+    assert set(spec) == {"method", "model", "num_speculative_tokens"} and spec["num_speculative_tokens"] == 3
+    config = json.loads((Path(spec["model"]) / "config.json").read_text())
+    assert config["speculators_config"]["verifier"]["name_or_path"] == str(target_dir)
+    tokens = sequence()
+    assert torch.equal(draft_logits(Eagle.from_loaded(load_checkpoint(ckpt, "eagle"), k=3), target4, tokens),
+                       draft_logits(load_speculators(spec["model"], target4), target4, tokens))
+    plain = {"method": "ngram", "num_speculative_tokens": 5}
+    assert speculative_config(plain, target4, target_dir, tmp_path) == plain
+    assert speculative_config(None, target4, target_dir, tmp_path) is None
 
 
 # --- refusals ---------------------------------------------------------------------------------------------

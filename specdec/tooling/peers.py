@@ -313,11 +313,27 @@ def vllm_method(server: VllmServer, max_new_tokens: int, eos_token_ids: Sequence
     return Method(name or f"vllm_{server.name}", run, prepare=prepare, finish=finish)
 
 
+def speculative_config(spec: dict | None, model, model_dir: Path, cache_dir: str | Path) -> dict | None:
+    """vLLM's ``--speculative-config`` for one method. A ``checkpoint`` entry (a specdec EAGLE-3 checkpoint in
+    the reference layout: a shipped name or a ``.pt`` path) is exported to the speculators format under
+    ``cache_dir`` (:func:`specdec.export.export_checkpoint`, checked against ``model``) and served as its
+    ``model``; the rest goes to vLLM as it is."""
+    if not spec or "checkpoint" not in spec:
+        return dict(spec) if spec else None
+    from specdec.export import export_checkpoint
+
+    spec = dict(spec)
+    name = str(spec.pop("checkpoint"))
+    out = export_checkpoint(name, Path(cache_dir) / f"speculators-{Path(name).stem}", target=model,
+                            verifier=str(model_dir))
+    return spec | {"model": str(out.resolve())}
+
+
 def vllm_methods(methods: dict, model, tokenizer, model_name: str, max_new_tokens: int, eos_token_ids: Sequence[int], out: Path,
                  stack, venv: str | Path = VLLM_VENV, cache_dir: str | Path = "outputs/peers", threads: int = 2,
                  kv_cache_gib: int = 1, startup_timeout_s: float = 900.0) -> tuple[list[Method], list[str]]:
     """One benchmark method per entry of ``methods`` (name -> ``--speculative-config``, None for plain
-    decoding), each a ``vllm serve`` started now and stopped by ``stack`` (a ``contextlib.ExitStack``);
+    decoding; a ``checkpoint`` entry is a specdec EAGLE-3 head, exported: :func:`speculative_config`), each a ``vllm serve`` started now and stopped by ``stack`` (a ``contextlib.ExitStack``);
     and notes for the table (start-up, the HTTP floor, idle CPU). Without the environment, or without
     arctic-inference for ``suffix``, the methods are skipped with one line each."""
     if not methods:
@@ -336,8 +352,9 @@ def vllm_methods(methods: dict, model, tokenizer, model_name: str, max_new_token
             print(line)
             notes.append(line)
             continue
+        spec = speculative_config(spec, model, model_dir.resolve(), cache_dir)
         server = VllmServer(name, model_dir.resolve(), launcher.absolute(), out / "peers" / f"vllm_{name}.log",
-                            dict(spec) if spec else None, dtype, threads, kv_cache_gib, startup_timeout_s)
+                            spec, dtype, threads, kv_cache_gib, startup_timeout_s)
         stack.callback(server.stop)
         server.start()
         servers.append(server)
