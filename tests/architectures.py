@@ -27,6 +27,7 @@ import inspect
 import os
 import time
 import traceback
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -322,6 +323,21 @@ def reference(model, ids: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
     return out[0].tolist()
 
 
+_TRUTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {prompt: reference}
+
+
+def cached_reference(model, ids: list[int]) -> list[int]:
+    """:func:`reference` of ``ids`` (``NEW_TOKENS`` new tokens), computed on the first call per model and prompt
+    and kept for the process: the sweep's models are built once (:func:`build`) and each test file asks for
+    the same truths. The first call comes before specdec runs on the model (each case asks for its truth
+    first); :func:`check`'s "afterwards" case recomputes with :func:`reference`, never from here."""
+    per_model = _TRUTHS.setdefault(model, {})
+    key = tuple(ids)
+    if key not in per_model:
+        per_model[key] = reference(model, ids)
+    return list(per_model[key])
+
+
 @functools.lru_cache(maxsize=None)
 def build(name: str, seed: int = 0) -> Built:
     """Tiny random float32 model of model type ``name`` (cached per process), or the reason there is none."""
@@ -608,7 +624,7 @@ def check(name: str) -> Report:
         return Report(name, {}, not_buildable=built.reason, seconds=time.perf_counter() - t0)
     model, vocab = built.model, built.vocab
     try:
-        truth, short_truth = reference(model, PROMPT), reference(model, SHORT_PROMPT)
+        truth, short_truth = cached_reference(model, PROMPT), cached_reference(model, SHORT_PROMPT)
     except Exception as e:  # noqa: BLE001
         return Report(name, {}, not_buildable=f"model.generate failed: {_short(e)}", seconds=time.perf_counter() - t0)
     cases = {

@@ -9,7 +9,7 @@ import copy
 import pytest
 
 import specdec
-from architectures import PROMPT, SHORT_PROMPT, SWEEP, build, reference, run_case
+from architectures import PROMPT, SHORT_PROMPT, SWEEP, build, cached_reference, run_case
 
 
 @pytest.mark.parametrize("name", SWEEP)
@@ -19,7 +19,7 @@ def test_family_drafts_for_itself_in_a_left_padded_batch(name):
         pytest.skip(f"not buildable: {built.reason}")
     model = built.model
     try:
-        truths = [reference(model, PROMPT), reference(model, SHORT_PROMPT)]
+        truths = [cached_reference(model, PROMPT), cached_reference(model, SHORT_PROMPT)]  # shared with the sweep
     except Exception as e:  # noqa: BLE001 - the family's own generate, not specdec
         pytest.skip(f"model.generate failed: {e}")
     twin = copy.deepcopy(model)  # its own object: the draft is set up apart from the target
