@@ -168,3 +168,21 @@ def test_generate_equal_with_the_fused_ops(library, name, monkeypatch):
     again = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=16, pad_token_id=0,
                             eos_token_id=None)
     assert again.tolist() == want.tolist()  # plain decoding afterwards: the model's own code
+
+
+def test_a_model_specdec_ran_still_compiles_for_transformers_static_generate():
+    """After specdec installed its routed norms and rotary wrappers, ``model.generate`` with a static cache and
+    ``torch.compile`` (the benchmark's hf_static_compiled) compiles and gives ``model.generate``'s tokens: under
+    compile, kernels' wrapper dispatches back to the installed forward, which must not dispatch to it again
+    (it recursed without end before)."""
+    from specdec.tooling.benchmark import hf_static_compiled
+
+    model = tiny_llama(layers=2, scale=3.0)
+    ids = torch.randint(3, 64, (1, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    specdec.generate(model, ids, None, max_new_tokens=8)
+    assert fused.is_fused(model)
+    compiled = hf_static_compiled(model, 8)
+    compiled.prepare(ids, mask)  # compiles
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(compiled.run(ids, mask)[0], expected)

@@ -121,6 +121,8 @@ def _routed_rope(self: nn.Module, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor
                 and cos.shape[0] in (1, B) and D % 2 == 0 and B * T <= MAX_ROWS and q.stride(-1) == 1
                 and k.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() and _plain(q, k, cos, sin)):
             return library.rope(q, k, cos, sin)
+    if torch.compiler.is_compiling():  # kernels' wrapper dispatches a compiled call back to this forward: call
+        return _wrapped_function(self)(q, k, cos, sin, unsqueeze_dim)  # what it calls when nothing is installed
     return type(self).forward(self, q, k, cos, sin, unsqueeze_dim)
 
 
