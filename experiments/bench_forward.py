@@ -17,8 +17,6 @@ what the rest of the forward (norms, rotary embeddings, attention, the cache, th
 costs on its own (with ``auto``'s native norms and rotary embeddings, :mod:`specdec.backends.fused`).
 ``--unfused`` adds, interleaved with the rest, ``auto`` and the linear-free column with the model's own
 norms and rotary embeddings (``Route(fused=False)``): an A/B of the fused ops in one process.
-``--unmerged`` adds, the same way, ``auto`` with each layer's q/k/v and gate/up products made one by one
-(``Route(merged=False)``) instead of one native call per group (:class:`specdec.backends.cpu_linear.Group`).
 ``--backends`` picks the columns (default all three); ``--stat min`` prints the best run instead of the
 median (on a loaded machine the best is the steadier figure).
 """
@@ -45,7 +43,6 @@ from .roofline import floor_line
 
 BACKENDS = ("torch", "skinny", "auto")
 UNFUSED = " unfused"  # a column's suffix: the same route with fused=False
-UNMERGED = " unmerged"  # a column's suffix: the same route with merged=False
 
 
 @contextmanager
@@ -86,8 +83,6 @@ def main() -> None:
     parser.add_argument("--linear-free", action="store_true", help="also time the forward with free linear layers")
     parser.add_argument("--unfused", action="store_true",
                         help="also time auto and linear-free with the model's own norms and rotary embeddings")
-    parser.add_argument("--unmerged", action="store_true",
-                        help="also time auto with a layer's q/k/v and gate/up products one by one")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--stat", default="median", choices=("median", "min"))
     args = parser.parse_args()
@@ -98,8 +93,6 @@ def main() -> None:
     backends = tuple(args.backends) + (("linear-free",) if args.linear_free else ())
     if args.unfused:
         backends += tuple(b + UNFUSED for b in backends if b in ("auto", "linear-free"))
-    if args.unmerged and "auto" in backends:
-        backends += ("auto" + UNMERGED,)
     times: dict[tuple[str, int | str], list[float]] = {}
     prepare_target(model, Options())  # tree attention and the CPU products, as the engine installs them
     overlays = layer_overlays(model)
@@ -119,11 +112,11 @@ def main() -> None:
 
         for _ in range(args.repeats + 1):  # the first round warms up (allocations, packed weights)
             for backend in backends:
-                name = backend.removesuffix(UNFUSED).removesuffix(UNMERGED)
+                name = backend.removesuffix(UNFUSED)
                 route = None  # a call's own route
                 if name in ("skinny", "auto", "linear-free"):
                     route = Route(packed_weights(model), native.load() if name != "skinny" else None,
-                                  fused=not backend.endswith(UNFUSED), merged=not backend.endswith(UNMERGED))
+                                  fused=not backend.endswith(UNFUSED))
                 with routed(route), linear_free(model) if name == "linear-free" else nullcontext():
                     chain(max(args.tokens))  # untimed: a block's first packed product checks the copies (once per call)
                     for T in args.tokens:

@@ -217,7 +217,7 @@ def test_engine_routes_the_drafters_networks(monkeypatch):
     specdec.generate(target, ids, Eagle(head, k=3), max_new_tokens=6, eos_token_id=None, pad_token_id=0,
                      goodput=False)  # always draft: the head must run
     assert head.fc.weight.data_ptr() in seen  # the EAGLE head's own layer
-    assert target.model.layers[0].mlp.down_proj.weight.data_ptr() in seen  # the target's (up_proj: merged with gate_proj)
+    assert target.model.layers[0].mlp.up_proj.weight.data_ptr() in seen  # the target's
 
 
 def test_bad_backend_is_refused_before_decoding(target):

@@ -37,13 +37,6 @@ How it is wired, with no state shared between calls:
 - :func:`install_linears` replaces the ``forward`` of every CPU ``nn.Linear`` of a module once (an
   instance attribute; the class is never touched). Outside a routed call the replacement is exactly
   ``F.linear``, so the model computes what it did before, whatever thread calls it.
-- Layers that read one input, named as a Llama-style layer names them (``q_proj``/``k_proj``/``v_proj``,
-  ``gate_proj``/``up_proj`` under one parent: :data:`GROUPS`), form a :class:`Group` at install. Inside a routed
-  call with the native library, the first member called on an input computes all the members' products in one
-  native call (one parallel region, each output to the bit its own product) and the others take theirs when
-  called on the same tensor: 4 products a layer instead of 7. The outputs wait on the call's :class:`Route`,
-  keyed by thread; a model that calls the members on different inputs gets its own products, the group unmerged
-  for the rest of the call.
 - :func:`routed` makes a :class:`Route` the current one for the calling context
   (a ``contextvars.ContextVar``: per thread, and the engine runs each call in a copied context, so
   an exception or an interrupt can never leave it set).
@@ -172,17 +165,13 @@ def packed_weights(model: nn.Module) -> PackedWeights:
 class Route:
     """The products of one call: ``packs`` is ``None`` when packing is off, ``native`` when the native
     product (:mod:`specdec.backends.native`) is not used; ``fused``: the installed norms and rotary
-    embeddings take the native library's ops (:mod:`specdec.backends.fused`) when ``native`` holds it;
-    ``merged``: the layers of a :class:`Group` take one native product for all of them (:meth:`grouped`)."""
+    embeddings take the native library's ops (:mod:`specdec.backends.fused`) when ``native`` holds it."""
 
     packs: PackedWeights | None
     native: RowsLinear | None = None
     checked: set[int] = field(default_factory=set)
     timer: object | None = None  # when set (a profiled call), its ``linear`` seconds grow by every product's
     fused: bool = True
-    merged: bool = True  # a layer's q/k/v (gate/up) in one native product (:class:`Group`) when ``native`` holds it
-    pending: dict = field(default_factory=dict)  # (thread, group) -> the input and its members' outputs not yet taken
-    unmerged: set = field(default_factory=set)  # groups whose members this call did not call in step
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """``F.linear(x, weight, bias)`` by the faster CPU product for its shape (see the module docstring)."""
@@ -191,40 +180,6 @@ class Route:
         t0 = time.perf_counter()
         out = self._linear(x, weight, bias)
         self.timer.linear += time.perf_counter() - t0
-        return out
-
-    def grouped(self, x: Tensor, layer: nn.Linear, group: Group) -> Tensor:
-        """``layer(x)`` for a member of ``group``: the first member called on ``x`` computes every member's product
-        in one native call (:meth:`RowsLinear.many`, each output to the bit its own product) and keeps the others'
-        outputs for their calls on the same ``x`` (the same tensor object, unchanged). A member called on another
-        input while outputs wait ends merging of that group for this call (a model that does not call its
-        members in step, e.g. on different inputs, costs one wasted product). Anything the native product does not
-        take (rows past its limit, a gradient to record, no native library) is :meth:`linear`'s, member by member."""
-        key = (threading.get_ident(), group)  # one route is one call's, but its threads never share a stash
-        waiting = self.pending.pop(key, None)
-        if waiting is not None:
-            given, version, outs = waiting
-            out = outs.pop(layer, None)
-            if out is not None and given is x and version == _version(x):
-                if outs:
-                    self.pending[key] = waiting
-                return out
-            self.unmerged.add(group)  # outputs left untaken: this model's members do not read one input in step
-        if not self.merged or group in self.unmerged or not hasattr(self.native, "many"):
-            return self.linear(x, layer.weight, layer.bias)
-        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-        layers = group.layers
-        if (not rows or rows > NATIVE_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
-                or not all(self._native(x, m.weight, m.bias) for m in layers)):
-            return self.linear(x, layer.weight, layer.bias)
-        t0 = None if self.timer is None else time.perf_counter()
-        outs = self.native.many(x.reshape(rows, x.shape[-1]).contiguous(), [m.weight for m in layers],
-                                [m.bias for m in layers])
-        outs = {m: out.reshape(*x.shape[:-1], m.weight.shape[0]) for m, out in zip(layers, outs)}
-        if t0 is not None:
-            self.timer.linear += time.perf_counter() - t0
-        out = outs.pop(layer)
-        self.pending[key] = (x, _version(x), outs)
         return out
 
     def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -282,55 +237,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return route.linear(x, weight, bias)
 
 
-def _version(x: Tensor) -> int | None:
-    """``x``'s version counter (``None`` for an inference tensor, which keeps none)."""
-    return None if x.is_inference() else x._version
-
-
-class Group:
-    """Linear layers of one module that read the same input (a Llama-style layer's ``q_proj``, ``k_proj``,
-    ``v_proj``; its MLP's ``gate_proj``, ``up_proj``): inside a routed call, one native product for all."""
-
-    __slots__ = ("layers", "__weakref__")
-
-    def __init__(self, layers: tuple[nn.Linear, ...]) -> None:
-        self.layers = layers
-
-
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # the names of layers that read one input
-
-
 class _RoutedForward:
     """The ``forward`` of an installed ``nn.Linear``: ``F.linear`` unless a call routes it."""
 
-    __slots__ = ("module", "group")
+    __slots__ = ("module",)
 
-    def __init__(self, module: nn.Linear, group: Group | None = None) -> None:
+    def __init__(self, module: nn.Linear) -> None:
         self.module = module
-        self.group = group
 
     def __call__(self, x: Tensor) -> Tensor:
         route = _ROUTE.get()
         if route is None:
             return nn.functional.linear(x, self.module.weight, self.module.bias)
-        if self.group is not None:
-            return route.grouped(x, self.module, self.group)
         return route.linear(x, self.module.weight, self.module.bias)
-
-
-def _installable(layer: nn.Module) -> bool:
-    return type(layer) is nn.Linear and "forward" not in vars(layer) and layer.weight.device.type == "cpu"
-
-
-def _groups(module: nn.Module):
-    """The :class:`Group` s of ``module``'s layers not yet installed: members named as in :data:`GROUPS`, under
-    one parent, with one input width and dtype."""
-    for parent in module.modules():
-        for names in GROUPS:
-            layers = tuple(getattr(parent, name, None) for name in names)
-            if (all(isinstance(m, nn.Module) and _installable(m) for m in layers)
-                    and len({(m.in_features, m.weight.dtype) for m in layers}) == 1):
-                yield Group(layers)
 
 
 def install_linears(module: nn.Module) -> None:
@@ -341,11 +260,8 @@ def install_linears(module: nn.Module) -> None:
     the native ones, inside a routed call whose route holds the native library."""
     from specdec.backends.fused import install_fused  # it reads this module's route
 
-    for group in list(_groups(module)):
-        for layer in group.layers:
-            layer.forward = _RoutedForward(layer, group)
     for layer in module.modules():
-        if _installable(layer):
+        if type(layer) is nn.Linear and "forward" not in vars(layer) and layer.weight.device.type == "cpu":
             layer.forward = _RoutedForward(layer)
     install_fused(module)
 

@@ -23,33 +23,6 @@ So the 1-token step's products read the weights at about 26 GB/s (21 ms for 538 
 bandwidth; prefetching each thread's next 8 KB into L2 (``_MM_HINT_T1``) is what raised it from about
 20 GB/s (prefetching into L1 gained little).
 
-Weights that multiply the same rows (a layer's q, k and v; its gate and up) go in one call,
-``specdec_rows_linear_many`` (:meth:`RowsLinear.many`, used by :class:`specdec.backends.cpu_linear.Group`): one
-parallel region whose threads share out the rows of all of them, each weight read where it lies (no concatenated
-copy to make, hold or check). Every output is the dot product the single call computes for that row, to the bit.
-
-Measured 2026-12-05 on a heavily shared machine (a training job on both cores, and tests running beside part of
-the run; read bandwidth measured 22-28 GB/s), 2 threads, 200 cached tokens, best of 30, the merged and unmerged
-columns interleaved in one process (``python -m experiments.bench_forward --backends auto --tokens 1 4 8
---repeats 30 --threads 2 --stat min --linear-free --unmerged``), ms of one forward:
-
-======  =================  ========================  ===========
-tokens  merged (``auto``)  unmerged (7 calls/layer)  linear free
-======  =================  ========================  ===========
-1       61.0               54.4                      16.0
-4       96.3               162.7                     25.5
-8       123.1              114.1                     18.7
-======  =================  ========================  ===========
-
-That is noise, not a result: each column is 2-4x the quiet machine's (table above), and the order flips between
-rows. The same command before the change (no ``--unmerged``, another moment of the same load) gave 124.0 / 184.1
-/ 178.6 ms. A kernel-level loop on the same load (30 layers' products, 1 row: 7 calls a layer vs 4) was as
-inconclusive (min 51.3 vs 53.8 ms, medians twice that). What it did show: a product small enough to run on one
-thread (no OpenMP parallel region) costs about 3 us a call from Python, one with the parallel region about 6 us
-(1 row, min of 15 x 210 calls), so a step's ~210 calls spend about 1 ms on calling and forking, and merging
-saves about 90 of them (~0.5 ms of a ~30 ms step on a quiet machine). To be measured again on a quiet machine
-with the command above; ``Route(merged=False)`` is the unmerged path.
-
 The source below is compiled with the system's C++ compiler (``$CXX``, else ``g++``/``c++``) the first
 time a process asks for it, with ``-O3 -march=native -fopenmp`` (AVX-512 intrinsics where the CPU has
 them, GCC vector extensions elsewhere), into a cache directory (``$SPECDEC_CACHE``, else
@@ -85,7 +58,6 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -157,43 +129,20 @@ static void block(const float* __restrict x, const float* __restrict w, const fl
 typedef void (*block_fn)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
 static const block_fn BLOCKS[9] = {0, block<1>, block<2>, block<3>, block<4>, block<5>, block<6>, block<7>, block<8>};
 
-// y_s (R, O_s) = x (R, I) @ w_s (O_s, I)^T (+ b_s) for n weights w_s that multiply the same x (a layer's
-// q, k and v; its gate and up), in one parallel region: each thread takes an even share of all their rows (in
-// pairs), so n products cost one fork and one pass over n weights. Each output is the dot product block<R>
-// computes for its row alone: how the rows are shared out never changes a value. 0 on success; 1 when R is out
-// of range
-extern "C" int specdec_rows_linear_many(const float* x, const float* const* w, const float* const* b,
-                                        float* const* y, const int64_t* O, int64_t n, int64_t R, int64_t I,
-                                        int threads) {
-  if (R < 1 || R > 8) return 1;
-  const block_fn f = BLOCKS[R];
-  int64_t pairs = 0, rows = 0;
-  for (int64_t s = 0; s < n; ++s) { pairs += (O[s] + 1) / 2; rows += O[s]; }
-  if (threads <= 1 || rows < 64) {
-    for (int64_t s = 0; s < n; ++s) f(x, w[s], b[s], y[s], O[s], I, 0, O[s]);
-    return 0;
-  }
-#pragma omp parallel num_threads(threads)
-  {
-    const int64_t t = omp_get_thread_num(), m = omp_get_num_threads();
-    const int64_t p0 = pairs * t / m, p1 = pairs * (t + 1) / m;  // this thread's pairs of rows, over all weights
-    int64_t base = 0;  // the first pair of weight s
-    for (int64_t s = 0; s < n; ++s) {
-      const int64_t own = (O[s] + 1) / 2, lo = p0 > base ? p0 : base, hi = p1 < base + own ? p1 : base + own;
-      if (lo < hi) {
-        const int64_t j1 = 2 * (hi - base);
-        f(x, w[s], b[s], y[s], O[s], I, 2 * (lo - base), j1 < O[s] ? j1 : O[s]);
-      }
-      base += own;
-    }
-  }
-  return 0;
-}
-
-// the same for one weight
+// 0 on success; 1 when R is out of range
 extern "C" int specdec_rows_linear(const float* x, const float* w, const float* b, float* y, int64_t R, int64_t O,
                                    int64_t I, int threads) {
-  return specdec_rows_linear_many(x, &w, &b, &y, &O, 1, R, I, threads);
+  if (R < 1 || R > 8) return 1;
+  const block_fn f = BLOCKS[R];
+  const int64_t pairs = (O + 1) / 2;
+  if (threads <= 1 || O < 64) { f(x, w, b, y, O, I, 0, O); return 0; }
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+    const int64_t j0 = 2 * (pairs * t / n), j1 = 2 * (pairs * (t + 1) / n);
+    f(x, w, b, y, O, I, j0, j1 < O ? j1 : O);
+  }
+  return 0;
 }
 
 // RMSNorm of R rows of N: y = w * (x * (1 / sqrt(sum(x * x) / N + eps))), the operations of transformers'
@@ -264,9 +213,6 @@ class RowsLinear:
         self._fn = library.specdec_rows_linear
         self._fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         self._fn.restype = ctypes.c_int
-        self._many = library.specdec_rows_linear_many
-        self._many.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-        self._many.restype = ctypes.c_int
         self._norm = library.specdec_rms_norm
         self._norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
         self._norm.restype = None
@@ -292,25 +238,6 @@ class RowsLinear:
         self._rope(q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), q_out.data_ptr(), k_out.data_ptr(),
                    B, H, k.shape[1], T, D, strides, cos.stride(0) if cos.shape[0] > 1 else 0)
         return q_out, k_out
-
-    def many(self, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> list[Tensor]:
-        """``[x @ w.T + b for w, b in zip(weights, biases)]`` in one call (one parallel region), each ``(R, O_s)``
-        to the bit what :meth:`__call__` gives for its weight alone: ``x (R, I)``, every ``w (O_s, I)`` and ``b``
-        contiguous float32 CPU tensors, ``R <= MAX_ROWS``."""
-        rows, width = x.shape
-        n = len(weights)
-        outs = [torch.empty(rows, w.shape[0], dtype=x.dtype) for w in weights]
-        pointers = (ctypes.c_void_p * (3 * n))(*(w.data_ptr() for w in weights),
-                                                 *(0 if b is None else b.data_ptr() for b in biases),
-                                                 *(y.data_ptr() for y in outs))
-        sizes = (ctypes.c_int64 * n)(*(w.shape[0] for w in weights))
-        step = n * ctypes.sizeof(ctypes.c_void_p)
-        base = ctypes.addressof(pointers)
-        status = self._many(x.data_ptr(), base, base + step, base + 2 * step, sizes, n, rows, width,
-                            torch.get_num_threads())
-        if status:
-            raise ValueError(f"native product given {rows} rows: it takes 1..{MAX_ROWS}")
-        return outs
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """``(R, O)`` = ``x (R, I) @ weight (O, I)^T + bias (O,)``: contiguous float32 CPU tensors, ``R <= MAX_ROWS``."""
