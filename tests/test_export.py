@@ -303,10 +303,11 @@ def test_speculators_loads_the_export_and_agrees(target4, target_dir, tmp_path):
 
 @pytest.mark.slow
 def test_speculators_agrees_on_smollm(tmp_path, capsys):
-    """The real check: SmolLM2-135M's features, a head from its last layer (perturbed), the shipped head's
-    8192-token vocabulary, 128 positions x 3 depths."""
+    """The real check: SmolLM2-135M's features, the shipped reference-layout head (trained) and its 8192-token
+    vocabulary, 128 positions x 3 depths."""
     spec_env()
-    code = speculators_check.main(["smollm", "--out", str(tmp_path), "--tokens", "128"])
+    code = speculators_check.main(["smollm", "--out", str(tmp_path), "--tokens", "128",
+                                   "--checkpoint", "eagle3-reference-smollm2-135m"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     print(line)
     result = json.loads(line)

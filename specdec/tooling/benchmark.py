@@ -77,6 +77,9 @@ def hf_generate(model: PreTrainedModel, max_new_tokens: int, name: str = BASELIN
     return Method(name, run)
 
 
+RECOMPILE_LIMIT = 256  # hf_static_compiled: compiled shapes kept per function (dynamo's default is 8)
+
+
 def hf_static_compiled(model: PreTrainedModel, max_new_tokens: int, name: str = "hf_static_compiled",
                        sampling: dict | None = None) -> Method:
     """``model.generate`` with a static cache and its decoding forward compiled by ``torch.compile``, as
@@ -91,8 +94,11 @@ def hf_static_compiled(model: PreTrainedModel, max_new_tokens: int, name: str = 
     seen: set[tuple[int, ...]] = set()
 
     def run(ids, mask, streamer=None):
-        return model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, streamer=streamer,
-                              cache_implementation="static", compile_config=config, **sampling), None
+        # one compiled graph per input shape: dynamo's default cap (8 per function) would leave the later
+        # prompt lengths of a benchmark running eagerly, so the cap is raised for these calls only
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, streamer=streamer,
+                                  cache_implementation="static", compile_config=config, **sampling), None
 
     def prepare(ids, mask) -> None:
         if tuple(ids.shape) not in seen:

@@ -12,9 +12,10 @@ Two halves, two interpreters (``speculators`` 0.9.0 pins transformers<=5.19.0, b
    forced with the same tokens, ``ttt_steps = steps``) on the same inputs, catch each step's logits at its
    ``lm_head``, and compare: top-1 at every position of every step, and the largest logit difference.
 
-``python -m specdec.tooling.speculators_check`` runs both on SmolLM2-135M with a head started from the
+``python -m specdec.tooling.speculators_check smollm`` runs both on SmolLM2-135M with a head started from the
 target (:meth:`~specdec.drafters.eagle.ReferenceEagle3Head.from_target`, every weight perturbed so nothing
-is an identity) and the shipped head's reduced vocabulary; it prints one JSON line and exits 1 on a
+is an identity) and the shipped head's reduced vocabulary, or with ``--checkpoint`` a trained head (the shipped
+``eagle3-reference-smollm2-135m``) and its own; it prints one JSON line and exits 1 on a
 mismatch, 3 when ``.venv-speculators`` is missing (``make speculators-env`` makes it).
 """
 
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     real.add_argument("--tokens", type=int, default=128, help="greedy tokens after the prompt (the check keeps "
                       "a multiple of 128 positions)")
     real.add_argument("--attn", default=None)
+    real.add_argument("--checkpoint", default=None, help="check this trained reference-layout EAGLE-3 checkpoint "
+                      "(a shipped name or .pt) with its own vocabulary, instead of a perturbed untrained head")
     args = parser.parse_args(argv)
     if args.command == "compare":
         result = compare(Path(args.out_dir), args.attn)
@@ -157,9 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     from specdec.training.checkpoint import load_checkpoint
 
     target, tokenizer = load_model("smollm2-135m")
-    vocab = load_checkpoint("eagle-smollm2-135m", "eagle")["vocab"].long()  # the shipped head's 8192 ids
-    fused = default_fused_layers(target.config.num_hidden_layers)
-    head = perturbed(ReferenceEagle3Head.from_target(target, fused))
+    if args.checkpoint:  # a trained head, as specdec drafts with it (its int8 rows dequantized)
+        from specdec.drafters.eagle import Eagle
+
+        ckpt = load_checkpoint(args.checkpoint, "eagle")
+        head, vocab = Eagle.from_loaded(ckpt).head, ckpt["vocab"].long()
+        if not isinstance(head, ReferenceEagle3Head):
+            print(f"speculators check: {args.checkpoint!r} is not a reference-layout head (specdec.export refuses it)")
+            return 2
+        fused = list(head.fused_layers)
+    else:
+        vocab = load_checkpoint("eagle-smollm2-135m", "eagle")["vocab"].long()  # the shipped head's 8192 ids
+        fused = default_fused_layers(target.config.num_hidden_layers)
+        head = perturbed(ReferenceEagle3Head.from_target(target, fused))
     prompt = encode(tokenizer, [{"role": "user", "content": "Explain in three sentences why the sky is blue."}])[None]
     with torch.no_grad():
         tokens = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.tokens,
@@ -167,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     # speculators' default flex attention extends its block mask by whole 128-blocks per step: a multiple of 128
     tokens = tokens[:, : 128 * max(1, (tokens.shape[1] - 1) // 128) + 1]
     out = prepare(target, head, vocab, tokens, Path(args.out), args.steps, verifier=target.name_or_path)
-    result = {"target": "smollm2-135m", "fused_layers": list(fused), "sequence": int(tokens.shape[1]),
+    result = {"target": "smollm2-135m", "head": args.checkpoint or "perturbed from_target", "fused_layers": list(fused), "sequence": int(tokens.shape[1]),
               **run_compare(out, args.attn)}
     print(json.dumps(result))
     return 0 if result["ok"] else 1
