@@ -58,3 +58,19 @@ def test_vllm_serves_the_export_with_target_identical_output(smollm, method, tmp
     print(f"vllm {method}: {int(drafts)} drafts, {int(accepted)} accepted over {len(prompts)} x 16 tokens")
     if method == "eagle3":  # n-gram lookup may find nothing to draft in 16 tokens; the head always drafts
         assert drafts > 0 and accepted > 0
+
+
+def test_parity_table_flags_a_task_past_ten_percent_and_counts_identical_outputs():
+    """experiments.vllm_eagle3_parity's verdict: the gap is relative to specdec's tau, one task past 10% fails
+    the check, and the identical-output count is per task."""
+    from experiments.vllm_eagle3_parity import table
+
+    rows = [{"id": "a", "task": "qa"}, {"id": "b", "task": "qa"}, {"id": "c", "task": "rag"}]
+    mine = {"tasks": {"qa": {"pooled_tau": 1.50}, "rag": {"pooled_tau": 1.20}}, "outputs": {"a": [1], "b": [2], "c": [3]}}
+    theirs = {"tasks": {"qa": {"mean_acceptance_length": 1.60}, "rag": {"mean_acceptance_length": 1.25}},
+              "outputs": {"a": [1], "b": [9], "c": [3]}}
+    text, ok = table(theirs, mine, rows, 3)
+    assert ok and "| qa | 1.600 | 1.500 | 6.7% | 1/2 |" in text and "| rag | 1.250 | 1.200 | 4.2% | 1/1 |" in text
+    theirs["tasks"]["rag"]["mean_acceptance_length"] = 1.33  # 10.8% above specdec's 1.20
+    text, ok = table(theirs, mine, rows, 3)
+    assert not ok and "NOT within 10%" in text
