@@ -333,7 +333,8 @@ def vllm_methods(methods: dict, model, tokenizer, model_name: str, max_new_token
                  stack, venv: str | Path = VLLM_VENV, cache_dir: str | Path = "outputs/peers", threads: int = 2,
                  kv_cache_gib: int = 1, startup_timeout_s: float = 900.0) -> tuple[list[Method], list[str]]:
     """One benchmark method per entry of ``methods`` (name -> ``--speculative-config``, None for plain
-    decoding; a ``checkpoint`` entry is a specdec EAGLE-3 head, exported: :func:`speculative_config`), each a ``vllm serve`` started now and stopped by ``stack`` (a ``contextlib.ExitStack``);
+    decoding; a ``checkpoint`` entry is a specdec EAGLE-3 head, exported: :func:`speculative_config`), each a
+    ``vllm serve`` started now and stopped by ``stack`` (a ``contextlib.ExitStack``);
     and notes for the table (start-up, the HTTP floor, idle CPU). Without the environment, or without
     arctic-inference for ``suffix``, the methods are skipped with one line each."""
     if not methods:

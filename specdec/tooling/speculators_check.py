@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     # speculators' default flex attention extends its block mask by whole 128-blocks per step: a multiple of 128
     tokens = tokens[:, : 128 * max(1, (tokens.shape[1] - 1) // 128) + 1]
     out = prepare(target, head, vocab, tokens, Path(args.out), args.steps, verifier=target.name_or_path)
-    result = {"target": "smollm2-135m", "head": args.checkpoint or "perturbed from_target", "fused_layers": list(fused), "sequence": int(tokens.shape[1]),
+    result = {"target": "smollm2-135m", "head": args.checkpoint or "perturbed from_target",
+              "fused_layers": list(fused), "sequence": int(tokens.shape[1]),
               **run_compare(out, args.attn)}
     print(json.dumps(result))
     return 0 if result["ok"] else 1

@@ -48,7 +48,8 @@ from specdec.training.checkpoint import check_target, load_checkpoint
 from specdec.training.distill import DistillSet
 from specdec.drafters.block import BlockDrafter, BlockHead, anchor_blocks, chain_weights, features_before
 from specdec.drafters.distilled import BORROWED, Distilled, build_draft
-from specdec.drafters.eagle import Eagle, EagleHead, ReferenceEagle3Head, check_fused_layers, default_fused_layers, ttt_mask
+from specdec.drafters.eagle import (Eagle, EagleHead, ReferenceEagle3Head, check_fused_layers, default_fused_layers,
+                                    ttt_mask)
 from specdec.drafters.early_exit import EarlyExit, ExitAdapter
 from specdec.drafters.medusa import Medusa, MedusaHeads
 from specdec.drafters.network import ModelDrafter
