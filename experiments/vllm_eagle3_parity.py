@@ -23,7 +23,6 @@ and Intel OpenMP preloaded, both cores). On a CUDA machine with a CUDA vLLM in `
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -43,9 +42,9 @@ def task_prompts(tokenizer, per_task: int) -> list[dict]:
 
 def run_vllm(rows: list[dict], model, tokenizer, head_dir: Path, k: int, max_new_tokens: int, out: Path,
              venv: str) -> dict:
-    """vLLM's mean acceptance length per task, and its outputs."""
-    from specdec.tooling.peers import SPEC_COUNTERS, Client, VllmServer, complete, export_hf, parse_metrics, \
-        peer_python
+    """vLLM's mean acceptance length per task, and its outputs: each prompt through the benchmark's vLLM method
+    (:func:`specdec.tooling.peers.vllm_method`, whose ``finish`` reads the request's draft counters)."""
+    from specdec.tooling.peers import VllmServer, export_hf, peer_python, vllm_method
 
     launcher = peer_python(venv)
     if launcher is None:
@@ -53,20 +52,21 @@ def run_vllm(rows: list[dict], model, tokenizer, head_dir: Path, k: int, max_new
     model_dir = export_hf(model, tokenizer, out / "hf", "target").resolve()
     spec = {"method": "eagle3", "model": str(head_dir.resolve()), "num_speculative_tokens": k}
     server = VllmServer("eagle3", model_dir, launcher.absolute(), out / "vllm_eagle3.log", spec)
-    eos = [tokenizer.eos_token_id]
     tasks, outputs = {}, {}
-    with contextlib.ExitStack() as stack:
-        stack.callback(server.stop)
+    try:
         server.start()
-        client, metrics = Client(server.port), Client(server.port)
+        method = vllm_method(server, max_new_tokens, [tokenizer.eos_token_id])
         for row in rows:
-            before = parse_metrics(metrics.request("GET", "/metrics")[1].decode())
-            new, _ = complete(client, "eagle3", [row["ids"]], max_new_tokens, eos)
-            after = parse_metrics(metrics.request("GET", "/metrics")[1].decode())
+            ids = torch.tensor([row["ids"]])
+            sequences, _ = method.run(ids, torch.ones_like(ids))
+            stats, extra = method.finish()
             task = tasks.setdefault(row["task"], {"drafts": 0, "draft_tokens": 0, "accepted": 0})
-            for key, name in zip(("drafts", "draft_tokens", "accepted"), SPEC_COUNTERS):
-                task[key] += int(after.get(name, 0) - before.get(name, 0))
-            outputs[row["id"]] = new[0]
+            task["drafts"] += extra["vllm_drafts"]
+            task["draft_tokens"] += stats.drafted
+            task["accepted"] += stats.accepted
+            outputs[row["id"]] = sequences[0, ids.shape[1]:].tolist()
+    finally:
+        server.stop()
     for task in tasks.values():
         task["mean_acceptance_length"] = 1 + task["accepted"] / max(task["drafts"], 1)
     return {"tasks": tasks, "outputs": outputs, "startup_s": server.startup_s}
